@@ -1,0 +1,34 @@
+# rnnfast: `make demo` and `make test` set everything up from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch to install when the venv has none (the local CPU wheel by default)
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup test demo bench quickstart gpu-check clean
+
+setup: $(VENV)/.rnnfast-deps
+	$(PIP) --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import rnnfast; print('rnnfast backends here:', rnnfast.available_backends())"
+
+$(VENV)/.rnnfast-deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -r requirements-dev.txt setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) examples/quickstart.py
+
+quickstart: setup
+	$(PY) examples/quickstart.py
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf build *.egg-info rnnfast/*.so

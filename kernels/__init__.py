@@ -1,0 +1,1 @@
+"""Triton kernels for rnnfast, installed as ``rnnfast.kernels``."""

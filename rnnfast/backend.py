@@ -1,0 +1,285 @@
+"""Backend registry and the contract every rnnfast backend implements.
+
+A backend receives calls already checked and normalised by the layers in
+:mod:`rnnfast.modules`:
+
+* ``x`` is time-major and padded, shape ``(T, B, I)``;
+* for packed input the batch is sorted by decreasing length and
+  ``batch_sizes`` (int64, CPU, shape ``(T,)``, non-increasing) says how many
+  rows are active at each step, exactly as in :class:`PackedSequence`; rows
+  past their length must leave the state untouched (their outputs are
+  ignored);
+* ``h0`` is ``(L * D, B, H_out)`` and, for LSTM, ``c0`` is ``(L * D, B, H)``;
+* ``weights`` is the module's ``_flat_weights`` list (torch's order).
+
+A backend returns ``(out, h_n, c_n)`` with ``out`` of shape ``(T, B, D * H_out)``
+(``c_n`` is ``None`` except for LSTM) and must be differentiable with respect
+to ``x``, the states and every weight.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+ENV_VAR = "RNNFAST_BACKEND"
+
+
+@dataclass(frozen=True)
+class RNNSpec:
+    """Static description of one recurrent layer stack call."""
+
+    mode: str
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    bidirectional: bool = False
+    proj_size: int = 0
+    dropout: float = 0.0
+    training: bool = False
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def out_size(self) -> int:
+        """Size of h_t (the projected size when ``proj_size > 0``)."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+
+class LayerWeights(NamedTuple):
+    """The weights of one layer and direction; absent ones are ``None``."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Optional[Tensor]
+    b_hh: Optional[Tensor]
+    w_hr: Optional[Tensor]
+
+
+def layer_weights(spec: RNNSpec, flat: list[Tensor], layer: int, direction: int) -> LayerWeights:
+    """Pick one layer/direction's weights out of torch's flat weight list."""
+    per = 2 + (2 if spec.bias else 0) + (1 if spec.proj_size > 0 else 0)
+    w = flat[(layer * spec.num_directions + direction) * per:][:per]
+    b_ih, b_hh = (w[2], w[3]) if spec.bias else (None, None)
+    w_hr = w[-1] if spec.proj_size > 0 else None
+    return LayerWeights(w[0], w[1], b_ih, b_hh, w_hr)
+
+
+def dropout_between_layers(out: Tensor, p: float, batch_sizes: Optional[Tensor]) -> Tensor:
+    """Dropout on a layer's output, drawing the same random mask torch.nn does.
+
+    torch applies ``at::dropout`` to the packed data for packed input, so the
+    mask is drawn in packed order there too.
+    """
+    if batch_sizes is None:
+        return F.dropout(out, p, True)
+    lengths = lengths_from_batch_sizes(batch_sizes)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(out, lengths, enforce_sorted=True)
+    dropped = F.dropout(packed.data, p, True)
+    return torch.nn.utils.rnn.pad_packed_sequence(
+        torch.nn.utils.rnn.PackedSequence(dropped, packed.batch_sizes), total_length=out.size(0)
+    )[0]
+
+
+def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
+    """Per-sequence lengths (decreasing) from per-step batch sizes."""
+    rows = torch.arange(int(batch_sizes[0]))
+    return (batch_sizes.unsqueeze(0) > rows.unsqueeze(1)).sum(1)
+
+
+class Backend:
+    """Base class: a named implementation of the recurrent layers and cells."""
+
+    name: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """``None`` when the backend can run on this machine, else why not."""
+        return None
+
+    def unsupported_reason(self, spec: RNNSpec, x: Tensor, packed: bool) -> Optional[str]:
+        """``None`` when this call (options, device, dtype) is supported, else why not."""
+        return None
+
+    def rnn(
+        self,
+        spec: RNNSpec,
+        x: Tensor,
+        batch_sizes: Optional[Tensor],
+        h0: Tensor,
+        c0: Optional[Tensor],
+        weights: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Run the whole stack: layers, directions and dropout between layers.
+
+        The default runs :meth:`layer` once per layer and direction; backends
+        that fuse the stack (decode paths) override this.
+        """
+        D, L = spec.num_directions, spec.num_layers
+        hs, cs = [], []
+        layer_in = x
+        for layer in range(L):
+            outs = []
+            for d in range(D):
+                k = layer * D + d
+                out, h_n, c_n = self.layer(
+                    spec.mode,
+                    layer_in,
+                    batch_sizes,
+                    h0[k],
+                    None if c0 is None else c0[k],
+                    layer_weights(spec, weights, layer, d),
+                    reverse=d == 1,
+                )
+                outs.append(out)
+                hs.append(h_n)
+                cs.append(c_n)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if spec.dropout > 0 and spec.training and layer < L - 1:
+                layer_in = dropout_between_layers(layer_in, spec.dropout, batch_sizes)
+        c_n = torch.stack(cs) if c0 is not None else None
+        return layer_in, torch.stack(hs), c_n
+
+    def layer(
+        self,
+        mode: str,
+        x: Tensor,
+        batch_sizes: Optional[Tensor],
+        h0: Tensor,
+        c0: Optional[Tensor],
+        w: LayerWeights,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """One layer, one direction over the whole sequence: ``(out, h_T, c_T)``."""
+        raise NotImplementedError(f"backend {self.name!r} implements neither rnn() nor layer()")
+
+    def cell(
+        self,
+        mode: str,
+        x: Tensor,
+        h: Tensor,
+        c: Optional[Tensor],
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Optional[Tensor],
+        b_hh: Optional[Tensor],
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """One step of a cell on ``(B, I)`` input: ``(h', c')`` (``c'`` only for LSTM)."""
+        raise NotImplementedError(f"backend {self.name!r} has no cell()")
+
+
+_REGISTRY: dict[str, Callable[[], Backend]] = {}
+_INSTANCES: dict[str, Backend] = {}
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register a backend under ``name``; ``factory`` is called lazily, once."""
+    _REGISTRY[name] = factory
+
+
+class UnavailableBackend(Backend):
+    """Stands in for a backend whose module failed to import, saying why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self._reason = reason
+
+    def unavailable_reason(self) -> Optional[str]:
+        return self._reason
+
+
+def register_lazy(name: str, module: str, cls: str) -> None:
+    """Register a backend class that lives in ``module``, imported on first use.
+
+    A module that fails to import (an extension not built, triton missing)
+    leaves the backend registered but unavailable, with the error as reason.
+    """
+
+    def factory() -> Backend:
+        try:
+            return getattr(importlib.import_module(module), cls)()
+        except Exception as err:  # an optional dependency or a broken build
+            return UnavailableBackend(name, f"{module} failed to load: {type(err).__name__}: {err}")
+
+    register_backend(name, factory)
+
+
+def registered_backends() -> list[str]:
+    """Every registered backend name, usable here or not."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend instance registered as ``name``; ``ValueError`` for unknown names."""
+    check_backend_name(name, allow_auto=False)
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _REGISTRY[name]()
+    return _INSTANCES[name]
+
+
+def check_backend_name(name: object, allow_auto: bool = True) -> None:
+    """Raise ``ValueError`` naming ``name`` when it is no registered backend."""
+    valid = registered_backends() + (["auto"] if allow_auto else [])
+    if not isinstance(name, str) or name not in valid:
+        raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {valid}")
+
+
+def available_backends() -> list[str]:
+    """The backend names that can run on this machine (``reference`` always)."""
+    return [n for n in registered_backends() if get_backend(n).unavailable_reason() is None]
+
+
+def auto_order(device: torch.device) -> list[str]:
+    """Backends ``auto`` tries for a device, fastest first."""
+    if device.type == "cuda":
+        return ["triton", "cuda", "reference"]
+    return ["cpu", "reference"]
+
+
+def _warn_once(requested: str, chosen: str, why: str) -> None:
+    key = (requested, chosen, why)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"rnnfast: backend {requested!r} cannot run this call ({why}); falling back to {chosen!r}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def resolve(requested: str, spec: RNNSpec, x: Tensor, packed: bool) -> Backend:
+    """Choose the backend that runs a call.
+
+    ``RNNFAST_BACKEND`` overrides ``requested``. ``auto`` takes the first
+    backend of :func:`auto_order` that can run the call. An explicit backend
+    that cannot run it falls back to ``reference`` with a one-time warning
+    naming both.
+    """
+    requested = os.environ.get(ENV_VAR) or requested
+    check_backend_name(requested)
+    if requested == "auto":
+        for name in auto_order(x.device):
+            if name not in _REGISTRY:
+                continue
+            b = get_backend(name)
+            if b.unavailable_reason() is None and b.unsupported_reason(spec, x, packed) is None:
+                return b
+        return get_backend("reference")
+    b = get_backend(requested)
+    why = b.unavailable_reason() or b.unsupported_reason(spec, x, packed)
+    if why is None:
+        return b
+    _warn_once(requested, "reference", why)
+    return get_backend("reference")

@@ -1,0 +1,295 @@
+"""Drop-in replacements for torch.nn's recurrent layers and cells.
+
+Each class subclasses its ``torch.nn`` twin, so constructor arguments,
+parameter names, initialisation, ``state_dict`` and ``isinstance`` checks are
+torch's own. Only ``forward`` differs: it checks and normalises the call the
+way torch does, then hands it to a backend (see :mod:`rnnfast.backend`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .backend import RNNSpec, check_backend_name, resolve
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert"]
+
+
+class _BackendChoice:
+    """The ``backend`` attribute shared by layers and cells, validated on assignment."""
+
+    _backend: str = "auto"
+
+    @property
+    def backend(self) -> str:
+        """Backend name for this module (``"auto"``, ``"reference"``, ``"cpu"``, ...)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        check_backend_name(name)
+        self.__dict__["_backend"] = name
+
+    def _backend_repr(self) -> str:
+        return "" if self._backend == "auto" else f", backend={self._backend!r}"
+
+
+def _check_state(name: str, state: Tensor, input: Tensor) -> None:
+    if state.dtype != input.dtype:
+        raise RuntimeError(f"{name} has dtype {state.dtype}, but the input has dtype {input.dtype}")
+    if state.device != input.device:
+        raise RuntimeError(f"{name} is on {state.device}, but the input is on {input.device}")
+
+
+class _RNNLayer(_BackendChoice):
+    """Shared forward of RNN, LSTM and GRU (mixed in before the torch.nn class)."""
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._backend_repr()
+
+    def _spec(self) -> RNNSpec:
+        return RNNSpec(
+            mode=self.mode,
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            bias=self.bias,
+            bidirectional=self.bidirectional,
+            proj_size=self.proj_size,
+            dropout=self.dropout,
+            training=self.training,
+        )
+
+    def _zero_state(self, input: Tensor, batch: int) -> tuple[Tensor, Optional[Tensor]]:
+        D = 2 if self.bidirectional else 1
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h0 = torch.zeros(self.num_layers * D, batch, out_size, dtype=input.dtype, device=input.device)
+        if self.mode != "LSTM":
+            return h0, None
+        c0 = torch.zeros(self.num_layers * D, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+        return h0, c0
+
+    def _split_state(self, hx, want_dim: int, batched: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """Unpack ``hx`` into ``(h0, c0)`` and check its rank the way torch does."""
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if self.mode == "LSTM":
+            h0, c0 = hx[0], hx[1]
+            if h0.dim() != want_dim or c0.dim() != want_dim:
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want_dim}-D "
+                    f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
+                )
+            return h0, c0
+        if hx.dim() != want_dim:
+            raise RuntimeError(f"For {kind} input, hx should also be {want_dim}-D but got {hx.dim()}-D tensor")
+        return hx, None
+
+    def forward(self, input, hx=None):
+        """Same inputs and outputs as the torch.nn layer's ``forward``."""
+        self._update_flat_weights()
+        is_lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        batched = True
+        sorted_indices = unsorted_indices = batch_sizes = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            h0, c0 = self._zero_state(data, int(batch_sizes[0])) if hx is None else self._split_state(hx, 3, True)
+            check_input = data
+        else:
+            if input.dim() not in (2, 3):
+                kind = "RNN" if self.mode.startswith("RNN") else self.mode
+                raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            batched = input.dim() == 3
+            if not batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+            batch = input.size(0 if self.batch_first else 1)
+            if hx is None:
+                h0, c0 = self._zero_state(input, batch)
+            else:
+                h0, c0 = self._split_state(hx, 3 if batched else 2, batched)
+                if not batched:
+                    h0 = h0.unsqueeze(1)
+                    c0 = None if c0 is None else c0.unsqueeze(1)
+            check_input = input
+        # torch's own checks: dtype, input rank and size, state shapes
+        self.check_forward_args(check_input, (h0, c0) if is_lstm else h0, batch_sizes)
+        _check_state("hx[0]" if is_lstm else "hx", h0, check_input)
+        if c0 is not None:
+            _check_state("hx[1]", c0, check_input)
+        if sorted_indices is not None:
+            h0 = h0.index_select(1, sorted_indices)
+            c0 = None if c0 is None else c0.index_select(1, sorted_indices)
+
+        if packed:
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+        spec = self._spec()
+        backend = resolve(self._backend, spec, x, packed)
+        out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, self._flat_weights)
+
+        if unsorted_indices is not None:
+            h_n = h_n.index_select(1, unsorted_indices)
+            c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)
+        hidden = (h_n, c_n) if is_lstm else h_n
+        if packed:
+            out = pack_padded_sequence(out, lengths, enforce_sorted=True).data
+            return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), hidden
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
+        return out, hidden
+
+
+class RNN(_RNNLayer, nn.RNN):
+    """Elman RNN (tanh or relu), a drop-in for :class:`torch.nn.RNN` with ``backend=``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class LSTM(_RNNLayer, nn.LSTM):
+    """LSTM, a drop-in for :class:`torch.nn.LSTM` with ``backend=``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class GRU(_RNNLayer, nn.GRU):
+    """GRU, a drop-in for :class:`torch.nn.GRU` with ``backend=``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class _Cell(_BackendChoice):
+    """Shared forward of the three cells (mixed in before the torch.nn class)."""
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._backend_repr()
+
+    def _mode(self) -> str:
+        if isinstance(self, nn.LSTMCell):
+            return "LSTM"
+        if isinstance(self, nn.GRUCell):
+            return "GRU"
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
+
+    def forward(self, input: Tensor, hx=None):
+        """Same inputs and outputs as the torch.nn cell's ``forward``."""
+        mode = self._mode()
+        name = type(self).__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        states = None if hx is None else ((hx[0], hx[1]) if mode == "LSTM" else (hx,))
+        if states is not None:
+            for k, s in enumerate(states):
+                if s.dim() not in (1, 2):
+                    what = f"hx[{k}]" if mode == "LSTM" else "hidden"
+                    raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+            states = None if states is None else tuple(s.unsqueeze(0) for s in states)
+        if states is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = (zeros, zeros) if mode == "LSTM" else (zeros,)
+        self._check_step(input, states)
+
+        spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+        backend = resolve(self._backend, spec, input, False)
+        h, c = backend.cell(
+            mode,
+            input,
+            states[0],
+            states[1] if mode == "LSTM" else None,
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+        )
+        if not batched:
+            h = h.squeeze(0)
+            c = None if c is None else c.squeeze(0)
+        return (h, c) if mode == "LSTM" else h
+
+    def _check_step(self, input: Tensor, states: tuple[Tensor, ...]) -> None:
+        """The checks torch's fused cell ops make, with the same exception types."""
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"{type(self).__name__}: input dtype ({input.dtype}) does not match weight dtype "
+                f"({self.weight_ih.dtype})"
+            )
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for k, s in enumerate(states):
+            if s.size(0) != input.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {s.size(0)}")
+            if s.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, expected {self.hidden_size}")
+            _check_state(f"hidden{k}", s, input)
+
+
+class RNNCell(_Cell, nn.RNNCell):
+    """Elman RNN cell, a drop-in for :class:`torch.nn.RNNCell` with ``backend=``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class LSTMCell(_Cell, nn.LSTMCell):
+    """LSTM cell, a drop-in for :class:`torch.nn.LSTMCell` with ``backend=``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class GRUCell(_Cell, nn.GRUCell):
+    """GRU cell, a drop-in for :class:`torch.nn.GRUCell` with ``backend=``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+_SWAPS: dict[type, type] = {
+    nn.RNN: RNN,
+    nn.LSTM: LSTM,
+    nn.GRU: GRU,
+    nn.RNNCell: RNNCell,
+    nn.LSTMCell: LSTMCell,
+    nn.GRUCell: GRUCell,
+}
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Turn every torch.nn recurrent layer and cell in ``model`` into its rnnfast twin, in place.
+
+    Each module keeps its identity, parameters (same tensors, same names),
+    hooks and mode: only its class changes, so optimizers and references
+    held elsewhere stay valid. Modules already converted get ``backend``.
+    Subclasses of the torch classes (which may override ``forward``) are left
+    alone. Returns ``model``.
+    """
+    check_backend_name(backend)
+    for module in model.modules():
+        target = _SWAPS.get(type(module))
+        if target is not None:
+            module.__class__ = target
+        if isinstance(module, _BackendChoice):
+            module.backend = backend
+    return model
+

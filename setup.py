@@ -1,0 +1,38 @@
+"""Build rnnfast: the Python package, the Triton kernels (as ``rnnfast.kernels``)
+and the C++ extension ``rnnfast._C`` from ``csrc/`` with ninja.
+
+Environment switches: ``RNNFAST_NO_EXT=1`` skips the extension (the package then
+runs on its ``reference`` backend); ``RNNFAST_CUDA=1`` forces, ``0`` skips, the
+CUDA sources (default: built when torch has CUDA).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+
+def extensions() -> list:
+    if os.environ.get("RNNFAST_NO_EXT") == "1":
+        return []
+    sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not sources:
+        return []
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    return [
+        cpp_extension.CppExtension(
+            "rnnfast._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    packages=["rnnfast", "rnnfast.kernels"],
+    package_dir={"rnnfast": "rnnfast", "rnnfast.kernels": "kernels"},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)

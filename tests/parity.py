@@ -1,0 +1,194 @@
+"""Shared parity machinery: run a torch.nn module and its rnnfast twin on the same
+inputs and compare outputs, final states and every gradient.
+
+A test file per layer family lists its :class:`Case` grid and calls
+:func:`check_layer` / :func:`check_cell`; the ``backend`` fixture (conftest)
+makes every registered backend run the same grid.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import rnnfast
+
+TORCH_CLASSES = {"RNN": torch.nn.RNN, "LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}
+CELL_CLASSES = {"RNNCell": torch.nn.RNNCell, "LSTMCell": torch.nn.LSTMCell, "GRUCell": torch.nn.GRUCell}
+
+# (atol, rtol) against torch.nn in the same dtype; low precision against float32 torch.nn
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+@dataclass
+class Case:
+    """One call of a layer: constructor arguments plus the shape of the input."""
+
+    id: str
+    kwargs: dict = field(default_factory=dict)
+    I: int = 13
+    H: int = 37
+    T: int = 5
+    B: int = 3
+    batch_first: bool = False
+    unbatched: bool = False
+    with_state: bool = True
+    packed: Optional[str] = None  # None, "sorted" or "unsorted"
+    training: bool = False
+    quick: bool = True  # also run on interpreted (slow) backends
+
+    def param(self):
+        marks = () if self.quick else (pytest.mark.slow,)
+        return pytest.param(self, id=self.id, marks=marks)
+
+
+def _lengths(case: Case) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, case.T + 1, (case.B,), generator=g).tolist()
+    lengths[case.B // 2] = case.T  # the longest sequence fills T
+    if case.packed == "sorted":
+        lengths.sort(reverse=True)
+    return lengths
+
+
+def _assert_close(name: str, got, want, dtype) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    assert got is not None, f"{name}: missing (torch.nn gives a tensor)"
+    torch.testing.assert_close(got.to(want.dtype), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def _flat(obj) -> list[torch.Tensor]:
+    if isinstance(obj, PackedSequence):
+        return [obj.data]
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    return [t for o in obj for t in _flat(o)]
+
+
+def run_layer(module: torch.nn.Module, case: Case, inputs: dict, dtype, device, seed: int = 123):
+    """Forward and backward; returns (outputs, grads by name)."""
+    x = inputs["x"].to(device=device, dtype=dtype).detach().requires_grad_()
+    states = [s.to(device=device, dtype=dtype).detach().requires_grad_() for s in inputs["states"]]
+    arg = x
+    if case.packed:
+        arg = pack_padded_sequence(x, torch.tensor(inputs["lengths"]), batch_first=case.batch_first,
+                                   enforce_sorted=case.packed == "sorted")
+    hx = None
+    if states:
+        hx = tuple(states) if len(states) == 2 else states[0]
+    torch.manual_seed(seed)  # same dropout masks for both modules
+    out = module(arg, hx)
+    tensors = _flat(out)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((t.float() * torch.randn(t.shape, generator=g).to(device)).sum() for t in tensors)
+    loss.backward()
+    grads = {"x": x.grad, **{f"state{k}": s.grad for k, s in enumerate(states)}}
+    grads.update({f"param:{n}": p.grad for n, p in module.named_parameters()})
+    return tensors, grads
+
+
+def make_inputs(case: Case, state_sizes: list[int], lead: int) -> dict:
+    """Float64 input, initial states (one per size in ``state_sizes``) and packed lengths."""
+    g = torch.Generator().manual_seed(0)
+    shape = (case.B, case.T, case.I) if case.batch_first else (case.T, case.B, case.I)
+    if case.unbatched:
+        shape = (case.T, case.I)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    states = []
+    if case.with_state:
+        for size in state_sizes:
+            s_shape = (lead, size) if case.unbatched else (lead, case.B, size)
+            states.append(torch.randn(s_shape, generator=g, dtype=torch.float64))
+    return {"x": x, "states": states, "lengths": _lengths(case) if case.packed else None}
+
+
+def check_layer(family: str, case: Case, backend: str, dtype=torch.float32, device="cpu") -> None:
+    """rnnfast.<family>(backend=...) against torch.nn.<family>: outputs, states, gradients."""
+    torch.manual_seed(0)
+    kwargs = dict(case.kwargs, batch_first=case.batch_first)
+    ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ref = TORCH_CLASSES[family](case.I, case.H, **kwargs).to(device=device, dtype=ref_dtype)
+    ours = getattr(rnnfast, family)(case.I, case.H, backend=backend, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    ref.train(case.training)
+    ours.train(case.training)
+    D = 2 if kwargs.get("bidirectional") else 1
+    state_sizes = [kwargs.get("proj_size") or case.H] + ([case.H] if family == "LSTM" else [])
+    inputs = make_inputs(case, state_sizes, kwargs.get("num_layers", 1) * D)
+    want, want_g = run_layer(ref, case, inputs, ref_dtype, device)
+    got, got_g = run_layer(ours, case, inputs, dtype, device)
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape, f"output {k}: shape {tuple(a.shape)} != torch's {tuple(b.shape)}"
+        _assert_close(f"output {k}", a, b, dtype)
+    assert got_g.keys() == want_g.keys()
+    for name in want_g:
+        _assert_close(f"grad {name}", got_g[name], want_g[name], dtype)
+
+
+def check_cell(family: str, case: Case, backend: str, dtype=torch.float32, device="cpu", steps: int = 3) -> None:
+    """rnnfast.<family>Cell against torch.nn's over a few chained steps, with gradients."""
+    torch.manual_seed(0)
+    ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    ref = CELL_CLASSES[family](case.I, case.H, **case.kwargs).to(device=device, dtype=ref_dtype)
+    ours = getattr(rnnfast, family)(case.I, case.H, backend=backend, **case.kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    lstm = family == "LSTMCell"
+    g = torch.Generator().manual_seed(0)
+    lead = () if case.unbatched else (case.B,)
+    xs = torch.randn((steps,) + lead + (case.I,), generator=g, dtype=torch.float64)
+    states = [torch.randn(lead + (case.H,), generator=g, dtype=torch.float64) for _ in range(2 if lstm else 1)]
+
+    def run(module, dt):
+        x = xs.to(device=device, dtype=dt).requires_grad_()
+        s0 = [s.to(device=device, dtype=dt).requires_grad_() for s in states] if case.with_state else []
+        hx = (tuple(s0) if lstm else s0[0]) if s0 else None
+        outs = []
+        for t in range(steps):
+            hx = module(x[t], hx)
+            outs.extend(_flat(hx))
+        gg = torch.Generator().manual_seed(7)
+        sum((o.float() * torch.randn(o.shape, generator=gg).to(device)).sum() for o in outs).backward()
+        grads = {"x": x.grad, **{f"state{k}": s.grad for k, s in enumerate(s0)}}
+        grads.update({f"param:{n}": p.grad for n, p in module.named_parameters()})
+        return outs, grads
+
+    want, want_g = run(ref, ref_dtype)
+    got, got_g = run(ours, dtype)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape
+        _assert_close(f"step output {k}", a, b, dtype)
+    for name in want_g:
+        _assert_close(f"grad {name}", got_g[name], want_g[name], dtype)
+
+
+def gradcheck_layer(family: str, case: Case, backend: str) -> None:
+    """torch.autograd.gradcheck in float64 on the rnnfast layer (input, states, weights)."""
+    torch.manual_seed(0)
+    kwargs = dict(case.kwargs, batch_first=case.batch_first)
+    mod = getattr(rnnfast, family)(case.I, case.H, backend=backend, **kwargs).double()
+    names, params = zip(*mod.named_parameters())
+    D = 2 if kwargs.get("bidirectional") else 1
+    lead = kwargs.get("num_layers", 1) * D
+    x = torch.randn(case.T, case.B, case.I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(lead, case.B, kwargs.get("proj_size") or case.H, dtype=torch.float64, requires_grad=True)
+    extra = [torch.randn(lead, case.B, case.H, dtype=torch.float64, requires_grad=True)] if family == "LSTM" else []
+
+    def fn(x, h0, *rest):
+        states, ps = rest[: len(extra)], rest[len(extra):]
+        fresh = copy.deepcopy(mod)
+        state_dict = dict(zip(names, ps))
+        out = torch.func.functional_call(fresh, state_dict, (x, (h0, *states) if extra else h0))
+        return tuple(_flat(out))
+
+    assert torch.autograd.gradcheck(fn, (x, h0, *extra, *params), atol=1e-6, rtol=1e-5)

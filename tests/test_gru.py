@@ -1,0 +1,53 @@
+"""GRU and GRUCell: parity with torch.nn on every backend (outputs, states, gradients)."""
+
+import pytest
+import torch
+
+from conftest import backend_device
+from parity import Case, check_cell, check_layer, gradcheck_layer
+
+CASES = [
+    Case("base"),
+    Case("T1-B1", T=1, B=1),
+    Case("T63", T=63, B=2, quick=False),
+    Case("no-state", with_state=False),
+    Case("batch-first", batch_first=True),
+    Case("unbatched", unbatched=True),
+    Case("no-bias", dict(bias=False)),
+    Case("layers2", dict(num_layers=2)),
+    Case("bidir", dict(bidirectional=True)),
+    Case("layers3-bidir-no-bias", dict(num_layers=3, bidirectional=True, bias=False), quick=False),
+    Case("dropout-train", dict(num_layers=3, dropout=0.4), training=True),
+    Case("packed-sorted", packed="sorted", B=4, T=7),
+    Case("packed-unsorted", packed="unsorted", B=5, T=6),
+    Case("packed-bidir-layers2", dict(bidirectional=True, num_layers=2), packed="unsorted", B=4, T=6),
+    Case("packed-batch-first-no-state", packed="unsorted", batch_first=True, with_state=False, quick=False),
+    Case("wide", I=64, H=130, T=4, B=9, quick=False),
+]
+CELL_CASES = [
+    Case("cell", B=4),
+    Case("cell-B1", B=1),
+    Case("cell-unbatched", unbatched=True),
+    Case("cell-no-state", with_state=False),
+    Case("cell-no-bias", dict(bias=False)),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gru(backend, case, dtype):
+    check_layer("GRU", case, backend, dtype, backend_device(backend))
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CELL_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gru_cell(backend, case, dtype):
+    check_cell("GRUCell", case, backend, dtype, backend_device(backend))
+
+
+@pytest.mark.parametrize("case", [Case("gc", dict(num_layers=2, bidirectional=True), I=3, H=4, T=3, B=2)],
+                         ids=lambda c: c.id)
+def test_gru_gradcheck(backend, case):
+    if backend_device(backend) != "cpu":
+        pytest.skip("gradcheck in float64 runs on the CPU backends")
+    gradcheck_layer("GRU", case, backend)
