@@ -9,13 +9,13 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 .PHONY: setup test demo bench quickstart gpu-check clean
 
 setup: $(VENV)/.rnnfast-deps
-	$(PIP) --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) --no-build-isolation --no-deps -e . > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
 	$(PY) -c "import rnnfast; print('rnnfast backends here:', rnnfast.available_backends())"
 
 $(VENV)/.rnnfast-deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
-	$(PIP) -r requirements-dev.txt setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) -r requirements-dev.txt setuptools wheel > $(VENV)/pip-deps.log 2>&1 || (cat $(VENV)/pip-deps.log; exit 1)
 	touch $@
 
 test: setup

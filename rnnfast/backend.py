@@ -179,6 +179,10 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no cell()")
 
 
+class BackendFallbackWarning(RuntimeWarning):
+    """Issued once per (backend, fallback, reason) when a requested backend cannot run a call."""
+
+
 _REGISTRY: dict[str, Callable[[], Backend]] = {}
 _INSTANCES: dict[str, Backend] = {}
 _WARNED: set[tuple[str, str, str]] = set()
@@ -254,7 +258,7 @@ def _warn_once(requested: str, chosen: str, why: str) -> None:
         _WARNED.add(key)
         warnings.warn(
             f"rnnfast: backend {requested!r} cannot run this call ({why}); falling back to {chosen!r}",
-            RuntimeWarning,
+            BackendFallbackWarning,
             stacklevel=4,
         )
 

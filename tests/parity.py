@@ -9,6 +9,7 @@ makes every registered backend run the same grid.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,6 +18,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnfast
+from rnnfast.backend import BackendFallbackWarning, RNNSpec, get_backend
 
 TORCH_CLASSES = {"RNN": torch.nn.RNN, "LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}
 CELL_CLASSES = {"RNNCell": torch.nn.RNNCell, "LSTMCell": torch.nn.LSTMCell, "GRUCell": torch.nn.GRUCell}
@@ -112,8 +114,24 @@ def make_inputs(case: Case, state_sizes: list[int], lead: int) -> dict:
     return {"x": x, "states": states, "lengths": _lengths(case) if case.packed else None}
 
 
+def require_support(backend: str, spec: RNNSpec, dtype, device, packed: bool) -> None:
+    """Skip, naming the reason, a call that ``backend`` declares it cannot run.
+
+    Calls it accepts must then really run on it: the parity helpers turn a
+    fallback warning into an error, so a fallback never passes as parity.
+    """
+    probe = torch.empty(0, dtype=dtype, device=device)
+    why = get_backend(backend).unsupported_reason(spec, probe, packed)
+    if why is not None:
+        pytest.skip(f"{backend} does not support this call: {why}")
+
+
 def check_layer(family: str, case: Case, backend: str, dtype=torch.float32, device="cpu") -> None:
     """rnnfast.<family>(backend=...) against torch.nn.<family>: outputs, states, gradients."""
+    mode = {"RNN": "RNN_RELU" if case.kwargs.get("nonlinearity") == "relu" else "RNN_TANH"}.get(family, family)
+    spec_kwargs = {k: v for k, v in case.kwargs.items() if k != "nonlinearity"}
+    require_support(backend, RNNSpec(mode, case.I, case.H, training=case.training, **spec_kwargs), dtype, device,
+                    case.packed is not None)
     torch.manual_seed(0)
     kwargs = dict(case.kwargs, batch_first=case.batch_first)
     ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -126,7 +144,9 @@ def check_layer(family: str, case: Case, backend: str, dtype=torch.float32, devi
     state_sizes = [kwargs.get("proj_size") or case.H] + ([case.H] if family == "LSTM" else [])
     inputs = make_inputs(case, state_sizes, kwargs.get("num_layers", 1) * D)
     want, want_g = run_layer(ref, case, inputs, ref_dtype, device)
-    got, got_g = run_layer(ours, case, inputs, dtype, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        got, got_g = run_layer(ours, case, inputs, dtype, device)
     assert len(got) == len(want)
     for k, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape, f"output {k}: shape {tuple(a.shape)} != torch's {tuple(b.shape)}"
@@ -138,6 +158,9 @@ def check_layer(family: str, case: Case, backend: str, dtype=torch.float32, devi
 
 def check_cell(family: str, case: Case, backend: str, dtype=torch.float32, device="cpu", steps: int = 3) -> None:
     """rnnfast.<family>Cell against torch.nn's over a few chained steps, with gradients."""
+    mode = {"LSTMCell": "LSTM", "GRUCell": "GRU"}.get(family)
+    mode = mode or ("RNN_RELU" if case.kwargs.get("nonlinearity") == "relu" else "RNN_TANH")
+    require_support(backend, RNNSpec(mode, case.I, case.H, bias=case.kwargs.get("bias", True)), dtype, device, False)
     torch.manual_seed(0)
     ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     ref = CELL_CLASSES[family](case.I, case.H, **case.kwargs).to(device=device, dtype=ref_dtype)
@@ -164,7 +187,9 @@ def check_cell(family: str, case: Case, backend: str, dtype=torch.float32, devic
         return outs, grads
 
     want, want_g = run(ref, ref_dtype)
-    got, got_g = run(ours, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        got, got_g = run(ours, dtype)
     for k, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape
         _assert_close(f"step output {k}", a, b, dtype)
