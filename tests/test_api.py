@@ -1,0 +1,189 @@
+"""Drop-in API: isinstance, state_dict, convert(), serialisation, the backend registry."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rnnfast
+from rnnfast.backend import Backend, BackendFallbackWarning, get_backend, register_backend, resolve
+
+FAMILIES = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_subclass_names_and_init(name):
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(6, 10)
+    torch.manual_seed(0)
+    ours = getattr(rnnfast, name)(6, 10)
+    assert isinstance(ours, getattr(nn, name))
+    assert ours.backend == "auto"
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n  # same initialisation from the same seed
+
+
+def _run(module, x):
+    """The first output tensor: the layer's output, or the cell's (first) state."""
+    out = module(x)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_state_dict_round_trip(name):
+    ref = getattr(nn, name)(6, 10)
+    ours = getattr(rnnfast, name)(6, 10, backend="reference")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 6) if "Cell" in name else torch.randn(4, 3, 6)
+    want = _run(ref, x)
+    back = getattr(nn, name)(6, 10)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(_run(ours, x), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_run(back, x), want, atol=0, rtol=0)
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.LSTM(5, 8, num_layers=2, bidirectional=True, batch_first=True)
+        self.blocks = nn.ModuleList([nn.GRU(16, 6), nn.Sequential(nn.Linear(6, 6), nn.RNN(6, 4, nonlinearity="relu"))])
+        self.cells = nn.ModuleDict({"l": nn.LSTMCell(4, 3), "g": nn.GRUCell(3, 3), "r": nn.RNNCell(3, 2)})
+
+    def forward(self, x):
+        y, _ = self.enc(x)
+        y, _ = self.blocks[0](y.transpose(0, 1))
+        y, _ = self.blocks[1][1](self.blocks[1][0](y))
+        h, _ = self.cells["l"](y[-1])
+        return self.cells["r"](self.cells["g"](h))
+
+
+def test_convert_nested_model_in_place():
+    torch.manual_seed(0)
+    model = Nested()
+    x = torch.randn(2, 7, 5)
+    want = model(x)
+    params_before = {n: p for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert rnnfast.convert(model, backend="reference") is model
+    for sub in model.modules():
+        if isinstance(sub, (nn.RNNBase, nn.RNNCellBase)):
+            assert type(sub).__module__ == "rnnfast.modules" and sub.backend == "reference"
+    assert {n: p for n, p in model.named_parameters()} == params_before  # same Parameter objects
+    torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+    model(x).sum().backward()
+    opt.step()  # the optimizer still holds the (same) parameters
+    assert not torch.allclose(model(x), want)
+
+
+def test_convert_root_and_leaves_subclasses_alone():
+    class MyLSTM(nn.LSTM):
+        pass
+
+    root = nn.GRU(3, 4)
+    assert isinstance(rnnfast.convert(root), rnnfast.GRU)
+    custom = nn.Sequential(MyLSTM(3, 4))
+    rnnfast.convert(custom)
+    assert type(custom[0]) is MyLSTM
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_deepcopy_pickle_to_double(name):
+    ours = getattr(rnnfast, name)(6, 10, backend="reference")
+    x = torch.randn(3, 6) if "Cell" in name else torch.randn(4, 3, 6)
+    want = _run(ours, x)
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert clone.backend == "reference"
+        torch.testing.assert_close(_run(clone, x), want, atol=0, rtol=0)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    torch.testing.assert_close(_run(torch.load(buf, weights_only=False), x), want, atol=0, rtol=0)
+    d = copy.deepcopy(ours).double()
+    assert _run(d, x.double()).dtype == torch.float64
+    m = getattr(rnnfast, name)(6, 10, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+
+
+def test_weights_replaced_by_assignment_are_used():
+    lstm = rnnfast.LSTM(3, 4, backend="reference")
+    x = torch.randn(2, 1, 3)
+    before = lstm(x)[0]
+    lstm.weight_hh_l0 = nn.Parameter(torch.zeros_like(lstm.weight_hh_l0))
+    lstm.weight_ih_l0 = nn.Parameter(torch.zeros_like(lstm.weight_ih_l0))
+    after = lstm(x)[0]
+    assert not torch.allclose(before, after)
+    ref = nn.LSTM(3, 4)
+    ref.load_state_dict(lstm.state_dict())
+    torch.testing.assert_close(after, ref(x)[0])
+
+
+def test_functional_call_uses_given_weights():
+    lstm = rnnfast.GRU(3, 4, backend="reference")
+    x = torch.randn(2, 1, 3)
+    zeros = {n: torch.zeros_like(p) for n, p in lstm.named_parameters()}
+    out, _ = torch.func.functional_call(lstm, zeros, (x,))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_repr_mentions_explicit_backend():
+    assert "backend" not in repr(rnnfast.LSTM(3, 4))
+    assert "backend='reference'" in repr(rnnfast.LSTM(3, 4, backend="reference"))
+    assert "backend='reference'" in repr(rnnfast.GRUCell(3, 4, backend="reference"))
+
+
+def test_available_backends_lists_reference():
+    names = rnnfast.available_backends()
+    assert names[0] == "reference"
+    assert set(names) <= set(rnnfast.registered_backends())
+
+
+class _NoBidirBackend(Backend):
+    """A toy backend for registry tests: delegates to reference, refuses bidirectional."""
+
+    name = "test-nobidir"
+
+    def unsupported_reason(self, spec, x, packed):
+        return "bidirectional" if spec.bidirectional else None
+
+    def rnn(self, *args):
+        self.calls += 1
+        return get_backend("reference").rnn(*args)
+
+    calls = 0
+
+
+def test_explicit_backend_falls_back_with_one_warning():
+    register_backend("test-nobidir", _NoBidirBackend)
+    try:
+        plain = rnnfast.LSTM(3, 4, backend="test-nobidir")
+        plain(torch.randn(2, 1, 3))
+        assert get_backend("test-nobidir").calls == 1
+        bidir = rnnfast.LSTM(3, 4, bidirectional=True, backend="test-nobidir")
+        with pytest.warns(BackendFallbackWarning, match="test-nobidir.*bidirectional.*reference"):
+            bidir(torch.randn(2, 1, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bidir(torch.randn(2, 1, 3))  # warned once only
+        assert get_backend("test-nobidir").calls == 1
+    finally:
+        rnnfast.backend._REGISTRY.pop("test-nobidir")
+        rnnfast.backend._INSTANCES.pop("test-nobidir", None)
+
+
+def test_environment_overrides_layer_choice(monkeypatch):
+    spec = rnnfast.RNNSpec("LSTM", 3, 4)
+    x = torch.randn(2, 1, 3)
+    monkeypatch.setenv(rnnfast.ENV_VAR, "reference")
+    assert resolve("auto", spec, x, False).name == "reference"
+
+
+def test_auto_picks_a_usable_backend():
+    spec = rnnfast.RNNSpec("GRU", 3, 4)
+    chosen = resolve("auto", spec, torch.randn(2, 1, 3), False)
+    assert chosen.name in rnnfast.available_backends()
+    assert chosen.unsupported_reason(spec, torch.randn(2, 1, 3), False) is None
