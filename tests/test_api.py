@@ -187,3 +187,21 @@ def test_auto_picks_a_usable_backend():
     chosen = resolve("auto", spec, torch.randn(2, 1, 3), False)
     assert chosen.name in rnnfast.available_backends()
     assert chosen.unsupported_reason(spec, torch.randn(2, 1, 3), False) is None
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_non_contiguous_inputs_and_states(backend, name):
+    from conftest import backend_device
+
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(5, 6, num_layers=2).to(device)
+    ours = getattr(rnnfast, name)(5, 6, num_layers=2, backend=backend).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 10, 4, device=device)[:, ::2, :].transpose(0, 1)  # (5, 3, 4) strided
+    x = torch.cat([x, x[..., :1]], dim=-1)[..., [0, 2, 1, 4, 3]]  # (5, 3, 5), permuted features
+    h = torch.randn(3, 2, 6, device=device).transpose(0, 1)
+    hx = (h, torch.randn(2, 6, 3, device=device).transpose(1, 2)) if name == "LSTM" else h
+    want, got = ref(x, hx), ours(x, hx)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
