@@ -30,5 +30,10 @@ quickstart: setup
 bench: setup
 	$(PY) -m bench
 
+# On a GPU machine (system python with CUDA torch + triton): build, GPU tests, GPU bench,
+# results in bench/results/<date>-<gpu>.{json,md} (and $$OUT when set).
+gpu-check:
+	bash bench/gpu_check.sh
+
 clean:
 	rm -rf build *.egg-info rnnfast/*.so
