@@ -21,8 +21,9 @@ $(VENV)/.rnnfast-deps: requirements-dev.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+# the main demo: a 5-minute char-level LSTM on Tiny Shakespeare, then samples (outputs in runs/charlm-demo/)
 demo: setup
-	$(PY) examples/quickstart.py
+	$(PY) examples/charlm.py train --minutes 5 --out runs/charlm-demo
 
 quickstart: setup
 	$(PY) examples/quickstart.py

@@ -8,7 +8,7 @@ way torch does, then hands it to a backend (see :mod:`rnnfast.backend`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,11 @@ class _RNNLayer(_BackendChoice):
             dropout=self.dropout,
             training=self.training,
         )
+
+    def resolved_backend(self, input: Union[Tensor, PackedSequence]) -> str:
+        """Name of the backend a call on ``input`` runs on here, after ``auto`` and fallbacks."""
+        packed = isinstance(input, PackedSequence)
+        return resolve(self._backend, self._spec(), input.data if packed else input, packed).name
 
     def _zero_state(self, input: Tensor, batch: int) -> tuple[Tensor, Optional[Tensor]]:
         D = 2 if self.bidirectional else 1

@@ -205,3 +205,10 @@ def test_non_contiguous_inputs_and_states(backend, name):
     want, got = ref(x, hx), ours(x, hx)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_resolved_backend_names_the_backend_that_runs():
+    lstm = rnnfast.LSTM(3, 4, backend="reference")
+    assert lstm.resolved_backend(torch.randn(2, 1, 3)) == "reference"
+    auto = rnnfast.GRU(3, 4)
+    assert auto.resolved_backend(torch.randn(2, 1, 3)) in rnnfast.available_backends()
