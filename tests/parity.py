@@ -89,11 +89,13 @@ def run_layer(module: torch.nn.Module, case: Case, inputs: dict, dtype, device, 
     if states:
         hx = tuple(states) if len(states) == 2 else states[0]
     torch.manual_seed(seed)  # same dropout masks for both modules
-    out = module(arg, hx)
-    tensors = _flat(out)
-    g = torch.Generator().manual_seed(7)
-    loss = sum((t.float() * torch.randn(t.shape, generator=g).to(device)).sum() for t in tensors)
-    loss.backward()
+    # torch's native kernels rather than cuDNN, which refuses backward in eval mode
+    with torch.backends.cudnn.flags(enabled=False):
+        out = module(arg, hx)
+        tensors = _flat(out)
+        g = torch.Generator().manual_seed(7)
+        loss = sum((t.float() * torch.randn(t.shape, generator=g).to(device)).sum() for t in tensors)
+        loss.backward()
     grads = {"x": x.grad, **{f"state{k}": s.grad for k, s in enumerate(states)}}
     grads.update({f"param:{n}": p.grad for n, p in module.named_parameters()})
     return tensors, grads
