@@ -19,7 +19,9 @@ def extensions() -> list:
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return []
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # -fno-trapping-math lets GCC vectorise the branch-free gate math; vector
+    # widths are chosen at run time in csrc/cpu/kernels.cpp, not with -march
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
     return [
         cpp_extension.CppExtension(
             "rnnfast._C",

@@ -1,0 +1,160 @@
+// Inference fast path for short sequences and small batches: every layer in one
+// call, no autograd, weights packed once as [W_ih | W_hh] rows and cached until
+// a parameter changes (new tensor, new storage or an in-place update).
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/extension.h>
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "kernels.h"
+
+namespace rnnfast {
+namespace {
+
+using at::Tensor;
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Packed {
+  std::vector<WeakImpl> refs;  // weak: the cache never keeps a module's weights alive
+  std::vector<int64_t> versions;
+  std::vector<const void*> ptrs;
+  std::vector<Tensor> w;     // per layer: (G*H, I_l + H), rows [W_ih | W_hh]
+  std::vector<Tensor> bias;  // per layer: (2, G*H) = [b_ih; b_hh], zeros without bias
+
+  bool matches(const std::vector<Tensor>& weights) const {
+    if (weights.size() != refs.size()) return false;
+    for (size_t k = 0; k < weights.size(); ++k) {
+      const Tensor& t = weights[k];
+      if (refs[k].expired() || refs[k]._unsafe_get_target() != t.unsafeGetTensorImpl() ||
+          ptrs[k] != t.data_ptr() || versions[k] != t._version()) {
+        return false;
+      }
+    }
+    return true;
+  }
+};
+
+constexpr size_t kMaxEntries = 64;
+std::mutex cache_mutex;
+std::unordered_map<const c10::TensorImpl*, Packed> cache;
+
+Packed pack(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias) {
+  const int64_t per = has_bias ? 4 : 2;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, "rnnfast decode: expected ",
+              per * num_layers, " weights, got ", weights.size());
+  Packed p;
+  for (const Tensor& t : weights) {
+    p.refs.emplace_back(t.getIntrusivePtr());
+    p.versions.push_back(t._version());
+    p.ptrs.push_back(t.data_ptr());
+  }
+  at::NoGradGuard no_grad;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const Tensor& w_ih = weights[l * per];
+    const Tensor& w_hh = weights[l * per + 1];
+    p.w.push_back(at::cat({w_ih, w_hh}, 1).contiguous());
+    p.bias.push_back(has_bias ? at::stack({weights[l * per + 2], weights[l * per + 3]}).contiguous()
+                              : at::zeros({2, w_ih.size(0)}, w_ih.options()));
+  }
+  return p;
+}
+
+const Packed& packed_weights(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias) {
+  const c10::TensorImpl* key = weights.at(0).unsafeGetTensorImpl();
+  auto it = cache.find(key);
+  if (it != cache.end() && it->second.matches(weights)) return it->second;
+  if (it != cache.end()) cache.erase(it);
+  if (cache.size() >= kMaxEntries) {
+    for (auto e = cache.begin(); e != cache.end();) e = e->second.refs[0].expired() ? cache.erase(e) : std::next(e);
+    if (cache.size() >= kMaxEntries) cache.clear();
+  }
+  return cache.emplace(key, pack(weights, num_layers, has_bias)).first->second;
+}
+
+// gi = W_ih x + b_ih and gh = W_hh h + b_hh for each of B rows.
+template <typename T>
+void project(const Tensor& w, const Tensor& bias, const T* x, int64_t in, const T* h, int64_t H, int64_t B, T* gi,
+             T* gh) {
+  const int64_t rows = w.size(0), ld = w.size(1);
+  const T* W = w.data_ptr<T>();
+  const T* bi = bias.data_ptr<T>();
+  const T* bh = bi + rows;
+  const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 17) / std::max<int64_t>(ld * B, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t b = 0; b < B; ++b) {
+      T* gib = gi + b * rows;
+      T* ghb = gh + b * rows;
+      dot_rows(W + r0 * ld, ld, r1 - r0, x + b * in, in, gib + r0, 1);
+      dot_rows(W + r0 * ld + in, ld, r1 - r0, h + b * H, H, ghb + r0, 1);
+      for (int64_t r = r0; r < r1; ++r) {
+        gib[r] += bi[r];
+        ghb[r] += bh[r];
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std::vector<Tensor>& weights,
+                                                          int64_t num_layers, bool has_bias, const Tensor& x_,
+                                                          const Tensor& h0, const c10::optional<Tensor>& c0) {
+  TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
+  TORCH_CHECK(x_.dim() == 3 && h0.dim() == 3, "rnnfast decode: expected (T, B, I) input and (L, B, H) state");
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  const Packed& p = packed_weights(weights, num_layers, has_bias);
+  const bool lstm = mode == LSTM, gru = mode == GRU;
+  TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
+  const Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(2), G = gate_count(mode);
+  TORCH_CHECK(p.w[0].size(1) == x.size(2) + H, "rnnfast decode: input size does not match the weights");
+  Tensor h_n = h0.contiguous().clone();
+  Tensor c_n = lstm ? c0->contiguous().clone() : Tensor();
+  const auto opts = x.options();
+  Tensor out = at::empty({T, B, H}, opts);
+  Tensor mid = num_layers > 1 ? at::empty({T, B, H}, opts) : Tensor();
+  Tensor scratch = at::empty({2 + (gru ? 1 : 0), B, 4 * H}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_decode", [&] {
+    scalar_t* gi = scratch.data_ptr<scalar_t>();
+    scalar_t* gh = gi + B * 4 * H;
+    scalar_t* ws = gh + B * 4 * H;
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    int64_t in_size = x.size(2);
+    for (int64_t l = 0; l < num_layers; ++l) {
+      // alternate between `mid` and `out` so that the last layer writes `out`
+      Tensor& dst = ((num_layers - 1 - l) % 2 == 0) ? out : mid;
+      scalar_t* o = dst.data_ptr<scalar_t>();
+      scalar_t* h = h_n.data_ptr<scalar_t>() + l * B * H;
+      scalar_t* c = lstm ? c_n.data_ptr<scalar_t>() + l * B * H : nullptr;
+      for (int64_t t = 0; t < T; ++t) {
+        project<scalar_t>(p.w[l], p.bias[l], in + t * B * in_size, in_size, h, H, B, gi, gh);
+        for (int64_t b = 0; b < B; ++b) {
+          scalar_t* ob = o + (t * B + b) * H;
+          if (lstm) {
+            lstm_fwd(gi + b * G * H, gh + b * G * H, c + b * H, c + b * H, ob, H);
+          } else if (gru) {
+            gru_fwd(gi + b * G * H, gh + b * G * H, h + b * H, ws + b * 4 * H, ob, H);
+          } else {
+            rnn_fwd(gi + b * G * H, gh + b * G * H, ob, mode == RNN_RELU, H);
+          }
+          std::memcpy(h + b * H, ob, H * sizeof(scalar_t));
+        }
+      }
+      in = o;
+      in_size = H;
+    }
+  });
+  return {out, h_n, lstm ? c10::optional<Tensor>(c_n) : c10::nullopt};
+}
+
+}  // namespace
+
+}  // namespace rnnfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnnfast CPU kernels; the autograd-aware entry points are torch.ops.rnnfast.*";
+  m.def("decode", &rnnfast::decode,
+        "Inference over all layers of a unidirectional stack for short sequences and small batches.");
+}

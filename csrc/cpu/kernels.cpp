@@ -1,0 +1,138 @@
+// The kernels of kernels_impl.h built twice, for baseline x86-64 and for
+// AVX2+FMA, with the choice made once at load time: the extension runs on any
+// x86-64 machine and uses the wide units where they exist.
+#include "kernels.h"
+
+#include <immintrin.h>
+
+#define RNNFAST_INLINE inline __attribute__((always_inline))
+
+namespace rnnfast {
+namespace base {
+#include "kernels_impl.h"
+}  // namespace base
+}  // namespace rnnfast
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace rnnfast {
+namespace avx2 {
+#include "kernels_impl.h"
+}  // namespace avx2
+}  // namespace rnnfast
+#pragma GCC pop_options
+
+namespace rnnfast {
+
+const bool kHasAvx2 = [] {
+  __builtin_cpu_init();  // this initialiser may run before libgcc's own
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}();
+
+#define RNNFAST_DISPATCH(fn, ...) (kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+
+#define RNNFAST_DEFINE(T)                                                                                   \
+  void lstm_fwd(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H) {                       \
+    RNNFAST_DISPATCH(lstm_fwd, g, gh, c_prev, c_out, h_out, H);                                             \
+  }                                                                                                         \
+  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H) {                     \
+    RNNFAST_DISPATCH(gru_fwd, gi, gh, h_prev, ws, h_out, H);                                                \
+  }                                                                                                         \
+  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t H) {                                 \
+    RNNFAST_DISPATCH(rnn_fwd, gi, gh, h_out, relu, H);                                                      \
+  }                                                                                                         \
+  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H) {            \
+    RNNFAST_DISPATCH(lstm_bwd, g, c, c_prev, dh, dc, dg, H);                                                \
+  }                                                                                                         \
+  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H) {                            \
+    RNNFAST_DISPATCH(gru_bwd, ws, h_prev, dh, dgi, dgh, H);                                                 \
+  }                                                                                                         \
+  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t H) { RNNFAST_DISPATCH(rnn_bwd, h, dh, dg, relu, H); }
+RNNFAST_DEFINE(float)
+RNNFAST_DEFINE(double)
+#undef RNNFAST_DEFINE
+
+namespace {
+
+template <typename T>
+void dot_rows_generic(const T* w, int64_t ldw, int64_t rows, const T* v, int64_t n, T* res, int64_t res_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* wr = w + r * ldw;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < n; ++k) acc += wr[k] * v[k];
+    res[r * res_stride] = acc;
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Eight rows at a time share each load of v: eight independent FMA chains.
+__attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* w, int64_t ldw, int64_t rows, const float* v,
+                                                       int64_t n, float* res, int64_t res_stride) {
+  int64_t r = 0;
+  const int64_t nv = n & ~int64_t(7);
+  for (; r + 8 <= rows; r += 8) {
+    __m256 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
+    const float* wr = w + r * ldw;
+    for (int64_t k = 0; k < nv; k += 8) {
+      const __m256 x = _mm256_loadu_ps(v + k);
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + q * ldw + k), x, acc[q]);
+    }
+    for (int q = 0; q < 8; ++q) {
+      float s = hsum(acc[q]);
+      for (int64_t k = nv; k < n; ++k) s += wr[q * ldw + k] * v[k];
+      res[(r + q) * res_stride] = s;
+    }
+  }
+  for (; r < rows; ++r) {
+    const float* wr = w + r * ldw;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < nv; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(v + k), acc);
+    float s = hsum(acc);
+    for (int64_t k = nv; k < n; ++k) s += wr[k] * v[k];
+    res[r * res_stride] = s;
+  }
+}
+
+}  // namespace
+
+void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t n, float* res, int64_t res_stride) {
+  if (kHasAvx2) {
+    dot_rows_avx2(w, ldw, rows, v, n, res, res_stride);
+  } else {
+    dot_rows_generic(w, ldw, rows, v, n, res, res_stride);
+  }
+}
+
+void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64_t n, double* res,
+              int64_t res_stride) {
+  dot_rows_generic(w, ldw, rows, v, n, res, res_stride);
+}
+
+}  // namespace rnnfast
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace rnnfast {
+
+at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  static const c10::optional<c10::OperatorHandle> onednn =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (a.scalar_type() == at::kFloat && onednn.has_value()) {
+    std::vector<c10::IValue> stack{a, w, has_bias ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
+                                   c10::List<c10::optional<c10::Scalar>>(), std::string("")};
+    onednn->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+  return has_bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+}
+
+}  // namespace rnnfast

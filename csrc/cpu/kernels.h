@@ -1,0 +1,52 @@
+// Fused pointwise gate kernels and the small-batch GEMV of the CPU backend.
+//
+// float kernels are compiled twice (AVX2+FMA and baseline x86-64) and picked
+// at run time; double kernels use libm, exact enough for float64 gradchecks.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace rnnfast {
+
+enum Mode : int64_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+
+inline int64_t gate_count(int64_t mode) {
+  return mode == LSTM ? 4 : mode == GRU ? 3 : 1;
+}
+
+// Row kernels, one batch row of one step, overloaded for float and double.
+// Forward: the input (gi/g, biases in) and recurrent (gh) pre-activations come
+// separately; lstm_fwd overwrites g with the activated gates (i, f, g, o);
+// gru_fwd saves r, z, n and W_hn h + b_hn in ws (4H) for backward.
+// Backward: dh is the gradient w.r.t. the row's output (o * tanh(c) for LSTM);
+// gru_bwd overwrites it with its direct part z * dh, the GEMM adds the rest.
+#define RNNFAST_DECLARE(T)                                                                                \
+  void lstm_fwd(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H);                     \
+  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H);                   \
+  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t H);                                \
+  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H);           \
+  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H);                          \
+  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t H);
+RNNFAST_DECLARE(float)
+RNNFAST_DECLARE(double)
+#undef RNNFAST_DECLARE
+
+// res[r] = dot(w + r * ldw, v, n) for rows r < rows: the decode path's GEMV.
+void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t n, float* res, int64_t res_stride);
+void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64_t n, double* res,
+              int64_t res_stride);
+
+}  // namespace rnnfast
+
+namespace rnnfast {
+
+// a @ w^T (+ bias), like F.linear: oneDNN for float32 (several times faster than
+// MKL's sgemm on AMD CPUs, and as exact), ATen's GEMM otherwise. a and w may be strided.
+at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w,
+                     const c10::optional<at::Tensor>& bias = c10::nullopt);
+
+}  // namespace rnnfast

@@ -1,0 +1,162 @@
+// Pointwise gate kernels and the exp/sigmoid/tanh they use. Included twice by
+// kernels.cpp, inside a baseline and an AVX2+FMA target region, so that every
+// helper inlines into the loops and those loops vectorise for both targets.
+// No include guard, on purpose.
+
+
+
+// exp for float, branch-free so loops over it vectorise (Cephes polynomial, ~1 ulp).
+RNNFAST_INLINE float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+template <typename T>
+struct Act;
+
+template <>
+struct Act<float> {
+  static RNNFAST_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_f(-x)); }
+  static RNNFAST_INLINE float tanh(float x) {
+    const float e = exp_f(x < 0.f ? 2.f * x : -2.f * x);
+    const float r = (1.f - e) / (1.f + e);
+    return x < 0.f ? -r : r;
+  }
+};
+
+template <>
+struct Act<double> {
+  static RNNFAST_INLINE double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+  static RNNFAST_INLINE double tanh(double x) { return std::tanh(x); }
+};
+
+// ---- forward rows ---------------------------------------------------------
+
+// g: 4H input pre-activations in, activated gates (i, f, g, o) out; gh: 4H recurrent pre-activations.
+template <typename T>
+RNNFAST_INLINE void lstm_fwd_impl(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = Act<T>::sigmoid(g[j] + gh[j]);
+    const T f = Act<T>::sigmoid(g[H + j] + gh[H + j]);
+    const T gg = Act<T>::tanh(g[2 * H + j] + gh[2 * H + j]);
+    const T o = Act<T>::sigmoid(g[3 * H + j] + gh[3 * H + j]);
+    const T c = f * c_prev[j] + i * gg;
+    g[j] = i;
+    g[H + j] = f;
+    g[2 * H + j] = gg;
+    g[3 * H + j] = o;
+    c_out[j] = c;
+    h_out[j] = o * Act<T>::tanh(c);
+  }
+}
+
+// gi, gh: 3H pre-activations (biases included); ws: r, z, n, gh_n saved for backward.
+template <typename T>
+RNNFAST_INLINE void gru_fwd_impl(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = Act<T>::sigmoid(gi[j] + gh[j]);
+    const T z = Act<T>::sigmoid(gi[H + j] + gh[H + j]);
+    const T ghn = gh[2 * H + j];
+    const T n = Act<T>::tanh(gi[2 * H + j] + r * ghn);
+    ws[j] = r;
+    ws[H + j] = z;
+    ws[2 * H + j] = n;
+    ws[3 * H + j] = ghn;
+    h_out[j] = (T(1) - z) * n + z * h_prev[j];
+  }
+}
+
+template <typename T>
+RNNFAST_INLINE void rnn_fwd_impl(const T* gi, const T* gh, T* h_out, bool relu, int64_t H) {
+  if (relu) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) h_out[j] = gi[j] + gh[j] > T(0) ? gi[j] + gh[j] : T(0);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) h_out[j] = Act<T>::tanh(gi[j] + gh[j]);
+  }
+}
+
+// ---- backward rows --------------------------------------------------------
+
+// dh: gradient w.r.t. o * tanh(c); dc: in/out running cell gradient; dg: 4H pre-activation grads.
+template <typename T>
+RNNFAST_INLINE void lstm_bwd_impl(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
+    const T tc = Act<T>::tanh(c[j]);
+    const T dct = dc[j] + dh[j] * o * (T(1) - tc * tc);
+    dg[j] = dct * gg * i * (T(1) - i);
+    dg[H + j] = dct * c_prev[j] * f * (T(1) - f);
+    dg[2 * H + j] = dct * i * (T(1) - gg * gg);
+    dg[3 * H + j] = dh[j] * tc * o * (T(1) - o);
+    dc[j] = dct * f;
+  }
+}
+
+// dh: in, total gradient w.r.t. h_t; out, its direct part z * dh (the GEMM adds the rest).
+template <typename T>
+RNNFAST_INLINE void gru_bwd_impl(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H) {
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], ghn = ws[3 * H + j];
+    const T d = dh[j];
+    const T dan = d * (T(1) - z) * (T(1) - n * n);
+    const T dar = dan * ghn * r * (T(1) - r);
+    const T daz = d * (h_prev[j] - n) * z * (T(1) - z);
+    dgi[j] = dar;
+    dgi[H + j] = daz;
+    dgi[2 * H + j] = dan;
+    dgh[j] = dar;
+    dgh[H + j] = daz;
+    dgh[2 * H + j] = dan * r;
+    dh[j] = d * z;
+  }
+}
+
+template <typename T>
+RNNFAST_INLINE void rnn_bwd_impl(const T* h, const T* dh, T* dg, bool relu, int64_t H) {
+  if (relu) {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] > T(0) ? dh[j] : T(0);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) dg[j] = dh[j] * (T(1) - h[j] * h[j]);
+  }
+}
+
+
+// Out-of-line entry points of this target's build, for float and double.
+#define RNNFAST_ENTRIES(T)                                                                                          \
+  void lstm_fwd(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H) {                              \
+    lstm_fwd_impl(g, gh, c_prev, c_out, h_out, H);                                                                  \
+  }                                                                                                                 \
+  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H) {                             \
+    gru_fwd_impl(gi, gh, h_prev, ws, h_out, H);                                                                     \
+  }                                                                                                                 \
+  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t H) { rnn_fwd_impl(gi, gh, h_out, relu, H); }  \
+  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H) {                    \
+    lstm_bwd_impl(g, c, c_prev, dh, dc, dg, H);                                                                     \
+  }                                                                                                                 \
+  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H) {                                    \
+    gru_bwd_impl(ws, h_prev, dh, dgi, dgh, H);                                                                      \
+  }                                                                                                                 \
+  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t H) { rnn_bwd_impl(h, dh, dg, relu, H); }
+RNNFAST_ENTRIES(float)
+RNNFAST_ENTRIES(double)
+#undef RNNFAST_ENTRIES

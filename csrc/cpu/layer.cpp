@@ -1,0 +1,268 @@
+// One recurrent layer, one direction, over a whole (optionally packed) sequence:
+// forward and backward, registered as the operators rnnfast::layer_fwd / layer_bwd.
+//
+// Forward: one GEMM projects the input of every step; each step adds one GEMM
+// for the recurrent term and runs one fused pointwise pass. Backward walks the
+// steps in reverse with fused gate gradients and forms the weight gradients as
+// single GEMMs over all steps at the end.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace rnnfast {
+namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// Rows per parallel chunk so that each chunk has enough elements to pay for a thread.
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+// Active rows per step: batch_sizes for packed input, else B everywhere.
+std::vector<int64_t> step_sizes(const OptTensor& batch_sizes, int64_t T, int64_t B) {
+  std::vector<int64_t> bs(T, B);
+  if (present(batch_sizes)) {
+    const Tensor b = batch_sizes->to(at::kLong).contiguous();
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == T, "rnnfast: batch_sizes must have one entry per time step (", T,
+                "), got shape ", b.sizes());
+    const int64_t* p = b.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p[t] >= 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
+                  "rnnfast: batch_sizes must be non-increasing and at most the batch size");
+      bs[t] = p[t];
+    }
+  }
+  return bs;
+}
+
+void check_tensor(const Tensor& t, const Tensor& like, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "rnnfast cpu backend: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnfast cpu backend: ", name, " has dtype ", t.scalar_type(),
+              " but the input has dtype ", like.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "rnnfast cpu backend: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
+}
+
+// State before each step: h_prev[t] is the state step t started from. Rows of a
+// reverse packed sequence that were inactive at t + 1 still hold the initial state.
+Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<int64_t>& bs, bool reverse) {
+  const int64_t T = all.size(0);
+  Tensor prev = at::empty_like(all);
+  if (!reverse) {
+    prev[0].copy_(init);
+    if (T > 1) prev.narrow(0, 1, T - 1).copy_(all.narrow(0, 0, T - 1));
+    return prev;
+  }
+  prev[T - 1].copy_(init);
+  for (int64_t t = 0; t + 1 < T; ++t) {
+    const int64_t m = bs[t + 1], B = all.size(1);
+    if (m > 0) prev[t].narrow(0, 0, m).copy_(all[t + 1].narrow(0, 0, m));
+    if (m < B) prev[t].narrow(0, m, B - m).copy_(init.narrow(0, m, B - m));
+  }
+  return prev;
+}
+
+// Below this many multiply-adds a step's recurrent product runs on this thread
+// with the GEMV kernel: a threaded GEMM call costs more than the work itself.
+constexpr int64_t kSmallStep = int64_t(1) << 22;
+
+// out[b] = w @ a[b] (+ bias) for n rows: w is (N, K) row-major, a is (n, K).
+template <typename T>
+void small_matmul_nt(const T* a, int64_t n, int64_t K, const T* w, int64_t N, const T* bias, T* out) {
+  for (int64_t b = 0; b < n; ++b) {
+    T* o = out + b * N;
+    dot_rows(w, K, N, a + b * K, K, o, 1);
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < N; ++r) o[r] += bias[r];
+    }
+  }
+}
+
+template <typename T>
+T* row(const Tensor& t, int64_t step, int64_t b) {
+  return t.data_ptr<T>() + (step * t.size(1) + b) * t.size(2);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
+                                                             const OptTensor& batch_sizes, const Tensor& h0_,
+                                                             const OptTensor& c0_, const Tensor& w_ih_,
+                                                             const Tensor& w_hh_, const OptTensor& b_ih,
+                                                             const OptTensor& b_hh, const OptTensor& w_hr_,
+                                                             bool reverse) {
+  TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
+  check_tensor(x_, x_, "input", 3);
+  check_tensor(h0_, x_, "h0", 2);
+  check_tensor(w_ih_, x_, "weight_ih", 2);
+  check_tensor(w_hh_, x_, "weight_hh", 2);
+  const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
+  const int64_t H = w_hh_.size(0) / G, P = h0_.size(1);
+  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
+  TORCH_CHECK(w_ih_.size(0) == G * H && w_ih_.size(1) == I, "rnnfast: weight_ih has shape ", w_ih_.sizes(),
+              ", expected [", G * H, ", ", I, "]");
+  TORCH_CHECK(w_hh_.size(1) == P && h0_.size(0) == B, "rnnfast: h0 has shape ", h0_.sizes(), ", expected [", B,
+              ", ", w_hh_.size(1), "]");
+  TORCH_CHECK(!lstm || present(c0_), "rnnfast: LSTM needs c0");
+  TORCH_CHECK(!proj || lstm, "rnnfast: proj_size is only supported for LSTM");
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
+
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor x2 = x.view({T * B, I});
+  // input projection of every step, (T, B, G*H); GRU keeps b_hh apart for r * (W_hn h + b_hn)
+  Tensor gi = matmul_nt(x2, w_ih, present(b_ih) ? OptTensor(mode == GRU ? *b_ih : *b_ih + *b_hh) : c10::nullopt);
+  gi = gi.view({T, B, G * H});
+
+  const auto opts = x.options();
+  Tensor out = packed ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
+  Tensor h = h0_.contiguous().clone();
+  Tensor c = lstm ? c0_->contiguous().clone() : at::empty({0}, opts);
+  Tensor ws1 = mode == GRU ? at::empty({T, B, 4 * H}, opts) : (lstm ? gi : at::empty({0}, opts));
+  Tensor ws2 = lstm ? (packed ? at::zeros({proj ? 2 : 1, T, B, H}, opts) : at::empty({proj ? 2 : 1, T, B, H}, opts))
+                    : at::empty({0}, opts);
+  const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  const bool small = B * G * H * P <= kSmallStep;
+  const Tensor b_hh_c = present(b_hh) ? b_hh->contiguous() : Tensor();
+  Tensor gh = small ? at::empty({B, G * H}, opts) : Tensor();
+  const Tensor cs = lstm ? ws2[0] : Tensor();
+  const Tensor hp = proj ? ws2[1] : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_layer_fwd", [&] {
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t n = bs[t];
+      if (n == 0) continue;
+      if (small) {
+        const scalar_t* bias = mode == GRU && b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
+        small_matmul_nt(h.data_ptr<scalar_t>(), n, P, w_hh.data_ptr<scalar_t>(), G * H, bias, gh.data_ptr<scalar_t>());
+      } else {
+        gh = matmul_nt(h.narrow(0, 0, n), w_hh, mode == GRU ? b_hh : c10::nullopt).contiguous();
+      }
+      const scalar_t* ghs = gh.data_ptr<scalar_t>();
+      scalar_t* hs = h.data_ptr<scalar_t>();
+      at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* h_out = proj ? row<scalar_t>(hp, t, b) : row<scalar_t>(out, t, b);
+          if (lstm) {
+            scalar_t* c_new = row<scalar_t>(cs, t, b);
+            scalar_t* c_state = c.data_ptr<scalar_t>() + b * H;
+            lstm_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, c_state, c_new, h_out, H);
+            std::memcpy(c_state, c_new, H * sizeof(scalar_t));
+          } else if (mode == GRU) {
+            gru_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, hs + b * P,
+                    row<scalar_t>(ws1, t, b), h_out, H);
+          } else {
+            rnn_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, h_out, mode == RNN_RELU, H);
+          }
+          if (!proj) std::memcpy(hs + b * P, h_out, P * sizeof(scalar_t));
+        }
+      });
+      if (proj) {
+        const Tensor o = matmul_nt(hp[t].narrow(0, 0, n), w_hr);
+        out[t].narrow(0, 0, n).copy_(o);
+        h.narrow(0, 0, n).copy_(o);
+      }
+    }
+  });
+  return {out, h, c, ws1, ws2};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(
+    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
+    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
+  const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
+  const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
+  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
+  const Tensor x = x_.contiguous(), w_ih_t = w_ih_.t().contiguous(), w_hh_t = w_hh_.t().contiguous();
+  const Tensor go = grad_out.contiguous();
+  const auto opts = x.options();
+  auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
+
+  const Tensor h_prev = previous_states(out, h0.contiguous(), bs, reverse);
+  const Tensor cs = lstm ? ws2[0] : Tensor();
+  const Tensor hp = proj ? ws2[1] : Tensor();
+  const Tensor c_prev = lstm ? previous_states(cs, c0->contiguous(), bs, reverse) : Tensor();
+  Tensor dh = grad_hn.contiguous().clone();
+  Tensor dc = lstm ? grad_cn.contiguous().clone() : at::empty({0}, opts);
+  Tensor dgi = make({T, B, G * H});
+  Tensor dgh = gru ? make({T, B, G * H}) : dgi;
+  Tensor dh_proj = proj ? make({T, B, P}) : Tensor();  // gradient w.r.t. the projected output, for dW_hr
+  Tensor dhp;
+  const Tensor w_hr_t = proj ? w_hr_->t().contiguous() : Tensor();
+  const bool small = B * G * H * P <= kSmallStep;
+  Tensor dh_rec = small ? at::empty({B, P}, opts) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_layer_bwd", [&] {
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t n = bs[t];
+      if (n == 0) continue;
+      Tensor dh_act = dh.narrow(0, 0, n);
+      dh_act.add_(go[t].narrow(0, 0, n));
+      if (proj) {
+        dh_proj[t].narrow(0, 0, n).copy_(dh_act);
+        dhp = matmul_nt(dh_act, w_hr_t).contiguous();
+      }
+      const Tensor& d_src = proj ? dhp : dh;
+      at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          if (lstm) {
+            lstm_bwd(row<scalar_t>(ws1, t, b), row<scalar_t>(cs, t, b), row<scalar_t>(c_prev, t, b),
+                     d_src.data_ptr<scalar_t>() + b * H, dc.data_ptr<scalar_t>() + b * H, row<scalar_t>(dgi, t, b),
+                     H);
+          } else if (gru) {
+            gru_bwd(row<scalar_t>(ws1, t, b), row<scalar_t>(h_prev, t, b), dh.data_ptr<scalar_t>() + b * P,
+                    row<scalar_t>(dgi, t, b), row<scalar_t>(dgh, t, b), H);
+          } else {
+            rnn_bwd(row<scalar_t>(out, t, b), dh.data_ptr<scalar_t>() + b * P, row<scalar_t>(dgi, t, b),
+                    mode == RNN_RELU, H);
+          }
+        }
+      });
+      if (small) {
+        small_matmul_nt<scalar_t>(row<scalar_t>(dgh, t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
+                        dh_rec.data_ptr<scalar_t>());
+      } else {
+        dh_rec = matmul_nt(dgh[t].narrow(0, 0, n), w_hh_t);
+      }
+      const Tensor dh_rec_act = dh_rec.narrow(0, 0, n);
+      if (gru) {
+        dh_act.add_(dh_rec_act);
+      } else {
+        dh_act.copy_(dh_rec_act);
+      }
+    }
+  });
+  const Tensor dgi2 = dgi.view({T * B, G * H}), dgh2 = dgh.view({T * B, G * H});
+  Tensor dx = matmul_nt(dgi2, w_ih_t).view({T, B, I});
+  Tensor dw_ih = matmul_nt(dgi2.t(), x.view({T * B, I}).t());
+  Tensor dw_hh = matmul_nt(dgh2.t(), h_prev.view({T * B, P}).t());
+  Tensor db_ih = has_bias ? dgi2.sum(0) : at::empty({0}, opts);
+  Tensor db_hh = has_bias ? (gru ? dgh2.sum(0) : db_ih.clone()) : at::empty({0}, opts);
+  Tensor dw_hr = proj ? matmul_nt(dh_proj.view({T * B, P}).t(), hp.reshape({T * B, H}).t()) : at::empty({0}, opts);
+  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnfast, m) {
+  m.def(
+      "layer_fwd(int mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_bwd(int mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? w_hr, bool has_bias, bool reverse, Tensor out, Tensor ws1, Tensor ws2, Tensor grad_out, "
+      "Tensor grad_hn, Tensor grad_cn) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("layer_fwd", &layer_fwd);
+  m.impl("layer_bwd", &layer_bwd);
+}
+
+}  // namespace rnnfast

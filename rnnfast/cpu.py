@@ -1,0 +1,158 @@
+"""The ``cpu`` backend: fused C++/OpenMP kernels from the ``rnnfast._C`` extension.
+
+Training and long sequences go through the operators ``rnnfast::layer_fwd`` and
+``rnnfast::layer_bwd`` (one layer and direction per call; autograd and fake
+kernels registered here, so ``torch.compile`` traces them). Inference on short
+sequences with a small batch takes ``_C.decode``: the whole stack in one call,
+with the weights packed once and cached until a parameter changes.
+
+Importing this module imports the extension; if that fails the backend is
+registered as unavailable with the error as its reason (see ``register_lazy``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C
+from .backend import Backend, LayerWeights, RNNSpec
+
+MODE_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+_GATES = (4, 3, 1, 1)  # by mode id
+DTYPES = (torch.float32, torch.float64)
+# the decode path (GEMV over cached packed weights) beats MKL GEMMs up to about here
+DECODE_MAX_T = 16
+DECODE_MAX_B = 8
+
+_ops = torch.ops.rnnfast
+
+
+@torch.library.register_fake("rnnfast::layer_fwd")
+def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    T, B = x.shape[0], x.shape[1]
+    H = w_hh.shape[0] // _GATES[mode]
+    empty = x.new_empty(0)
+    out = x.new_empty(T, B, h0.shape[1])
+    if mode == 0:
+        ws2 = x.new_empty(2 if w_hr is not None else 1, T, B, H)
+        return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(T, B, 4 * H), ws2
+    ws1 = x.new_empty(T, B, 4 * H) if mode == 1 else empty
+    return out, h0.new_empty(h0.shape), empty, ws1, x.new_empty(0)
+
+
+@torch.library.register_fake("rnnfast::layer_bwd")
+def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, reverse, out, ws1, ws2, g_out, g_hn,
+                    g_cn):
+    empty = x.new_empty(0)
+    bias = x.new_empty(w_ih.shape[0]) if has_bias else empty
+    return (
+        x.new_empty(x.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape) if mode == 0 else empty,
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        bias,
+        x.new_empty(bias.shape),
+        w_hr.new_empty(w_hr.shape) if w_hr is not None else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    out, _, _, ws1, ws2 = output
+    ctx.mode, ctx.reverse, ctx.has_bias = mode, reverse, b_ih is not None
+    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2)
+
+
+def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
+    x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2 = ctx.saved_tensors
+    lstm = ctx.mode == 0
+    g_out = torch.zeros_like(out) if g_out is None else g_out
+    g_hn = torch.zeros_like(h0) if g_hn is None else g_hn
+    g_cn = (torch.zeros_like(c0) if g_cn is None else g_cn) if lstm else x.new_empty(0)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _ops.layer_bwd(
+        ctx.mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, ctx.has_bias, ctx.reverse, out, ws1, ws2,
+        g_out, g_hn, g_cn,
+    )
+    bias = ctx.has_bias
+    return (None, dx, None, dh0, dc0 if lstm else None, dw_ih, dw_hh, db_ih if bias else None,
+            db_hh if bias else None, dw_hr if w_hr is not None else None, None)
+
+
+torch.library.register_autograd("rnnfast::layer_fwd", _backward, setup_context=_setup_context)
+
+
+def _needs_grad(x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list[Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad) or any(
+        w.requires_grad for w in weights)
+
+
+class CPUBackend(Backend):
+    """Fused C++ kernels for CPU tensors in float32 and float64; every layer option."""
+
+    name = "cpu"
+
+    def unsupported_reason(self, spec: RNNSpec, x: Tensor, packed: bool) -> Optional[str]:
+        if x.device.type != "cpu":
+            return f"the input is on {x.device}, the cpu backend runs on CPU tensors only"
+        if x.dtype not in DTYPES:
+            return f"dtype {x.dtype} is not supported (float32 and float64 are)"
+        return None
+
+    def rnn(
+        self,
+        spec: RNNSpec,
+        x: Tensor,
+        batch_sizes: Optional[Tensor],
+        h0: Tensor,
+        c0: Optional[Tensor],
+        weights: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Short unidirectional inference calls take the fused decode path, the rest run layer by layer."""
+        if (
+            x.size(0) <= DECODE_MAX_T
+            and x.size(1) <= DECODE_MAX_B
+            and batch_sizes is None
+            and not spec.bidirectional
+            and spec.proj_size == 0
+            and not (spec.training and spec.dropout > 0 and spec.num_layers > 1)
+            and not _needs_grad(x, h0, c0, weights)
+            and not torch.compiler.is_compiling()
+        ):
+            return _C.decode(MODE_IDS[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
+        return super().rnn(spec, x, batch_sizes, h0, c0, weights)
+
+    def layer(
+        self,
+        mode: str,
+        x: Tensor,
+        batch_sizes: Optional[Tensor],
+        h0: Tensor,
+        c0: Optional[Tensor],
+        w: LayerWeights,
+        reverse: bool,
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        out, h_n, c_n, _, _ = _ops.layer_fwd(
+            MODE_IDS[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse
+        )
+        return out, h_n, c_n if mode == "LSTM" else None
+
+    def cell(
+        self,
+        mode: str,
+        x: Tensor,
+        h: Tensor,
+        c: Optional[Tensor],
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Optional[Tensor],
+        b_hh: Optional[Tensor],
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        _, h_n, c_n, _, _ = _ops.layer_fwd(MODE_IDS[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
+                                           False)
+        return h_n, c_n if mode == "LSTM" else None
