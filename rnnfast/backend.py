@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -34,9 +33,8 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 ENV_VAR = "RNNFAST_BACKEND"
 
 
-@dataclass(frozen=True)
-class RNNSpec:
-    """Static description of one recurrent layer stack call."""
+class RNNSpec(NamedTuple):
+    """Static description of one recurrent layer stack call (hashable, cheap to build)."""
 
     mode: str
     input_size: int
@@ -109,7 +107,11 @@ class Backend:
         return None
 
     def unsupported_reason(self, spec: RNNSpec, x: Tensor, packed: bool) -> Optional[str]:
-        """``None`` when this call (options, device, dtype) is supported, else why not."""
+        """``None`` when this call is supported, else why not.
+
+        The answer may depend on ``spec``, ``packed`` and ``x``'s device and
+        dtype only (not its shape or values): :func:`resolve` caches it.
+        """
         return None
 
     def rnn(
@@ -186,11 +188,14 @@ class BackendFallbackWarning(RuntimeWarning):
 _REGISTRY: dict[str, Callable[[], Backend]] = {}
 _INSTANCES: dict[str, Backend] = {}
 _WARNED: set[tuple[str, str, str]] = set()
+_RESOLVED: dict[tuple, Backend] = {}
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     """Register a backend under ``name``; ``factory`` is called lazily, once."""
     _REGISTRY[name] = factory
+    _INSTANCES.pop(name, None)
+    _RESOLVED.clear()
 
 
 class UnavailableBackend(Backend):
@@ -235,9 +240,10 @@ def get_backend(name: str) -> Backend:
 
 def check_backend_name(name: object, allow_auto: bool = True) -> None:
     """Raise ``ValueError`` naming ``name`` when it is no registered backend."""
+    if isinstance(name, str) and (name in _REGISTRY or (allow_auto and name == "auto")):
+        return
     valid = registered_backends() + (["auto"] if allow_auto else [])
-    if not isinstance(name, str) or name not in valid:
-        raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {valid}")
+    raise ValueError(f"unknown rnnfast backend {name!r}; expected one of {valid}")
 
 
 def available_backends() -> list[str]:
@@ -269,10 +275,18 @@ def resolve(requested: str, spec: RNNSpec, x: Tensor, packed: bool) -> Backend:
     ``RNNFAST_BACKEND`` overrides ``requested``. ``auto`` takes the first
     backend of :func:`auto_order` that can run the call. An explicit backend
     that cannot run it falls back to ``reference`` with a one-time warning
-    naming both.
+    naming both. Choices are cached per (backend, spec, device, dtype, packed).
     """
     requested = os.environ.get(ENV_VAR) or requested
-    check_backend_name(requested)
+    key = (requested, spec, x.device, x.dtype, packed)
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        check_backend_name(requested)
+        chosen = _RESOLVED[key] = _choose(requested, spec, x, packed)
+    return chosen
+
+
+def _choose(requested: str, spec: RNNSpec, x: Tensor, packed: bool) -> Backend:
     if requested == "auto":
         for name in auto_order(x.device):
             if name not in _REGISTRY:

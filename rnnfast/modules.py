@@ -64,6 +64,15 @@ class _RNNLayer(_BackendChoice):
             training=self.training,
         )
 
+    def _weights(self) -> list[Tensor]:
+        """The current weights in torch's flat order, also when replaced or under ``functional_call``.
+
+        Read straight from the parameter dict: cheaper per call than torch's
+        ``_update_flat_weights``, which matters for one-step decoding.
+        """
+        params = self._parameters
+        return [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]
+
     def resolved_backend(self, input: Union[Tensor, PackedSequence]) -> str:
         """Name of the backend a call on ``input`` runs on here, after ``auto`` and fallbacks."""
         packed = isinstance(input, PackedSequence)
@@ -95,7 +104,6 @@ class _RNNLayer(_BackendChoice):
 
     def forward(self, input, hx=None):
         """Same inputs and outputs as the torch.nn layer's ``forward``."""
-        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         batched = True
@@ -135,7 +143,7 @@ class _RNNLayer(_BackendChoice):
             x = input.transpose(0, 1) if self.batch_first else input
         spec = self._spec()
         backend = resolve(self._backend, spec, x, packed)
-        out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, self._flat_weights)
+        out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, self._weights())
 
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
