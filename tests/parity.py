@@ -54,6 +54,16 @@ class Case:
         return pytest.param(self, id=self.id, marks=marks)
 
 
+# cell cases every family runs (RNNCell adds its relu variant)
+CELL_CASES = [
+    Case("cell", B=4),
+    Case("cell-B1", B=1),
+    Case("cell-unbatched", unbatched=True),
+    Case("cell-no-state", with_state=False),
+    Case("cell-no-bias", dict(bias=False)),
+]
+
+
 def _lengths(case: Case) -> list[int]:
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(1, case.T + 1, (case.B,), generator=g).tolist()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import backend_device
-from parity import Case, check_cell, check_layer, gradcheck_layer
+from parity import CELL_CASES, Case, check_cell, check_layer, gradcheck_layer
 
 CASES = [
     Case("base"),
@@ -24,13 +24,6 @@ CASES = [
     Case("packed-batch-first-no-state", packed="unsorted", batch_first=True, with_state=False, quick=False),
     Case("wide", I=64, H=130, T=4, B=9, quick=False),
 ]
-CELL_CASES = [
-    Case("cell", B=4),
-    Case("cell-B1", B=1),
-    Case("cell-unbatched", unbatched=True),
-    Case("cell-no-state", with_state=False),
-    Case("cell-no-bias", dict(bias=False)),
-]
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
@@ -45,6 +38,7 @@ def test_gru_cell(backend, case, dtype):
     check_cell("GRUCell", case, backend, dtype, backend_device(backend))
 
 
+@pytest.mark.slow  # hundreds of forward calls: not under the Triton interpreter
 @pytest.mark.parametrize("case", [Case("gc", dict(num_layers=2, bidirectional=True), I=3, H=4, T=3, B=2)],
                          ids=lambda c: c.id)
 def test_gru_gradcheck(backend, case):

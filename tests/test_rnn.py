@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import backend_device
+import parity
 from parity import Case, check_cell, check_layer, gradcheck_layer
 
 CASES = [
@@ -22,14 +23,7 @@ CASES = [
     Case("packed-unsorted-bidir-relu", dict(bidirectional=True, nonlinearity="relu"), packed="unsorted", B=5, T=6),
     Case("wide", I=64, H=130, T=4, B=9, quick=False),
 ]
-CELL_CASES = [
-    Case("cell", B=4),
-    Case("cell-relu", dict(nonlinearity="relu"), B=4),
-    Case("cell-B1", B=1),
-    Case("cell-unbatched", unbatched=True),
-    Case("cell-no-state", with_state=False),
-    Case("cell-no-bias", dict(bias=False)),
-]
+CELL_CASES = parity.CELL_CASES + [Case("cell-relu", dict(nonlinearity="relu"), B=4)]
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
@@ -44,6 +38,7 @@ def test_rnn_cell(backend, case, dtype):
     check_cell("RNNCell", case, backend, dtype, backend_device(backend))
 
 
+@pytest.mark.slow  # hundreds of forward calls: not under the Triton interpreter
 @pytest.mark.parametrize(
     "case",
     [Case("gc-tanh", dict(num_layers=2, bidirectional=True), I=3, H=4, T=3, B=2),

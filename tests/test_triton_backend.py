@@ -1,0 +1,244 @@
+"""What is specific to the ``triton`` backend: step and sequence kernels agree,
+the step kernels alone pass parity, awkward sizes (several row and hidden
+tiles), dtype support, and on a GPU the full parity grid in float16/bfloat16."""
+
+import pytest
+import torch
+from test_gru import CASES as GRU_CASES
+from test_lstm import CASES as LSTM_CASES
+from test_rnn import CASES as RNN_CASES
+
+from conftest import DEVICE
+from parity import Case, check_cell, check_layer
+from rnnfast.backend import RNNSpec, get_backend
+
+triton_backend = pytest.importorskip("rnnfast.triton_backend")
+if get_backend("triton").unavailable_reason() is not None:
+    pytest.skip(f"triton backend unavailable: {get_backend('triton').unavailable_reason()}", allow_module_level=True)
+
+from rnnfast.kernels import rnn_fwd, use_sequence_kernel  # noqa: E402
+from rnnfast.kernels.utils import dot_precision  # noqa: E402
+
+LOW_QUICK = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@pytest.fixture
+def step_kernels():
+    """Force the step kernels for layers (the sequence kernel is the default at small sizes)."""
+    backend = get_backend("triton")
+    backend.kernel = "step"
+    yield
+    backend.kernel = "auto"
+
+
+def _weights(mode: str, I: int, H: int, P: int, bias: bool, dtype, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[mode]
+    K = P or H
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) / H ** 0.5).to(device=device, dtype=dtype)
+
+    return dict(w_ih=rnd(G * H, I), w_hh=rnd(G * H, K), b_ih=rnd(G * H) if bias else None,
+                b_hh=rnd(G * H) if bias else None, w_hr=rnd(P, H) if P else None), K
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "T,B,I,H,P,bias,packed,reverse",
+    [
+        pytest.param(4, 3, 5, 7, 0, True, False, False, id="T4-B3-I5-H7"),
+        pytest.param(5, 17, 3, 19, 0, False, True, True, id="T5-B17-H19-packed-reverse-nobias"),
+        pytest.param(3, 2, 6, 33, 5, True, True, False, id="T3-B2-H33-P5-packed"),
+    ],
+)
+def test_step_matches_sequence(mode, T, B, I, H, P, bias, packed, reverse):
+    if P and mode != "LSTM":
+        pytest.skip("proj_size is LSTM only")
+    torch.manual_seed(0)
+    w, K = _weights(mode, I, H, P, bias, torch.float32, DEVICE)
+    x = torch.randn(T, B, I, device=DEVICE)
+    h0 = torch.randn(B, K, device=DEVICE)
+    c0 = torch.randn(B, H, device=DEVICE) if mode == "LSTM" else None
+    bs = None
+    if packed:
+        lengths = sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True)
+        lengths[0] = T
+        bs = (torch.tensor(lengths).unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
+    step = rnn_fwd(mode, x, h0, c0, **w, batch_sizes=bs, reverse=reverse, save=True, kernel="step")
+    seq = rnn_fwd(mode, x, h0, c0, **w, batch_sizes=bs, reverse=reverse, save=True, kernel="sequence")
+    for name, a, b in zip(step._fields, step, seq):
+        if a is None:
+            assert b is None, name
+            continue
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_kernel_choice():
+    assert use_sequence_kernel("auto", 37, 37)
+    assert use_sequence_kernel("auto", 128, 64)
+    assert not use_sequence_kernel("auto", 130, 130)
+    assert not use_sequence_kernel("auto", 64, 200)
+    assert use_sequence_kernel("sequence", 1000, 1000)
+    assert not use_sequence_kernel("step", 8, 8)
+    # float32 dots are 3xTF32 (TF32 off) or TF32: the LSTM float32 backward runs the sequence kernel
+    assert dot_precision(torch.float32) == "tf32x3"
+    assert use_sequence_kernel("sequence", 8, 8, 0, torch.float32, backward=True)
+    assert use_sequence_kernel("auto", 8, 8, 0, torch.bfloat16, backward=True)
+    # 16-bit weights run the sequence kernel up to a padded hidden size of 256, float32/64 up to 128
+    for dtype in (torch.float16, torch.bfloat16):
+        assert use_sequence_kernel("auto", 256, 256, 1, dtype)
+        assert use_sequence_kernel("auto", 130, 130, 0, dtype, backward=True)
+        assert not use_sequence_kernel("auto", 257, 257, 1, dtype)
+        assert not use_sequence_kernel("auto", 512, 512, 1, dtype, backward=True)
+    for dtype in (torch.float32, torch.float64):
+        assert not use_sequence_kernel("auto", 256, 256, 1, dtype)
+        assert use_sequence_kernel("auto", 128, 128, 1, dtype, backward=True)
+    with pytest.raises(ValueError, match="kernel must be"):
+        use_sequence_kernel("fast", 8, 8)
+
+
+STEP_CASES = [
+    ("LSTM", Case("step-packed-bidir-layers2", dict(bidirectional=True, num_layers=2), packed="unsorted", B=4, T=5)),
+    ("LSTM", Case("step-proj-bidir-packed", dict(proj_size=5, bidirectional=True), packed="unsorted", B=4, T=5)),
+    ("LSTM", Case("step-no-bias-no-state", dict(bias=False), with_state=False)),
+    ("GRU", Case("step-packed-bidir", dict(bidirectional=True), packed="unsorted", B=5, T=5)),
+    ("GRU", Case("step-no-bias-layers2", dict(bias=False, num_layers=2))),
+    ("RNN", Case("step-packed-bidir-relu", dict(bidirectional=True, nonlinearity="relu"), packed="sorted", B=4, T=5)),
+    ("RNN", Case("step-tanh-no-bias", dict(bias=False))),
+]
+
+
+@pytest.mark.parametrize("family,case", [pytest.param(f, c, id=f"{f}-{c.id}") for f, c in STEP_CASES])
+def test_step_kernels_parity(step_kernels, family, case):
+    check_layer(family, case, "triton", torch.float32, DEVICE)
+
+
+ODD_CASES = [
+    # two row tiles (B > 16), two hidden tiles and a K loop (H > 64)
+    ("LSTM", Case("odd-B17-H70", I=3, H=70, T=2, B=17)),
+    ("LSTM", Case("odd-proj-H70-P66", dict(proj_size=66), I=5, H=70, T=2, B=3)),
+    ("GRU", Case("odd-B18-H65-packed", I=2, H=65, T=3, B=18, packed="unsorted")),
+    ("RNN", Case("odd-H129-relu", dict(nonlinearity="relu"), I=9, H=129, T=2, B=2)),
+]
+
+
+@pytest.mark.parametrize("family,case", [pytest.param(f, c, id=f"{f}-{c.id}") for f, c in ODD_CASES])
+def test_odd_sizes(family, case):
+    check_layer(family, case, "triton", torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("family,case", [pytest.param(f, c, id=f"{f}-seq-{c.id}") for f, c in ODD_CASES[:3]])
+def test_odd_sizes_sequence_kernel(family, case):
+    backend = get_backend("triton")
+    backend.kernel = "sequence"
+    try:
+        check_layer(family, case, "triton", torch.float32, DEVICE)
+    finally:
+        backend.kernel = "auto"
+
+
+@pytest.mark.parametrize("family,case,dtype,kernel", [
+    # float16 takes the sequence kernel (auto) up to a padded hidden size of 256: odd sizes there
+    ("GRU", Case("seq256-H130-packed", I=3, H=130, T=3, B=3, packed="unsorted"), torch.float16, "auto"),
+    ("LSTM", Case("seq256-H200-B17", I=4, H=200, T=2, B=17), torch.float16, "auto"),
+    ("RNN", Case("seq256-H256-relu", dict(nonlinearity="relu"), I=5, H=256, T=2, B=2), torch.float16, "auto"),
+    # the sequence kernel forced at sizes past every threshold (one 512-wide tile) stays exact
+    ("GRU", Case("seq-H257", I=3, H=257, T=2, B=2), torch.float32, "sequence"),
+], ids=lambda v: v.id if isinstance(v, Case) else str(v).replace("torch.", ""))
+def test_sequence_kernel_large_hidden(family, case, dtype, kernel):
+    """The sequence kernel at hidden sizes 129-257, where 16-bit "auto" now picks it (masking of
+    a 256- or 512-wide tile)."""
+    if kernel == "auto":
+        assert use_sequence_kernel("auto", case.H, case.H, dtype=dtype)
+    backend = get_backend("triton")
+    backend.kernel = kernel
+    try:
+        check_layer(family, case, "triton", dtype, DEVICE)
+    finally:
+        backend.kernel = "auto"
+
+
+@pytest.mark.parametrize("dtype", LOW_QUICK)
+@pytest.mark.parametrize("family,case", [
+    ("LSTM", Case("lowp-proj-bidir-packed", dict(proj_size=5, bidirectional=True), packed="unsorted", B=4, T=5)),
+    ("GRU", Case("lowp-packed", packed="sorted", B=4, T=5)),
+    ("RNN", Case("lowp-relu-layers2", dict(nonlinearity="relu", num_layers=2))),
+], ids=lambda v: v.id if isinstance(v, Case) else v)
+def test_low_precision(family, case, dtype):
+    """float16/bfloat16 against float32 torch.nn at 2e-2 (bfloat16 is GPU only)."""
+    check_layer(family, case, "triton", dtype, DEVICE)
+
+
+def test_unsupported_dtype():
+    spec = RNNSpec("LSTM", 3, 4)
+    why = get_backend("triton").unsupported_reason(spec, torch.empty(0, dtype=torch.int32, device=DEVICE), False)
+    assert why is not None and "int32" in why
+
+
+# ---- GPU: the whole parity grid (slow cases included) in low precision -------------------------
+
+def _grid(cases):
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", LOW_QUICK)
+@pytest.mark.parametrize("case", _grid(LSTM_CASES))
+def test_gpu_lstm_low_precision(case, dtype):
+    check_layer("LSTM", case, "triton", dtype, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", LOW_QUICK)
+@pytest.mark.parametrize("case", _grid(GRU_CASES))
+def test_gpu_gru_low_precision(case, dtype):
+    check_layer("GRU", case, "triton", dtype, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", LOW_QUICK)
+@pytest.mark.parametrize("case", _grid(RNN_CASES))
+def test_gpu_rnn_low_precision(case, dtype):
+    check_layer("RNN", case, "triton", dtype, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", LOW_QUICK)
+@pytest.mark.parametrize("family", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_gpu_cells_low_precision(family, dtype):
+    check_cell(family, Case("cell", B=4), "triton", dtype, "cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", ["step", "sequence"])
+@pytest.mark.parametrize("family,case", [
+    ("LSTM", Case("gpu-B300-H96", dict(num_layers=2, bidirectional=True), I=40, H=96, T=20, B=300)),
+    ("LSTM", Case("gpu-proj-B70", dict(proj_size=48), I=16, H=100, T=12, B=70, packed="unsorted")),
+    ("GRU", Case("gpu-B130-H128", I=24, H=128, T=16, B=130, packed="unsorted")),
+    ("RNN", Case("gpu-B65-H127", dict(nonlinearity="relu"), I=24, H=127, T=16, B=65)),
+], ids=lambda v: v.id if isinstance(v, Case) else v)
+def test_gpu_kernels_larger(family, case, kernel):
+    backend = get_backend("triton")
+    backend.kernel = kernel
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_layer(family, case, "triton", dtype, "cuda")
+    finally:
+        backend.kernel = "auto"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_step_kernels_large_hidden():
+    check_layer("LSTM", Case("gpu-H300", dict(num_layers=2), I=64, H=300, T=10, B=33), "triton", torch.float32,
+                "cuda")
+    check_layer("GRU", Case("gpu-H257", I=64, H=257, T=10, B=9, packed="unsorted"), "triton", torch.bfloat16, "cuda")
