@@ -151,7 +151,10 @@ def test_odd_sizes_sequence_kernel(family, case):
 ], ids=lambda v: v.id if isinstance(v, Case) else str(v).replace("torch.", ""))
 def test_sequence_kernel_large_hidden(family, case, dtype, kernel):
     """The sequence kernel at hidden sizes 129-257, where 16-bit "auto" now picks it (masking of
-    a 256- or 512-wide tile)."""
+    a 256- or 512-wide tile). Interpreter only: on a GPU the "wide" parity cases (H=130, float16
+    and bfloat16) cover this path, and a float32 512-wide tile needs more shared memory than a GPU has."""
+    if DEVICE == "cuda":
+        pytest.skip("interpreter check of the tile masking (GPU: the 'wide' parity cases)")
     if kernel == "auto":
         assert use_sequence_kernel("auto", case.H, case.H, dtype=dtype)
     backend = get_backend("triton")

@@ -1,0 +1,186 @@
+"""Shared pieces of the rnnfast Triton kernels: mode ids, activations, tuning
+configs and the choice between the step and the sequence kernels (all in one
+place)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# mode ids passed to the kernels as constexpr
+LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+MODE_ID = {"LSTM": LSTM, "GRU": GRU, "RNN_TANH": RNN_TANH, "RNN_RELU": RNN_RELU}
+NUM_GATES = {LSTM: 4, GRU: 3, RNN_TANH: 1, RNN_RELU: 1}
+# per row and hidden unit, what the forward saves for backward: LSTM i,f,g,o;
+# GRU r,z,n and the hidden n pre-activation; RNN the activation
+NUM_SAVED = {LSTM: 4, GRU: 4, RNN_TANH: 1, RNN_RELU: 1}
+
+# the sequence kernel holds a row tile's whole hidden state on chip and loads
+# whole (padded hidden x padded hidden) W_hh gate tiles every step: it pays
+# while the padded hidden (and projection) size stays this small. 16-bit
+# weights go to 256 (a 256 x 256 gate tile is 128 KiB of shared memory on
+# sm_90); float32/float64 tiles are twice/four times as large, so they stop at
+# 128. 512 would need 512 KiB per gate tile: the step kernels take over there.
+SEQUENCE_MAX_HIDDEN = 128
+SEQUENCE_MAX_HIDDEN_16BIT = 256
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotuning() -> bool:
+    """Whether kernels autotune on the GPU (``RNNFAST_TRITON_AUTOTUNE=0`` keeps one
+    config per kernel, which compiles much faster: tests use it)."""
+    return not is_interpreting() and os.environ.get("RNNFAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def quick_bench(kernel_call, quantiles):
+    """Autotuning timer: a short warmup and repetition keep tuning cheap."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision.
+
+    float32: ``"tf32"`` when torch's matmul TF32 switch is on, else ``"tf32x3"``
+    (three TF32 tensor-core products, about float32 accuracy): Triton lowers
+    ``"ieee"`` float32 dots to FMA loops, which at the sequence kernel's tile
+    sizes spill to local memory and ran ~0.7 ms per step on an H200. Other
+    dtypes: ``"ieee"`` (16-bit inputs are exact in the tensor cores; float64
+    has no TF32). The Triton interpreter ignores the setting.
+    """
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "ieee"
+
+
+def sequence_max_hidden(dtype: torch.dtype) -> int:
+    """Largest padded hidden/projection size that ``"auto"`` runs on the sequence kernel."""
+    return SEQUENCE_MAX_HIDDEN_16BIT if dtype in (torch.float16, torch.bfloat16) else SEQUENCE_MAX_HIDDEN
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and cell-state dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_block(n: int) -> int:
+    """A block covering ``n`` whole: a power of two, at least 16 (``tl.dot``'s minimum on GPUs)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def use_sequence_kernel(kernel: str, hidden_size: int, out_size: int, mode: int = -1,
+                        dtype: torch.dtype = torch.float32, backward: bool = False) -> bool:
+    """Whether a layer direction runs the sequence kernel (else the step kernels).
+
+    ``kernel`` is ``"auto"`` (the sequence kernel while the padded hidden and
+    output sizes stay within :func:`sequence_max_hidden` for ``dtype``: 256 for
+    float16/bfloat16, 128 otherwise), ``"step"`` or ``"sequence"``. The
+    float32 LSTM backward takes the step kernels when its dots would be IEEE
+    (``dot_precision`` ``"ieee"``): compiling that sequence kernel (IEEE fp32
+    dots lowered to FMAs) aborts in LLVM's SLP vectorizer with triton 3.9 for
+    sm_90. With ``"tf32x3"``/``"tf32"`` (the float32 default) it compiles.
+    """
+    if kernel not in ("auto", "step", "sequence"):
+        raise ValueError(f"kernel must be 'auto', 'step' or 'sequence', got {kernel!r}")
+    if backward and mode == LSTM and dtype == torch.float32 and dot_precision(dtype) == "ieee":
+        return False
+    if kernel != "auto":
+        return kernel == "sequence"
+    return max(dot_block(hidden_size), dot_block(out_size)) <= sequence_max_hidden(dtype)
+
+
+def step_configs() -> list[triton.Config]:
+    """Tile sizes for the step kernels (keyed on B and the hidden sizes, never T): small row
+    tiles with narrow hidden tiles keep SMs busy at small B, large row tiles share W_hh at large B."""
+    if not autotuning():
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_H": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)]
+    return [
+        triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bb, bh, bk, w, s in [(16, 16, 64, 2, 3), (16, 32, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
+    ]
+
+
+def sequence_configs() -> list[triton.Config]:
+    """Row-tile sizes for the sequence kernel (keyed on B and the hidden sizes, never T)."""
+    if not autotuning():
+        return [triton.Config({"BLOCK_B": 16}, num_warps=4, num_stages=1)]
+    # one stage: pipelining the time loop would multi-buffer the W_hh tiles
+    return [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1) for bb, w in [(16, 4), (32, 8)]]
+
+
+def prune_by_batch(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose row tile is larger than the batch needs."""
+    cap = max(16, triton.next_power_of_2(named_args["B"]))
+    return [c for c in configs if c.kwargs["BLOCK_B"] <= cap] or configs[:1]
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def cell_update(MODE: tl.constexpr, b_a0, b_a1, b_a2, b_a3, b_h, b_c):
+    """Gate nonlinearities and state update of one tile.
+
+    ``b_a*`` are the pre-activations (LSTM: i, f, g, o; GRU: r, z and the
+    input and hidden parts of n; RNN: ``b_a0``); ``b_h``/``b_c`` the previous
+    state. Returns ``(h', c', s0, s1, s2, s3)``, ``s*`` being what backward needs.
+    """
+    if MODE == 0:
+        b_i, b_f, b_g, b_o = sigmoid(b_a0), sigmoid(b_a1), tanh(b_a2), sigmoid(b_a3)
+        b_c_new = b_f * b_c + b_i * b_g
+        return b_o * tanh(b_c_new), b_c_new, b_i, b_f, b_g, b_o
+    elif MODE == 1:
+        b_r, b_z = sigmoid(b_a0), sigmoid(b_a1)
+        b_n = tanh(b_a2 + b_r * b_a3)
+        return (1.0 - b_z) * b_n + b_z * b_h, b_c, b_r, b_z, b_n, b_a3
+    elif MODE == 2:
+        b_y = tanh(b_a0)
+        return b_y, b_c, b_y, b_y, b_y, b_y
+    else:
+        b_y = tl.maximum(b_a0, 0.0)
+        return b_y, b_c, b_y, b_y, b_y, b_y
+
+
+@triton.jit
+def cell_grads(MODE: tl.constexpr, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp, b_hp):
+    """Pre-activation gradients of one tile from ``b_dm`` (gradient of the cell's
+    output before projection) and, for LSTM, ``b_dc``; ``b_s*`` are the saved
+    gates (see :func:`cell_update`), ``b_c``/``b_cp`` the new and previous cell
+    state (LSTM), ``b_hp`` the previous hidden state (GRU).
+
+    Returns ``(d0, d1, d2, d3, x)``: LSTM: the four gate gradients and ``dc_prev``;
+    GRU: r, z, n (input side), n (hidden side, ``dn * r``) and the direct
+    ``dh_prev`` term ``dh * z``; RNN: the gradient in every slot.
+    """
+    if MODE == 0:
+        b_tc = tanh(b_c)
+        b_dct = b_dc + b_dm * b_s3 * (1.0 - b_tc * b_tc)
+        b_d0 = b_dct * b_s2 * b_s0 * (1.0 - b_s0)
+        b_d1 = b_dct * b_cp * b_s1 * (1.0 - b_s1)
+        b_d2 = b_dct * b_s0 * (1.0 - b_s2 * b_s2)
+        b_d3 = b_dm * b_tc * b_s3 * (1.0 - b_s3)
+        return b_d0, b_d1, b_d2, b_d3, b_dct * b_s1
+    elif MODE == 1:
+        b_dn = b_dm * (1.0 - b_s1) * (1.0 - b_s2 * b_s2)
+        b_d0 = b_dn * b_s3 * b_s0 * (1.0 - b_s0)
+        b_d1 = b_dm * (b_hp - b_s2) * b_s1 * (1.0 - b_s1)
+        return b_d0, b_d1, b_dn, b_dn * b_s0, b_dm * b_s1
+    elif MODE == 2:
+        b_d = b_dm * (1.0 - b_s0 * b_s0)
+        return b_d, b_d, b_d, b_d, b_d
+    else:
+        b_d = tl.where(b_s0 > 0, b_dm, 0.)
+        return b_d, b_d, b_d, b_d, b_d
