@@ -25,7 +25,6 @@ NUM_SAVED = {LSTM: 4, GRU: 4, RNN_TANH: 1, RNN_RELU: 1}
 # sm_90); float32/float64 tiles are twice/four times as large, so they stop at
 # 128. 512 would need 512 KiB per gate tile: the step kernels take over there.
 SEQUENCE_MAX_HIDDEN = 128
-SEQUENCE_MAX_HIDDEN_16BIT = 256
 
 
 def is_interpreting() -> bool:
@@ -60,8 +59,18 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def sequence_max_hidden(dtype: torch.dtype) -> int:
-    """Largest padded hidden/projection size that ``"auto"`` runs on the sequence kernel."""
-    return SEQUENCE_MAX_HIDDEN_16BIT if dtype in (torch.float16, torch.bfloat16) else SEQUENCE_MAX_HIDDEN
+    """Largest padded hidden/projection size that ``"auto"`` runs on the sequence kernel.
+
+    Measured on an H200 (bench/results/2026-11-26-nvidia-h200.md, "step-kernels
+    ms" column): bfloat16 at padded H=128 ran 2.7-4.6x faster than cuDNN, but at
+    H=256 slower than the step kernels (GRU T100 B1 fwd 22.5 vs 8.8 ms); float32
+    (3xTF32 dots) was slower than the step kernels even at H=128 (19.0 vs 5.5 ms).
+    So on a GPU only 16-bit dtypes up to 128 take it. Under the interpreter every
+    dtype uses the 128 limit, so that CI's float32/float64 parity runs cover both kernels.
+    """
+    if dtype in (torch.float16, torch.bfloat16) or is_interpreting():
+        return SEQUENCE_MAX_HIDDEN
+    return 0
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,8 +88,8 @@ def use_sequence_kernel(kernel: str, hidden_size: int, out_size: int, mode: int 
     """Whether a layer direction runs the sequence kernel (else the step kernels).
 
     ``kernel`` is ``"auto"`` (the sequence kernel while the padded hidden and
-    output sizes stay within :func:`sequence_max_hidden` for ``dtype``: 256 for
-    float16/bfloat16, 128 otherwise), ``"step"`` or ``"sequence"``. The
+    output sizes stay within :func:`sequence_max_hidden` for ``dtype``), ``"step"``
+    or ``"sequence"``. The
     float32 LSTM backward takes the step kernels when its dots would be IEEE
     (``dot_precision`` ``"ieee"``): compiling that sequence kernel (IEEE fp32
     dots lowered to FMAs) aborts in LLVM's SLP vectorizer with triton 3.9 for
