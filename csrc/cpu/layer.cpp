@@ -240,8 +240,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   });
   const Tensor dgi2 = dgi.view({T * B, G * H}), dgh2 = dgh.view({T * B, G * H});
   Tensor dx = matmul_nt(dgi2, w_ih_t).view({T, B, I});
-  Tensor dw_ih = matmul_nt(dgi2.t(), x.view({T * B, I}).t());
-  Tensor dw_hh = matmul_nt(dgh2.t(), h_prev.view({T * B, P}).t());
+  // A^T B over all steps: BLAS takes the transposed operand as a flag, where the
+  // oneDNN path would first copy both (T*B)-long operands into a transposed layout
+  Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
+  Tensor dw_hh = at::mm(dgh2.t(), h_prev.view({T * B, P}));
   Tensor db_ih = has_bias ? dgi2.sum(0) : at::empty({0}, opts);
   Tensor db_hh = has_bias ? (gru ? dgh2.sum(0) : db_ih.clone()) : at::empty({0}, opts);
   Tensor dw_hr = proj ? matmul_nt(dh_proj.view({T * B, P}).t(), hp.reshape({T * B, H}).t()) : at::empty({0}, opts);
