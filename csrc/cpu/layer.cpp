@@ -67,9 +67,12 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
   return prev;
 }
 
-// Below this many multiply-adds a step's recurrent product runs on this thread
-// with the GEMV kernel: a threaded GEMM call costs more than the work itself.
-constexpr int64_t kSmallStep = int64_t(1) << 22;
+// A step's recurrent product runs on this thread with the GEMV kernel when the
+// batch is tiny or the product is: the GEMV reads the weight once per row, so past
+// two rows a GEMM call (which reads it once per step) pays for its overhead.
+constexpr int64_t kGemvMaxRows = 2;
+constexpr int64_t kSmallStep = int64_t(1) << 16;
+bool gemv_step(int64_t rows, int64_t macs) { return rows <= kGemvMaxRows || macs <= kSmallStep; }
 
 // out[b] = w @ a[b] (+ bias) for n rows: w is (N, K) row-major, a is (n, K).
 template <typename T>
@@ -124,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   Tensor ws2 = lstm ? (packed ? at::zeros({proj ? 2 : 1, T, B, H}, opts) : at::empty({proj ? 2 : 1, T, B, H}, opts))
                     : at::empty({0}, opts);
   const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
-  const bool small = B * G * H * P <= kSmallStep;
+  const bool small = gemv_step(B, B * G * H * P);
   const Tensor b_hh_c = present(b_hh) ? b_hh->contiguous() : Tensor();
   Tensor gh = small ? at::empty({B, G * H}, opts) : Tensor();
   const Tensor cs = lstm ? ws2[0] : Tensor();
@@ -194,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor dh_proj = proj ? make({T, B, P}) : Tensor();  // gradient w.r.t. the projected output, for dW_hr
   Tensor dhp;
   const Tensor w_hr_t = proj ? w_hr_->t().contiguous() : Tensor();
-  const bool small = B * G * H * P <= kSmallStep;
+  const bool small = gemv_step(B, B * G * H * P);
   Tensor dh_rec = small ? at::empty({B, P}, opts) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_layer_bwd", [&] {
