@@ -181,32 +181,16 @@ def test_unsupported_dtype():
 
 # ---- GPU: the whole parity grid (slow cases included) in low precision -------------------------
 
-def _grid(cases):
-    return [pytest.param(c, id=c.id) for c in cases]
+GPU_GRID = [pytest.param(family, case, id=f"{family}-{case.id}")
+            for family, cases in (("LSTM", LSTM_CASES), ("GRU", GRU_CASES), ("RNN", RNN_CASES)) for case in cases]
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", LOW_QUICK)
-@pytest.mark.parametrize("case", _grid(LSTM_CASES))
-def test_gpu_lstm_low_precision(case, dtype):
-    check_layer("LSTM", case, "triton", dtype, "cuda")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", LOW_QUICK)
-@pytest.mark.parametrize("case", _grid(GRU_CASES))
-def test_gpu_gru_low_precision(case, dtype):
-    check_layer("GRU", case, "triton", dtype, "cuda")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", LOW_QUICK)
-@pytest.mark.parametrize("case", _grid(RNN_CASES))
-def test_gpu_rnn_low_precision(case, dtype):
-    check_layer("RNN", case, "triton", dtype, "cuda")
+@pytest.mark.parametrize("family,case", GPU_GRID)
+def test_gpu_low_precision(family, case, dtype):
+    check_layer(family, case, "triton", dtype, "cuda")
 
 
 @pytest.mark.gpu
