@@ -10,7 +10,8 @@ A backend receives calls already checked and normalised by the layers in
   past their length must leave the state untouched (their outputs are
   ignored);
 * ``h0`` is ``(L * D, B, H_out)`` and, for LSTM, ``c0`` is ``(L * D, B, H)``;
-* ``weights`` is the module's ``_flat_weights`` list (torch's order).
+* ``weights`` is the list of the module's current weights in torch's flat order
+  (``weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0[, weight_hr_l0], ...``).
 
 A backend returns ``(out, h_n, c_n)`` with ``out`` of shape ``(T, B, D * H_out)``
 (``c_n`` is ``None`` except for LSTM) and must be differentiable with respect
