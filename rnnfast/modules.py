@@ -141,6 +141,8 @@ class _RNNLayer(_BackendChoice):
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
         else:
             x = input.transpose(0, 1) if self.batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         spec = self._spec()
         backend = resolve(self._backend, spec, x, packed)
         out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, self._weights())

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backend import Backend, LayerWeights, RNNSpec
+from .backend import Backend, LayerWeights, RNNSpec, get_backend
 
 try:
     from .kernels import FwdState, layer_outputs, rnn_bwd, rnn_fwd
@@ -86,6 +86,8 @@ class TritonBackend(Backend):
 
     def layer(self, mode: str, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
               w: LayerWeights, reverse: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        if x.size(1) == 0:  # an empty batch has nothing to launch: the reference gives the empty results
+            return get_backend("reference").layer(mode, x, batch_sizes, h0, c0, w, reverse)
         return RNNLayerFunction.apply(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, mode, batch_sizes,
                                       reverse, self.kernel)
 

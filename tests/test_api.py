@@ -214,3 +214,21 @@ def test_resolved_backend_names_the_backend_that_runs():
     assert lstm.resolved_backend(torch.randn(2, 1, 3)) == "reference"
     auto = rnnfast.GRU(3, 4)
     assert auto.resolved_backend(torch.randn(2, 1, 3)) in rnnfast.available_backends()
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_empty_batch(backend, name):
+    from conftest import backend_device
+
+    device = backend_device(backend)
+    ref = getattr(nn, name)(4, 5, num_layers=2, bidirectional=True).to(device)
+    ours = getattr(rnnfast, name)(4, 5, num_layers=2, bidirectional=True, backend=backend).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 0, 4, device=device, requires_grad=True)
+    want, got = ref(x), ours(x)
+    assert got[0].shape == want[0].shape == (3, 0, 10)
+    got[0].sum().backward()
+    assert x.grad.shape == x.shape
+    cell = getattr(rnnfast, name + "Cell")(4, 5, backend=backend).to(device)
+    out = cell(torch.randn(0, 4, device=device))
+    assert (out[0] if name == "LSTM" else out).shape == (0, 5)

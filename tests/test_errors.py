@@ -50,6 +50,8 @@ LAYER_CASES = {
     "unbatched-input-batched-state-lstm": ("LSTM", {}, torch.randn(4, 5), (torch.zeros(1, 2, 7),) * 2),
     "batched-input-unbatched-state": ("RNN", {}, x3, torch.zeros(1, 7)),
     "batched-input-unbatched-state-lstm": ("LSTM", {}, x3, (torch.zeros(1, 7),) * 2),
+    "empty-sequence": ("LSTM", {}, torch.randn(0, 2, 5), None),
+    "empty-sequence-batch-first": ("GRU", {"batch_first": True}, torch.randn(2, 0, 5), None),
     "double-input": ("LSTM", {}, x3.double(), None),
     "int-input": ("GRU", {}, torch.ones(4, 2, 5, dtype=torch.long), None),
     "half-input": ("RNN", {}, x3.half(), None),
