@@ -68,6 +68,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
+    if torch.is_grad_enabled():  # create_graph=True: layer_bwd has no derivative of its own
+        raise NotImplementedError(
+            "rnnfast cpu backend: double backward (create_graph=True) is not supported; use backend='reference'")
     x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2 = ctx.saved_tensors
     lstm = ctx.mode == 0
     g_out = torch.zeros_like(out) if g_out is None else g_out

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .backend import Backend, LayerWeights, RNNSpec, get_backend
 
@@ -47,6 +48,7 @@ class RNNLayerFunction(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no derivative: double backward raises
     def backward(ctx, dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor]):
         x, w_ih, w_hh, w_hr, *st = ctx.saved_tensors
         st = FwdState(*st)

@@ -232,3 +232,25 @@ def test_empty_batch(backend, name):
     cell = getattr(rnnfast, name + "Cell")(4, 5, backend=backend).to(device)
     out = cell(torch.randn(0, 4, device=device))
     assert (out[0] if name == "LSTM" else out).shape == (0, 5)
+
+
+def test_double_backward_works_or_raises(backend):
+    """Second derivatives: exact on the reference (autograd), a clear error on fused backends."""
+    from conftest import backend_device
+
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = nn.GRU(3, 4).double().to(device)
+    ours = rnnfast.GRU(3, 4, backend=backend).double().to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 1, 3, dtype=torch.float64, device=device, requires_grad=True)
+
+    def second(module):
+        g, = torch.autograd.grad(module(x)[0].square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    if backend == "reference":
+        torch.testing.assert_close(second(ours), second(ref))
+    else:
+        with pytest.raises((NotImplementedError, RuntimeError)):  # never a silently wrong second derivative
+            second(ours)
