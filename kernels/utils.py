@@ -10,20 +10,19 @@ import torch
 import triton
 import triton.language as tl
 
-# mode ids passed to the kernels as constexpr
-LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
-MODE_ID = {"LSTM": LSTM, "GRU": GRU, "RNN_TANH": RNN_TANH, "RNN_RELU": RNN_RELU}
-NUM_GATES = {LSTM: 4, GRU: 3, RNN_TANH: 1, RNN_RELU: 1}
+from ..backend import GATES, MODE_ID, MODES
+
+# mode ids passed to the kernels as constexpr (rnnfast.backend.MODE_ID)
+LSTM, GRU, RNN_TANH, RNN_RELU = (MODE_ID[m] for m in MODES)
+NUM_GATES = {MODE_ID[m]: GATES[m] for m in MODES}
 # per row and hidden unit, what the forward saves for backward: LSTM i,f,g,o;
 # GRU r,z,n and the hidden n pre-activation; RNN the activation
 NUM_SAVED = {LSTM: 4, GRU: 4, RNN_TANH: 1, RNN_RELU: 1}
 
 # the sequence kernel holds a row tile's whole hidden state on chip and loads
 # whole (padded hidden x padded hidden) W_hh gate tiles every step: it pays
-# while the padded hidden (and projection) size stays this small. 16-bit
-# weights go to 256 (a 256 x 256 gate tile is 128 KiB of shared memory on
-# sm_90); float32/float64 tiles are twice/four times as large, so they stop at
-# 128. 512 would need 512 KiB per gate tile: the step kernels take over there.
+# while the padded hidden (and projection) size stays this small (measured:
+# see sequence_max_hidden); the step kernels take over above it.
 SEQUENCE_MAX_HIDDEN = 128
 
 

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+# a mode's integer id, as the Triton kernels and the C++ operators take it, is its index in MODES
+MODE_ID = {mode: i for i, mode in enumerate(MODES)}
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 ENV_VAR = "RNNFAST_BACKEND"
 

@@ -18,10 +18,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .backend import Backend, LayerWeights, RNNSpec
+from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec
 
-MODE_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-_GATES = (4, 3, 1, 1)  # by mode id
 DTYPES = (torch.float32, torch.float64)
 # the decode path (GEMV over cached packed weights) beats MKL GEMMs up to about here
 DECODE_MAX_T = 16
@@ -33,7 +31,7 @@ _ops = torch.ops.rnnfast
 @torch.library.register_fake("rnnfast::layer_fwd")
 def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
     T, B = x.shape[0], x.shape[1]
-    H = w_hh.shape[0] // _GATES[mode]
+    H = w_hh.shape[0] // GATES[MODES[mode]]
     empty = x.new_empty(0)
     out = x.new_empty(T, B, h0.shape[1])
     if mode == 0:
@@ -127,7 +125,7 @@ class CPUBackend(Backend):
             and not _needs_grad(x, h0, c0, weights)
             and not torch.compiler.is_compiling()
         ):
-            return _C.decode(MODE_IDS[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
+            return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 
     def layer(
@@ -141,7 +139,7 @@ class CPUBackend(Backend):
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         out, h_n, c_n, _, _ = _ops.layer_fwd(
-            MODE_IDS[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse
+            MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse
         )
         return out, h_n, c_n if mode == "LSTM" else None
 
@@ -156,6 +154,6 @@ class CPUBackend(Backend):
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
     ) -> tuple[Tensor, Optional[Tensor]]:
-        _, h_n, c_n, _, _ = _ops.layer_fwd(MODE_IDS[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
+        _, h_n, c_n, _, _ = _ops.layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False)
         return h_n, c_n if mode == "LSTM" else None

@@ -12,6 +12,7 @@
 
 namespace rnnfast {
 
+// Mode ids: the index of the mode in rnnfast.backend.MODES (Python passes MODE_ID[mode]).
 enum Mode : int64_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 
 inline int64_t gate_count(int64_t mode) {
