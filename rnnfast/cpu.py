@@ -29,11 +29,13 @@ _ops = torch.ops.rnnfast
 
 
 @torch.library.register_fake("rnnfast::layer_fwd")
-def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save):
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // GATES[MODES[mode]]
     empty = x.new_empty(0)
     out = x.new_empty(T, B, h0.shape[1])
+    if not save:
+        return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape) if mode == 0 else empty, empty, empty
     if mode == 0:
         ws2 = x.new_empty(2 if w_hr is not None else 1, T, B, H)
         return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(T, B, 4 * H), ws2
@@ -59,7 +61,7 @@ def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, re
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse = inputs
+    mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, _save = inputs
     out, _, _, ws1, ws2 = output
     ctx.mode, ctx.reverse, ctx.has_bias = mode, reverse, b_ih is not None
     ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2)
@@ -80,7 +82,7 @@ def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
     )
     bias = ctx.has_bias
     return (None, dx, None, dh0, dc0 if lstm else None, dw_ih, dw_hh, db_ih if bias else None,
-            db_hh if bias else None, dw_hr if w_hr is not None else None, None)
+            db_hh if bias else None, dw_hr if w_hr is not None else None, None, None)
 
 
 torch.library.register_autograd("rnnfast::layer_fwd", _backward, setup_context=_setup_context)
@@ -138,8 +140,9 @@ class CPUBackend(Backend):
         w: LayerWeights,
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        save = _needs_grad(x, h0, c0, [t for t in w if t is not None])
         out, h_n, c_n, _, _ = _ops.layer_fwd(
-            MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse
+            MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse, save
         )
         return out, h_n, c_n if mode == "LSTM" else None
 
@@ -154,6 +157,7 @@ class CPUBackend(Backend):
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
     ) -> tuple[Tensor, Optional[Tensor]]:
+        save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
         _, h_n, c_n, _, _ = _ops.layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
-                                           False)
+                                           False, save)
         return h_n, c_n if mode == "LSTM" else None

@@ -11,6 +11,8 @@ import torch
 import rnnfast
 from rnnfast.backend import get_backend
 
+from parity import Case, check_layer, make_inputs, run_layer
+
 pytestmark = pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 
 TORCH = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
@@ -77,9 +79,11 @@ def test_decode_path_not_taken_with_grad(decode_calls):
     assert ours.weight_hh_l0.grad is not None
 
 
-def test_decode_cache_follows_weight_changes(decode_calls):
+@pytest.mark.parametrize("T, B", [(1, 2), (20, 9)], ids=["decode", "layer"])
+def test_weight_caches_follow_weight_changes(T, B, decode_calls):
+    """The decode path's packed weights and the fused loop's panels are rebuilt whenever a weight changes."""
     ref, ours = twins("LSTM", 12, 24, num_layers=2)
-    x = torch.randn(1, 2, 12)
+    x = torch.randn(T, B, 12)
 
     def check():
         with torch.no_grad():
@@ -104,7 +108,42 @@ def test_decode_cache_follows_weight_changes(decode_calls):
         m.bias_ih_l0 = torch.nn.Parameter(torch.randn(96))
     ours.bias_ih_l0.data.copy_(ref.bias_ih_l0)
     check()
-    assert len(decode_calls) == 5
+    assert len(decode_calls) == (5 if T == 1 else 0)
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("packed", [None, "unsorted"], ids=["padded", "packed"])
+def test_long_sequences_cross_time_chunks(family, packed):
+    """The fused loop projects inputs and sums weight gradients a chunk of steps at a time
+    (about 1024 rows): states and gradients carry across chunk boundaries both ways."""
+    case = Case("chunks", dict(num_layers=2, bidirectional=True), I=9, H=70, T=45, B=50, packed=packed)
+
+    def run(cls, dtype, **kwargs):
+        torch.manual_seed(0)
+        module = cls(case.I, case.H, **case.kwargs, **kwargs).to(dtype)
+        return run_layer(module, case, inputs, dtype, "cpu")
+
+    inputs = make_inputs(case, [case.H] * (2 if family == "LSTM" else 1), 4)
+    want, want_g = run(TORCH[family], torch.float64)  # sums over 2250 rows: float32 torch.nn is off by ~1e-6 too
+    got, got_g = run(getattr(rnnfast, family), torch.float32, backend="cpu")
+    for name, a, b in [*zip(range(len(want)), got, want), *((k, got_g[k], want_g[k]) for k in want_g)]:
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_inference_keeps_nothing_for_backward(family):
+    """Without autograd the forward saves no gates or cell states, and gives the same numbers."""
+    ref, ours = twins(family, 9, 70, num_layers=2)
+    x = torch.randn(45, 50, 9)
+    with torch.no_grad():
+        assert_same(ours(x), ref(x))
+        w = [p for p in ours.parameters()][:4]
+        h0 = torch.zeros(50, 70)
+        c0 = torch.zeros(50, 70) if family == "LSTM" else None
+        mode = {"LSTM": 0, "GRU": 1, "RNN": 2}[family]
+        _, _, _, ws1, ws2 = torch.ops.rnnfast.layer_fwd(mode, x, None, h0, c0, *w, None, False, False)
+    assert ws1.numel() == 0 and ws2.numel() == 0
 
 
 class Tagger(torch.nn.Module):
@@ -186,9 +225,10 @@ def test_broken_extension_falls_back_with_a_clear_message():
     assert "falling back to 'reference'" in out["RUN cpu"] and "rnnfast.cpu failed to load" in out["RUN cpu"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("family, H", [("LSTM", 130), ("GRU", 150), ("RNN", 260)])
-def test_large_steps_take_the_threaded_gemm_path(family, H):
-    """Steps with B * G * H * H above 2**22 multiply-adds use the threaded GEMM, not the GEMV kernel."""
-    from parity import Case, check_layer
-
-    check_layer(family, Case("big", dict(bidirectional=True), I=8, H=H, T=3, B=64, packed="unsorted"), "cpu")
+def test_large_steps(family, H, dtype):
+    """Steps of over 2**22 multiply-adds: several panels a thread in the fused loop (float32),
+    the threaded GEMM rather than the GEMV kernel in the stepwise loop (float64)."""
+    case = Case("big", dict(bidirectional=True), I=8, H=H, T=3, B=64, packed="unsorted")
+    check_layer(family, case, "cpu", dtype=dtype)

@@ -2,55 +2,28 @@
 // call, no autograd, weights packed once as [W_ih | W_hh] rows and cached until
 // a parameter changes (new tensor, new storage or an in-place update).
 #include <ATen/Parallel.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/extension.h>
 
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
+#include "cache.h"
 #include "kernels.h"
 
 namespace rnnfast {
 namespace {
 
 using at::Tensor;
-using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
 struct Packed {
-  std::vector<WeakImpl> refs;  // weak: the cache never keeps a module's weights alive
-  std::vector<int64_t> versions;
-  std::vector<const void*> ptrs;
   std::vector<Tensor> w;     // per layer: (G*H, I_l + H), rows [W_ih | W_hh]
   std::vector<Tensor> bias;  // per layer: (2, G*H) = [b_ih; b_hh], zeros without bias
-
-  bool matches(const std::vector<Tensor>& weights) const {
-    if (weights.size() != refs.size()) return false;
-    for (size_t k = 0; k < weights.size(); ++k) {
-      const Tensor& t = weights[k];
-      if (refs[k].expired() || refs[k]._unsafe_get_target() != t.unsafeGetTensorImpl() ||
-          ptrs[k] != t.data_ptr() || versions[k] != t._version()) {
-        return false;
-      }
-    }
-    return true;
-  }
 };
-
-constexpr size_t kMaxEntries = 64;
-std::mutex cache_mutex;
-std::unordered_map<const c10::TensorImpl*, Packed> cache;
 
 Packed pack(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias) {
   const int64_t per = has_bias ? 4 : 2;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, "rnnfast decode: expected ",
               per * num_layers, " weights, got ", weights.size());
   Packed p;
-  for (const Tensor& t : weights) {
-    p.refs.emplace_back(t.getIntrusivePtr());
-    p.versions.push_back(t._version());
-    p.ptrs.push_back(t.data_ptr());
-  }
   at::NoGradGuard no_grad;
   for (int64_t l = 0; l < num_layers; ++l) {
     const Tensor& w_ih = weights[l * per];
@@ -62,17 +35,7 @@ Packed pack(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bia
   return p;
 }
 
-const Packed& packed_weights(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias) {
-  const c10::TensorImpl* key = weights.at(0).unsafeGetTensorImpl();
-  auto it = cache.find(key);
-  if (it != cache.end() && it->second.matches(weights)) return it->second;
-  if (it != cache.end()) cache.erase(it);
-  if (cache.size() >= kMaxEntries) {
-    for (auto e = cache.begin(); e != cache.end();) e = e->second.refs[0].expired() ? cache.erase(e) : std::next(e);
-    if (cache.size() >= kMaxEntries) cache.clear();
-  }
-  return cache.emplace(key, pack(weights, num_layers, has_bias)).first->second;
-}
+WeightCache<Packed> cache;
 
 // gi = W_ih x + b_ih and gh = W_hh h + b_hh for each of B rows.
 template <typename T>
@@ -102,8 +65,7 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
                                                           const Tensor& h0, const c10::optional<Tensor>& c0) {
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   TORCH_CHECK(x_.dim() == 3 && h0.dim() == 3, "rnnfast decode: expected (T, B, I) input and (L, B, H) state");
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  const Packed& p = packed_weights(weights, num_layers, has_bias);
+  const Packed p = cache.get(weights, 0, [&] { return pack(weights, num_layers, has_bias); });
   const bool lstm = mode == LSTM, gru = mode == GRU;
   TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
   const Tensor x = x_.contiguous();
@@ -133,9 +95,9 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
         for (int64_t b = 0; b < B; ++b) {
           scalar_t* ob = o + (t * B + b) * H;
           if (lstm) {
-            lstm_fwd(gi + b * G * H, gh + b * G * H, c + b * H, c + b * H, ob, H);
+            lstm_fwd(gi + b * G * H, gh + b * G * H, c + b * H, gi + b * G * H, c + b * H, ob, H, H);
           } else if (gru) {
-            gru_fwd(gi + b * G * H, gh + b * G * H, h + b * H, ws + b * 4 * H, ob, H);
+            gru_fwd(gi + b * G * H, gh + b * G * H, h + b * H, ws + b * 4 * H, ob, H, H);
           } else {
             rnn_fwd(gi + b * G * H, gh + b * G * H, ob, mode == RNN_RELU, H);
           }

@@ -1,6 +1,6 @@
-// The kernels of kernels_impl.h built twice, for baseline x86-64 and for
-// AVX2+FMA, with the choice made once at load time: the extension runs on any
-// x86-64 machine and uses the wide units where they exist.
+// The kernels of kernels_impl.h built three times, for baseline x86-64, AVX2+FMA
+// and AVX-512, with the choice made once at load time: the extension runs on
+// any x86-64 machine and uses the wide units where they exist.
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -22,6 +22,15 @@ namespace avx2 {
 }  // namespace rnnfast
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
+namespace rnnfast {
+namespace avx512 {
+#include "kernels_impl.h"
+}  // namespace avx512
+}  // namespace rnnfast
+#pragma GCC pop_options
+
 namespace rnnfast {
 
 const bool kHasAvx2 = [] {
@@ -29,25 +38,33 @@ const bool kHasAvx2 = [] {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }();
 
-#define RNNFAST_DISPATCH(fn, ...) (kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+const bool kHasAvx512 = [] {
+  __builtin_cpu_init();
+  return kHasAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+}();
+
+#define RNNFAST_DISPATCH(fn, ...) \
+  (kHasAvx512 ? avx512::fn(__VA_ARGS__) : kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
 
 #define RNNFAST_DEFINE(T)                                                                                   \
-  void lstm_fwd(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H) {                       \
-    RNNFAST_DISPATCH(lstm_fwd, g, gh, c_prev, c_out, h_out, H);                                             \
+  void lstm_fwd(const T* gi, const T* gh, const T* c_prev, T* gates, T* c_out, T* h_out, int64_t n,        \
+                int64_t H) {                                                                                \
+    RNNFAST_DISPATCH(lstm_fwd, gi, gh, c_prev, gates, c_out, h_out, n, H);                                  \
   }                                                                                                         \
-  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H) {                     \
-    RNNFAST_DISPATCH(gru_fwd, gi, gh, h_prev, ws, h_out, H);                                                \
+  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t n, int64_t H) {          \
+    RNNFAST_DISPATCH(gru_fwd, gi, gh, h_prev, ws, h_out, n, H);                                             \
   }                                                                                                         \
-  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t H) {                                 \
-    RNNFAST_DISPATCH(rnn_fwd, gi, gh, h_out, relu, H);                                                      \
+  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t n) {                                 \
+    RNNFAST_DISPATCH(rnn_fwd, gi, gh, h_out, relu, n);                                                      \
   }                                                                                                         \
-  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H) {            \
-    RNNFAST_DISPATCH(lstm_bwd, g, c, c_prev, dh, dc, dg, H);                                                \
+  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t n, int64_t H) { \
+    RNNFAST_DISPATCH(lstm_bwd, g, c, c_prev, dh, dc, dg, n, H);                                             \
   }                                                                                                         \
-  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H) {                            \
-    RNNFAST_DISPATCH(gru_bwd, ws, h_prev, dh, dgi, dgh, H);                                                 \
+  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t n, int64_t H) {                 \
+    RNNFAST_DISPATCH(gru_bwd, ws, h_prev, dh, dgi, dgh, n, H);                                              \
   }                                                                                                         \
-  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t H) { RNNFAST_DISPATCH(rnn_bwd, h, dh, dg, relu, H); }
+  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t n) { RNNFAST_DISPATCH(rnn_bwd, h, dh, dg, relu, n); }
 RNNFAST_DEFINE(float)
 RNNFAST_DEFINE(double)
 #undef RNNFAST_DEFINE
@@ -122,17 +139,27 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 
 namespace rnnfast {
 
-at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& add) {
   static const c10::optional<c10::OperatorHandle> onednn =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (a.scalar_type() == at::kFloat && onednn.has_value()) {
-    std::vector<c10::IValue> stack{a, w, has_bias ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
-                                   c10::List<c10::optional<c10::Scalar>>(), std::string("")};
+  static const c10::optional<c10::OperatorHandle> onednn_add =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
+  const bool has_bias = bias.has_value() && bias->defined(), has_add = add.has_value() && add->defined();
+  const c10::IValue b = has_bias ? c10::IValue(*bias) : c10::IValue();
+  if (a.scalar_type() == at::kFloat && has_add && onednn_add.has_value()) {
+    std::vector<c10::IValue> stack{a, *add, w, b, std::string("add")};
+    onednn_add->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+  if (a.scalar_type() == at::kFloat && !has_add && onednn.has_value()) {
+    std::vector<c10::IValue> stack{a, w, b, std::string("none"), c10::List<c10::optional<c10::Scalar>>(),
+                                   std::string("")};
     onednn->callBoxed(stack);
     return stack[0].toTensor();
   }
-  return has_bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  at::Tensor out = has_bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  return has_add ? out.add_(*add) : out;
 }
 
 }  // namespace rnnfast

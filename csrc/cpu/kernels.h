@@ -1,7 +1,7 @@
 // Fused pointwise gate kernels and the small-batch GEMV of the CPU backend.
 //
-// float kernels are compiled twice (AVX2+FMA and baseline x86-64) and picked
-// at run time; double kernels use libm, exact enough for float64 gradchecks.
+// float kernels are compiled three times (AVX-512, AVX2+FMA and baseline x86-64)
+// and picked at run time; double kernels use libm, exact enough for float64 gradchecks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <vector>
 
 namespace rnnfast {
 
@@ -19,19 +21,22 @@ inline int64_t gate_count(int64_t mode) {
   return mode == LSTM ? 4 : mode == GRU ? 3 : 1;
 }
 
-// Row kernels, one batch row of one step, overloaded for float and double.
-// Forward: the input (gi/g, biases in) and recurrent (gh) pre-activations come
-// separately; lstm_fwd overwrites g with the activated gates (i, f, g, o);
-// gru_fwd saves r, z, n and W_hn h + b_hn in ws (4H) for backward.
+// Row kernels: units [0, n) of one batch row of one step, overloaded for float
+// and double; gate q of unit j sits at q * H + j, so a caller may hand a kernel
+// any slice of the units (pointers offset to its first unit).
+// Forward: the input (gi, biases in) and recurrent (gh) pre-activations come
+// separately; lstm_fwd writes the activated gates (i, f, g, o) to gates (gi itself
+// is fine); gru_fwd saves r, z, n and W_hn h + b_hn in ws (4 gates) for backward.
 // Backward: dh is the gradient w.r.t. the row's output (o * tanh(c) for LSTM);
 // gru_bwd overwrites it with its direct part z * dh, the GEMM adds the rest.
 #define RNNFAST_DECLARE(T)                                                                                \
-  void lstm_fwd(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H);                     \
-  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H);                   \
-  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t H);                                \
-  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H);           \
-  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H);                          \
-  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t H);
+  void lstm_fwd(const T* gi, const T* gh, const T* c_prev, T* gates, T* c_out, T* h_out, int64_t n,      \
+                int64_t H);                                                                               \
+  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t n, int64_t H);        \
+  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t n);                                \
+  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t n, int64_t H); \
+  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t n, int64_t H);               \
+  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t n);
 RNNFAST_DECLARE(float)
 RNNFAST_DECLARE(double)
 #undef RNNFAST_DECLARE
@@ -45,9 +50,27 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 
 namespace rnnfast {
 
-// a @ w^T (+ bias), like F.linear: oneDNN for float32 (several times faster than
+// The CPU has AVX-512 (F, DQ, VL, BW): the widest build of the kernels runs.
+extern const bool kHasAvx512;
+
+// One layer and direction on AVX-512 CPUs in float32 without proj_size (recurrent.cpp):
+// the same contract as the operators layer_fwd / layer_bwd, with the batch sizes
+// unpacked; with save false the forward keeps nothing for backward (ws1, ws2 empty).
+bool fused_loop_supported(const at::Tensor& x, bool proj);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_layer_fwd(
+    int64_t mode, const at::Tensor& x, const std::vector<int64_t>& bs, bool packed, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,
+    const at::Tensor& b_hh, bool reverse, bool save);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_layer_bwd(
+    int64_t mode, const at::Tensor& x, const std::vector<int64_t>& bs, bool packed, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias, bool reverse,
+    const at::Tensor& out, const at::Tensor& ws1, const at::Tensor& ws2, const at::Tensor& go,
+    const at::Tensor& grad_hn, const at::Tensor& grad_cn);
+
+// a @ w^T (+ bias) (+ add), like F.linear: oneDNN for float32 (several times faster than
 // MKL's sgemm on AMD CPUs, and as exact), ATen's GEMM otherwise. a and w may be strided.
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w,
-                     const c10::optional<at::Tensor>& bias = c10::nullopt);
+                     const c10::optional<at::Tensor>& bias = c10::nullopt,
+                     const c10::optional<at::Tensor>& add = c10::nullopt);
 
 }  // namespace rnnfast

@@ -44,20 +44,22 @@ struct Act<double> {
 
 // ---- forward rows ---------------------------------------------------------
 
-// g: 4H input pre-activations in, activated gates (i, f, g, o) out; gh: 4H recurrent pre-activations.
+// gi, gh: 4H input and recurrent pre-activations; gates: the activated (i, f, g, o) out
+// (may be gi itself); c_out may be c_prev.
 template <typename T>
-RNNFAST_INLINE void lstm_fwd_impl(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H) {
+RNNFAST_INLINE void lstm_fwd_impl(const T* gi, const T* gh, const T* c_prev, T* gates, T* c_out, T* h_out, int64_t n,
+                                  int64_t H) {
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
-    const T i = Act<T>::sigmoid(g[j] + gh[j]);
-    const T f = Act<T>::sigmoid(g[H + j] + gh[H + j]);
-    const T gg = Act<T>::tanh(g[2 * H + j] + gh[2 * H + j]);
-    const T o = Act<T>::sigmoid(g[3 * H + j] + gh[3 * H + j]);
+  for (int64_t j = 0; j < n; ++j) {
+    const T i = Act<T>::sigmoid(gi[j] + gh[j]);
+    const T f = Act<T>::sigmoid(gi[H + j] + gh[H + j]);
+    const T gg = Act<T>::tanh(gi[2 * H + j] + gh[2 * H + j]);
+    const T o = Act<T>::sigmoid(gi[3 * H + j] + gh[3 * H + j]);
     const T c = f * c_prev[j] + i * gg;
-    g[j] = i;
-    g[H + j] = f;
-    g[2 * H + j] = gg;
-    g[3 * H + j] = o;
+    gates[j] = i;
+    gates[H + j] = f;
+    gates[2 * H + j] = gg;
+    gates[3 * H + j] = o;
     c_out[j] = c;
     h_out[j] = o * Act<T>::tanh(c);
   }
@@ -65,9 +67,9 @@ RNNFAST_INLINE void lstm_fwd_impl(T* g, const T* gh, const T* c_prev, T* c_out, 
 
 // gi, gh: 3H pre-activations (biases included); ws: r, z, n, gh_n saved for backward.
 template <typename T>
-RNNFAST_INLINE void gru_fwd_impl(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H) {
+RNNFAST_INLINE void gru_fwd_impl(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t n, int64_t H) {
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const T r = Act<T>::sigmoid(gi[j] + gh[j]);
     const T z = Act<T>::sigmoid(gi[H + j] + gh[H + j]);
     const T ghn = gh[2 * H + j];
@@ -81,13 +83,13 @@ RNNFAST_INLINE void gru_fwd_impl(const T* gi, const T* gh, const T* h_prev, T* w
 }
 
 template <typename T>
-RNNFAST_INLINE void rnn_fwd_impl(const T* gi, const T* gh, T* h_out, bool relu, int64_t H) {
+RNNFAST_INLINE void rnn_fwd_impl(const T* gi, const T* gh, T* h_out, bool relu, int64_t n) {
   if (relu) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) h_out[j] = gi[j] + gh[j] > T(0) ? gi[j] + gh[j] : T(0);
+    for (int64_t j = 0; j < n; ++j) h_out[j] = gi[j] + gh[j] > T(0) ? gi[j] + gh[j] : T(0);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) h_out[j] = Act<T>::tanh(gi[j] + gh[j]);
+    for (int64_t j = 0; j < n; ++j) h_out[j] = Act<T>::tanh(gi[j] + gh[j]);
   }
 }
 
@@ -95,9 +97,10 @@ RNNFAST_INLINE void rnn_fwd_impl(const T* gi, const T* gh, T* h_out, bool relu, 
 
 // dh: gradient w.r.t. o * tanh(c); dc: in/out running cell gradient; dg: 4H pre-activation grads.
 template <typename T>
-RNNFAST_INLINE void lstm_bwd_impl(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H) {
+RNNFAST_INLINE void lstm_bwd_impl(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t n,
+                                  int64_t H) {
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
     const T tc = Act<T>::tanh(c[j]);
     const T dct = dc[j] + dh[j] * o * (T(1) - tc * tc);
@@ -111,9 +114,9 @@ RNNFAST_INLINE void lstm_bwd_impl(const T* g, const T* c, const T* c_prev, const
 
 // dh: in, total gradient w.r.t. h_t; out, its direct part z * dh (the GEMM adds the rest).
 template <typename T>
-RNNFAST_INLINE void gru_bwd_impl(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H) {
+RNNFAST_INLINE void gru_bwd_impl(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t n, int64_t H) {
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], ghn = ws[3 * H + j];
     const T d = dh[j];
     const T dan = d * (T(1) - z) * (T(1) - n * n);
@@ -130,33 +133,33 @@ RNNFAST_INLINE void gru_bwd_impl(const T* ws, const T* h_prev, T* dh, T* dgi, T*
 }
 
 template <typename T>
-RNNFAST_INLINE void rnn_bwd_impl(const T* h, const T* dh, T* dg, bool relu, int64_t H) {
+RNNFAST_INLINE void rnn_bwd_impl(const T* h, const T* dh, T* dg, bool relu, int64_t n) {
   if (relu) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) dg[j] = h[j] > T(0) ? dh[j] : T(0);
+    for (int64_t j = 0; j < n; ++j) dg[j] = h[j] > T(0) ? dh[j] : T(0);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) dg[j] = dh[j] * (T(1) - h[j] * h[j]);
+    for (int64_t j = 0; j < n; ++j) dg[j] = dh[j] * (T(1) - h[j] * h[j]);
   }
 }
 
 
 // Out-of-line entry points of this target's build, for float and double.
-#define RNNFAST_ENTRIES(T)                                                                                          \
-  void lstm_fwd(T* g, const T* gh, const T* c_prev, T* c_out, T* h_out, int64_t H) {                              \
-    lstm_fwd_impl(g, gh, c_prev, c_out, h_out, H);                                                                  \
-  }                                                                                                                 \
-  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t H) {                             \
-    gru_fwd_impl(gi, gh, h_prev, ws, h_out, H);                                                                     \
-  }                                                                                                                 \
-  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t H) { rnn_fwd_impl(gi, gh, h_out, relu, H); }  \
-  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t H) {                    \
-    lstm_bwd_impl(g, c, c_prev, dh, dc, dg, H);                                                                     \
-  }                                                                                                                 \
-  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t H) {                                    \
-    gru_bwd_impl(ws, h_prev, dh, dgi, dgh, H);                                                                      \
-  }                                                                                                                 \
-  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t H) { rnn_bwd_impl(h, dh, dg, relu, H); }
+#define RNNFAST_ENTRIES(T)                                                                                        \
+  void lstm_fwd(const T* gi, const T* gh, const T* c_prev, T* gates, T* c_out, T* h_out, int64_t n, int64_t H) { \
+    lstm_fwd_impl(gi, gh, c_prev, gates, c_out, h_out, n, H);                                                     \
+  }                                                                                                               \
+  void gru_fwd(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t n, int64_t H) {                \
+    gru_fwd_impl(gi, gh, h_prev, ws, h_out, n, H);                                                                \
+  }                                                                                                               \
+  void rnn_fwd(const T* gi, const T* gh, T* h_out, bool relu, int64_t n) { rnn_fwd_impl(gi, gh, h_out, relu, n); } \
+  void lstm_bwd(const T* g, const T* c, const T* c_prev, const T* dh, T* dc, T* dg, int64_t n, int64_t H) {       \
+    lstm_bwd_impl(g, c, c_prev, dh, dc, dg, n, H);                                                                \
+  }                                                                                                               \
+  void gru_bwd(const T* ws, const T* h_prev, T* dh, T* dgi, T* dgh, int64_t n, int64_t H) {                       \
+    gru_bwd_impl(ws, h_prev, dh, dgi, dgh, n, H);                                                                 \
+  }                                                                                                               \
+  void rnn_bwd(const T* h, const T* dh, T* dg, bool relu, int64_t n) { rnn_bwd_impl(h, dh, dg, relu, n); }
 RNNFAST_ENTRIES(float)
 RNNFAST_ENTRIES(double)
 #undef RNNFAST_ENTRIES

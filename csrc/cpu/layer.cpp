@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                                                              const OptTensor& c0_, const Tensor& w_ih_,
                                                              const Tensor& w_hh_, const OptTensor& b_ih,
                                                              const OptTensor& b_hh, const OptTensor& w_hr_,
-                                                             bool reverse) {
+                                                             bool reverse, bool save) {
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   check_tensor(x_, x_, "input", 3);
   check_tensor(h0_, x_, "h0", 2);
@@ -114,6 +114,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  if (fused_loop_supported(x, proj)) {
+    return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh,
+                           present(b_ih) ? b_ih->contiguous() : Tensor(), present(b_hh) ? b_hh->contiguous() : Tensor(),
+                           reverse, save);
+  }
+  // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512); it always saves
   const Tensor x2 = x.view({T * B, I});
   // input projection of every step, (T, B, G*H); GRU keeps b_hh apart for r * (W_hn h + b_hn)
   Tensor gi = matmul_nt(x2, w_ih, present(b_ih) ? OptTensor(mode == GRU ? *b_ih : *b_ih + *b_hh) : c10::nullopt);
@@ -152,11 +158,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
           if (lstm) {
             scalar_t* c_new = row<scalar_t>(cs, t, b);
             scalar_t* c_state = c.data_ptr<scalar_t>() + b * H;
-            lstm_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, c_state, c_new, h_out, H);
+            lstm_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, c_state, row<scalar_t>(gi, t, b), c_new, h_out, H, H);
             std::memcpy(c_state, c_new, H * sizeof(scalar_t));
           } else if (mode == GRU) {
             gru_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, hs + b * P,
-                    row<scalar_t>(ws1, t, b), h_out, H);
+                    row<scalar_t>(ws1, t, b), h_out, H, H);
           } else {
             rnn_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, h_out, mode == RNN_RELU, H);
           }
@@ -170,7 +176,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
       }
     }
   });
-  return {out, h, c, ws1, ws2};
+  const Tensor none = at::empty({0}, opts);
+  return {out, h, c, save ? ws1 : none, save ? ws2 : none};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(
@@ -181,19 +188,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
   const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
-  const Tensor x = x_.contiguous(), w_ih_t = w_ih_.t().contiguous(), w_hh_t = w_hh_.t().contiguous();
-  const Tensor go = grad_out.contiguous();
+  const Tensor x = x_.contiguous(), go = grad_out.contiguous();
   const auto opts = x.options();
-  auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
+  const Tensor none = at::empty({0}, opts);
+  TORCH_CHECK(mode >= RNN_TANH || ws1.dim() == 3, "rnnfast: layer_bwd needs what layer_fwd saves (save=True)");
+  if (fused_loop_supported(x, proj)) {
+    const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
+        fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,
+                        reverse, out, ws1, ws2, go, grad_hn, grad_cn);
+    return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
+  }
 
-  const Tensor h_prev = previous_states(out, h0.contiguous(), bs, reverse);
+  auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
   const Tensor cs = lstm ? ws2[0] : Tensor();
-  const Tensor hp = proj ? ws2[1] : Tensor();
-  const Tensor c_prev = lstm ? previous_states(cs, c0->contiguous(), bs, reverse) : Tensor();
   Tensor dh = grad_hn.contiguous().clone();
-  Tensor dc = lstm ? grad_cn.contiguous().clone() : at::empty({0}, opts);
+  Tensor dc = lstm ? grad_cn.contiguous().clone() : none;
   Tensor dgi = make({T, B, G * H});
   Tensor dgh = gru ? make({T, B, G * H}) : dgi;
+  const Tensor dgi2 = dgi.view({T * B, G * H}), dgh2 = dgh.view({T * B, G * H});
+  const Tensor x2 = x.view({T * B, I});
+  const Tensor w_ih_t = w_ih_.t().contiguous(), w_hh_t = w_hh_.t().contiguous();
+  const Tensor h_prev = previous_states(out, h0.contiguous(), bs, reverse);
+  const Tensor hp = proj ? ws2[1] : Tensor();
+  const Tensor c_prev = lstm ? previous_states(cs, c0->contiguous(), bs, reverse) : Tensor();
   Tensor dh_proj = proj ? make({T, B, P}) : Tensor();  // gradient w.r.t. the projected output, for dW_hr
   Tensor dhp;
   const Tensor w_hr_t = proj ? w_hr_->t().contiguous() : Tensor();
@@ -217,10 +234,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
           if (lstm) {
             lstm_bwd(row<scalar_t>(ws1, t, b), row<scalar_t>(cs, t, b), row<scalar_t>(c_prev, t, b),
                      d_src.data_ptr<scalar_t>() + b * H, dc.data_ptr<scalar_t>() + b * H, row<scalar_t>(dgi, t, b),
-                     H);
+                     H, H);
           } else if (gru) {
             gru_bwd(row<scalar_t>(ws1, t, b), row<scalar_t>(h_prev, t, b), dh.data_ptr<scalar_t>() + b * P,
-                    row<scalar_t>(dgi, t, b), row<scalar_t>(dgh, t, b), H);
+                    row<scalar_t>(dgi, t, b), row<scalar_t>(dgh, t, b), H, H);
           } else {
             rnn_bwd(row<scalar_t>(out, t, b), dh.data_ptr<scalar_t>() + b * P, row<scalar_t>(dgi, t, b),
                     mode == RNN_RELU, H);
@@ -241,15 +258,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       }
     }
   });
-  const Tensor dgi2 = dgi.view({T * B, G * H}), dgh2 = dgh.view({T * B, G * H});
   Tensor dx = matmul_nt(dgi2, w_ih_t).view({T, B, I});
-  // A^T B over all steps: BLAS takes the transposed operand as a flag, where the
-  // oneDNN path would first copy both (T*B)-long operands into a transposed layout
-  Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
-  Tensor dw_hh = at::mm(dgh2.t(), h_prev.view({T * B, P}));
-  Tensor db_ih = has_bias ? dgi2.sum(0) : at::empty({0}, opts);
-  Tensor db_hh = has_bias ? (gru ? dgh2.sum(0) : db_ih.clone()) : at::empty({0}, opts);
-  Tensor dw_hr = proj ? matmul_nt(dh_proj.view({T * B, P}).t(), hp.reshape({T * B, H}).t()) : at::empty({0}, opts);
+  // Sums over all steps, as (x^T dgi)^T: oneDNN reads both operands transposed in place
+  Tensor dw_ih = matmul_nt(x2.t(), dgi2.t()).t().contiguous();
+  Tensor dw_hh = matmul_nt(h_prev.view({T * B, P}).t(), dgh2.t()).t().contiguous();
+  Tensor db_ih = has_bias ? dgi2.sum(0) : none;
+  Tensor db_hh = has_bias ? (gru ? dgh2.sum(0) : db_ih.clone()) : none;
+  Tensor dw_hr = proj ? matmul_nt(dh_proj.view({T * B, P}).t(), hp.reshape({T * B, H}).t()) : none;
   return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 
@@ -258,7 +273,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 TORCH_LIBRARY(rnnfast, m) {
   m.def(
       "layer_fwd(int mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "layer_bwd(int mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? w_hr, bool has_bias, bool reverse, Tensor out, Tensor ws1, Tensor ws2, Tensor grad_out, "

@@ -1,0 +1,418 @@
+// The time loop of one layer on AVX-512 CPUs, float32, forward and backward.
+//
+// All steps run inside one OpenMP parallel region: each thread owns a slice of
+// the hidden units, keeps its slice of W_hh packed in panels for a register-blocked
+// GEMM tile, computes the recurrent pre-activations of its units and applies the
+// gate update to them (the row kernels of kernels.h), then waits at one barrier
+// per step for the others. No per-step library calls, allocations or thread
+// start-ups: this is what small batches and small hidden sizes pay for most.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "cache.h"
+#include "kernels.h"
+
+namespace rnnfast {
+namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+// The B side of a product, as panels of 16 * V columns: row k of panel nb starts at
+// data + nb * pstride + k * ldb. Packed panels (pack) hold U units of each of G gates
+// side by side, zero-padded; a plain row-major (K, N) matrix (direct) is one gate of 64.
+struct Panels {
+  Tensor w;     // what data points into: the packed copy, or the matrix itself
+  Tensor bias;  // (NB, 16 * V), packed like the columns, or undefined
+  const float* data;
+  int64_t G, U, V, N, K, NB, ldb, pstride;
+
+  // Column offset in an output row (gate stride N) and live lanes of register v of panel nb.
+  int64_t column(int64_t nb, int64_t v) const { return (v * 16) / U * N + nb * U + (v * 16) % U; }
+  int64_t lanes(int64_t nb, int64_t v) const {
+    return std::clamp<int64_t>(N - (nb * U + (v * 16) % U), 0, 16);
+  }
+};
+
+// w: (G * N, K), the weights of G gates of N units each; bias: (G * N) or undefined.
+Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
+  Panels p;
+  p.G = G;
+  p.U = U;
+  p.V = G * U / 16;
+  p.N = w.size(0) / G;
+  p.K = w.size(1);
+  p.NB = (p.N + U - 1) / U;
+  const int64_t pad = p.NB * U - p.N;
+  const Tensor wg = at::constant_pad_nd(w.reshape({G, p.N, p.K}), {0, 0, 0, pad});
+  p.w = wg.view({G, p.NB, U, p.K}).permute({1, 3, 0, 2}).contiguous().view({p.NB, p.K, G * U});
+  if (bias.defined()) {
+    const Tensor bg = at::constant_pad_nd(bias.reshape({G, p.N}), {0, pad});
+    p.bias = bg.view({G, p.NB, U}).permute({1, 0, 2}).contiguous().view({p.NB, G * U});
+  }
+  p.data = p.w.data_ptr<float>();
+  p.ldb = G * U;
+  p.pstride = p.K * G * U;
+  return p;
+}
+
+// m: a (K, N) matrix with unit column stride, read in place.
+Panels direct(const Tensor& m) {
+  Panels p;
+  p.w = m;
+  p.G = 1;
+  p.U = 64;
+  p.V = 4;
+  p.K = m.size(0);
+  p.N = m.size(1);
+  p.NB = (p.N + 63) / 64;
+  p.data = m.data_ptr<float>();
+  p.ldb = m.stride(0);
+  p.pstride = 64;
+  return p;
+}
+
+// c[r, col[v] + l] (+)= sum_k a[r, k] * b[k, 16 v + l] (+ bias) for R rows; a[r, k] sits at
+// a[r * lda + k], or a[r + k * lda] with TA (a transposed). 24 accumulators in registers.
+template <int R, int V, bool TA>
+__attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
+                                             const float* bias, float* c, int64_t ldc, const int64_t* col,
+                                             const __mmask16* mask, bool add) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = bias != nullptr ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) w[v] = _mm512_maskz_loadu_ps(mask[v], b + k * ldb + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(TA ? a[r + k * lda] : a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, w[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (mask[v] == 0) continue;
+      float* dst = c + r * ldc + col[v];
+      __m512 y = acc[r][v];
+      if (add) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[v], dst));
+      _mm512_mask_storeu_ps(dst, mask[v], y);
+    }
+  }
+}
+
+// A tile of fewer than R rows: the remainder of a panel's rows.
+template <int R, int V, bool TA>
+void tail(int64_t rows, const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb, const float* bias,
+          float* c, int64_t ldc, const int64_t* col, const __mmask16* mask, bool add) {
+  if constexpr (R > 1) {
+    if (rows == R - 1) return tile<R - 1, V, TA>(a, lda, K, b, ldb, bias, c, ldc, col, mask, add);
+    tail<R - 1, V, TA>(rows, a, lda, K, b, ldb, bias, c, ldc, col, mask, add);
+  }
+}
+
+// Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias).
+template <int V, int R, bool TA>
+void product(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t lda, int64_t n, float* c,
+             int64_t ldc, bool add) {
+  const int64_t rs = TA ? 1 : lda;  // from one row of a to the next
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    int64_t col[V];
+    __mmask16 mask[V];
+    for (int64_t v = 0; v < V; ++v) {
+      col[v] = p.column(nb, v);
+      mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
+    }
+    const float* b = p.data + nb * p.pstride;
+    const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() + nb * V * 16 : nullptr;
+    int64_t r = 0;
+    for (; r + R <= n; r += R) {
+      tile<R, V, TA>(a + r * rs, lda, p.K, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add);
+    }
+    tail<R, V, TA>(n - r, a + r * rs, lda, p.K, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add);
+  }
+}
+
+// c (+)= a @ B over rows [0, n) and panels [nb0, nb1); a as in tile. 24 accumulators:
+// 6 rows of 4 registers or 8 rows of 3.
+void gemm(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t lda, int64_t n, float* c, int64_t ldc,
+          bool add, bool transposed_a = false) {
+  if (transposed_a) {
+    TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
+    product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, add);
+  } else if (p.V == 4) {
+    product<4, 6, false>(p, nb0, nb1, a, lda, n, c, ldc, add);
+  } else {
+    product<3, 8, false>(p, nb0, nb1, a, lda, n, c, ldc, add);
+  }
+}
+
+// Rows a step goes through at a time: two tiles of every panel, so that the block's
+// rows of a and its outputs stay in L1/L2 between the product and the gate update.
+int64_t block_rows(const Panels& p) { return p.V == 4 ? 12 : 16; }
+
+// The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
+struct Share {
+  int64_t nb0, nb1, u0, cnt;
+  Share(const Panels& p, int64_t nt, int64_t tid) {
+    nb0 = p.NB * tid / nt;
+    nb1 = p.NB * (tid + 1) / nt;
+    u0 = std::min(p.N, nb0 * p.U);
+    cnt = std::min(p.N, nb1 * p.U) - u0;
+  }
+};
+
+// Rows [r0, r1) of n that thread tid of nt takes, in whole tiles of 6.
+std::pair<int64_t, int64_t> row_share(int64_t n, int64_t nt, int64_t tid) {
+  const int64_t tiles = (n + 5) / 6;
+  return {std::min(n, tiles * tid / nt * 6), std::min(n, tiles * (tid + 1) / nt * 6)};
+}
+
+int64_t threads_for(const Panels& p) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.NB));
+}
+
+float* at_row(const Tensor& t, int64_t step, int64_t b) {
+  return t.data_ptr<float>() + (step * t.size(1) + b) * t.size(2);
+}
+
+// Weights packed for the loops, kept across calls until they change; tagged by use and mode.
+enum PanelUse { kForward, kInput, kBackward };
+WeightCache<Panels> panels;
+
+// Scratch that outlives a call, one set per calling thread: growing only, it spares
+// each call the page faults of fresh allocations, a large share of short calls' time.
+enum Slot { kStates, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kSlots };
+Tensor workspace(Slot slot, at::IntArrayRef sizes) {
+  thread_local std::array<Tensor, kSlots> held;
+  const int64_t numel = c10::multiply_integers(sizes);
+  Tensor& t = held[slot];
+  if (!t.defined() || t.numel() < numel) t = at::empty({numel}, at::kFloat);
+  return t.narrow(0, 0, numel).view(sizes);
+}
+
+// Steps per chunk: the input projection and the gate gradients of about this many
+// rows at a time, so that they stay in cache and no buffer grows with T.
+int64_t chunk_steps(int64_t T, int64_t B) { return std::clamp<int64_t>(1024 / std::max<int64_t>(B, 1), 1, T); }
+
+// The walked order of steps: k = 0, 1, ... is t = k forward and T - 1 - k in reverse;
+// a chunk [k0, k1) of it covers the steps [first, first + count).
+struct Walk {
+  int64_t T;
+  bool reverse;
+  int64_t step(int64_t k) const { return reverse ? T - 1 - k : k; }
+  int64_t first(int64_t k0, int64_t k1) const { return reverse ? T - k1 : k0; }
+};
+
+}  // namespace
+
+bool fused_loop_supported(const Tensor& x, bool proj) {
+  return kHasAvx512 && x.scalar_type() == at::kFloat && !proj;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode, const Tensor& x,
+                                                                   const std::vector<int64_t>& bs, bool packed,
+                                                                   const Tensor& h0, const Tensor& c0,
+                                                                   const Tensor& w_ih, const Tensor& w_hh,
+                                                                   const Tensor& b_ih, const Tensor& b_hh,
+                                                                   bool reverse, bool save) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
+  const bool lstm = mode == LSTM, gru = mode == GRU;
+  const auto opts = x.options();
+  auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
+  Tensor out = make({T, B, H});
+  Tensor h = h0.contiguous().clone();
+  Tensor c = lstm ? c0.contiguous().clone() : at::empty({0}, opts);
+  // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
+  Tensor ws1 = save && (lstm || gru) ? make({T, B, lstm ? GH : 4 * H}) : at::empty({0}, opts);
+  Tensor ws2 = save && lstm ? make({1, T, B, H}) : at::empty({0}, opts);
+  if (B == 0) return {out, h, c, ws1, ws2};
+  const Tensor cs = lstm && save ? ws2[0] : Tensor();
+  const int64_t U = G == 1 ? 64 : 16;
+  const Panels p = panels.get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode,
+                              [&] { return pack(w_hh, gru ? b_hh : Tensor(), G, U); });
+  // GRU keeps b_hn apart for r * (W_hn h + b_hn); the others fold both biases into the input side
+  const Panels p_in = panels.get({w_ih, b_ih, b_hh}, kInput * 4 + mode, [&] {
+    return pack(w_ih, b_ih.defined() ? (gru ? b_ih : b_ih + b_hh) : Tensor(), G, U);
+  });
+  const int64_t RB = block_rows(p), nt = threads_for(p), TC = chunk_steps(T, B);
+  const Walk walk{T, reverse};
+  Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
+  hbuf.copy_(h.unsqueeze(0).expand({2, B, H}));
+  Tensor gi = workspace(kGates, {TC, B, GH});    // one chunk's input pre-activations
+  Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, GRU ws
+
+#pragma omp parallel num_threads(nt)
+  {
+    const Share own(p, omp_get_num_threads(), omp_get_thread_num());
+    const int64_t j0 = own.u0, m = own.cnt;
+    float* gh = scratch.data_ptr<float>() + omp_get_thread_num() * (RB * GH + 4 * H);
+    float* gru_ws = gh + RB * GH;
+    for (int64_t k0 = 0; k0 < T; k0 += TC) {
+      const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1);
+      // this thread's units of the chunk's input projection: only this thread reads them
+      gemm(p_in, own.nb0, own.nb1, x.data_ptr<float>() + t0 * B * I, I, (k1 - k0) * B, gi.data_ptr<float>(), GH,
+           false);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = walk.step(k), n = bs[t];
+        float* cur = hbuf.data_ptr<float>() + (k % 2) * B * H;
+        float* nxt = hbuf.data_ptr<float>() + ((k + 1) % 2) * B * H;
+        for (int64_t b = n; b < B; ++b) std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * 4);
+        for (int64_t r0 = 0; r0 < n && m > 0; r0 += RB) {
+          const int64_t rows = std::min(RB, n - r0);
+          gemm(p, own.nb0, own.nb1, cur + r0 * H, H, rows, gh, GH, false);
+          for (int64_t b = r0; b < r0 + rows; ++b) {
+            float* g = at_row(gi, t - t0, b) + j0;
+            const float* ghb = gh + (b - r0) * GH + j0;
+            float* h_out = at_row(out, t, b) + j0;
+            if (lstm) {
+              float* c_row = c.data_ptr<float>() + b * H + j0;
+              if (save) {
+                float* c_out = at_row(cs, t, b) + j0;
+                lstm_fwd(g, ghb, c_row, at_row(ws1, t, b) + j0, c_out, h_out, m, H);
+                std::memcpy(c_row, c_out, m * 4);
+              } else {
+                lstm_fwd(g, ghb, c_row, g, c_row, h_out, m, H);
+              }
+            } else if (gru) {
+              gru_fwd(g, ghb, cur + b * H + j0, (save ? at_row(ws1, t, b) : gru_ws) + j0, h_out, m, H);
+            } else {
+              rnn_fwd(g, ghb, h_out, mode == RNN_RELU, m);
+            }
+            std::memcpy(nxt + b * H + j0, h_out, m * 4);
+          }
+        }
+#pragma omp barrier
+      }
+    }
+  }
+  h.copy_(hbuf[T % 2]);
+  return {out, h, c, ws1, ws2};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_bwd(
+    int64_t mode, const Tensor& x, const std::vector<int64_t>& bs, bool packed, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, bool has_bias, bool reverse, const Tensor& out, const Tensor& ws1,
+    const Tensor& ws2, const Tensor& go, const Tensor& grad_hn, const Tensor& grad_cn) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
+  const bool lstm = mode == LSTM, gru = mode == GRU;
+  const auto opts = x.options();
+  const Tensor none = at::empty({0}, opts);
+  Tensor dx = at::empty({T, B, I}, opts);
+  Tensor dh = grad_hn.contiguous().clone();
+  Tensor dc = lstm ? grad_cn.contiguous().clone() : none;
+  Tensor dw_ih = at::zeros({GH, I}, opts), dw_hh = at::zeros({GH, H}, opts);
+  Tensor db_i = at::zeros({GH}, opts), db_h = gru ? at::zeros({GH}, opts) : db_i;
+  auto bias_grads = [&]() -> std::pair<Tensor, Tensor> {
+    if (!has_bias) return {none, none};
+    return {db_i, gru ? db_h : db_i.clone()};
+  };
+  if (B == 0) {
+    const auto [db_ih, db_hh] = bias_grads();
+    return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
+  }
+  const Tensor cs = lstm ? ws2[0] : Tensor();
+  const Tensor w_ih_c = w_ih.contiguous();
+  // dh = dgh @ W_hh: H outputs, K = G * H
+  const Panels p = panels.get({w_hh}, kBackward * 4 + mode, [&] { return pack(w_hh.t(), Tensor(), 1, 64); });
+  const Panels p_dx = direct(w_ih_c);                 // dx = dgi @ W_ih
+  const int64_t RB = block_rows(p), TC = chunk_steps(T, B);
+  const Walk walk{T, !reverse};  // backward walks the steps the other way
+  // one chunk's gate gradients and the states its steps started from
+  Tensor dgi = workspace(kGateGrads, {TC, B, GH}), dgh = gru ? workspace(kGateGradsH, {TC, B, GH}) : dgi;
+  Tensor h_prev = workspace(kPrevStates, {TC, B, H});
+  auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
+
+#pragma omp parallel num_threads(threads_for(p))
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const Share own(p, nt, tid);
+    const int64_t j0 = own.u0, m = own.cnt;
+    int64_t t0 = 0;  // the chunk's first step
+    // gate gradients of walked step k, rows [r0, r1), this thread's units
+    auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
+      const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
+      for (int64_t b = r0; b < r1 && m > 0; ++b) {
+        float* d = dh.data_ptr<float>() + b * H + j0;
+        const float* g_out = at_row(go, t, b) + j0;
+        for (int64_t j = 0; j < m; ++j) d[j] += g_out[j];
+        const float* hp = (b < np ? at_row(out, tp, b) : h0.data_ptr<float>() + b * H) + j0;
+        std::memcpy(at_row(h_prev, t - t0, b) + j0, hp, m * 4);
+        if (lstm) {
+          const float* cp = (b < np ? at_row(cs, tp, b) : c0.data_ptr<float>() + b * H) + j0;
+          lstm_bwd(at_row(ws1, t, b) + j0, at_row(cs, t, b) + j0, cp, d, dc.data_ptr<float>() + b * H + j0,
+                   at_row(dgi, t - t0, b) + j0, m, H);
+        } else if (gru) {
+          gru_bwd(at_row(ws1, t, b) + j0, hp, d, at_row(dgi, t - t0, b) + j0, at_row(dgh, t - t0, b) + j0, m, H);
+        } else {
+          rnn_bwd(at_row(out, t, b) + j0, d, at_row(dgi, t - t0, b) + j0, mode == RNN_RELU, m);
+        }
+        for (int64_t q = 0; q < G; ++q) {  // the bias gradients, summed as the rows go by
+          const float* gi_row = at_row(dgi, t - t0, b) + q * H + j0;
+          const float* gh_row = at_row(dgh, t - t0, b) + q * H + j0;
+          float* sum_i = db_i.data_ptr<float>() + q * H + j0;
+          float* sum_h = db_h.data_ptr<float>() + q * H + j0;
+          for (int64_t j = 0; j < m; ++j) sum_i[j] += gi_row[j];
+          if (gru) {
+            for (int64_t j = 0; j < m; ++j) sum_h[j] += gh_row[j];
+          }
+        }
+      }
+    };
+    for (int64_t k0 = 0; k0 < T; k0 += TC) {
+      const int64_t k1 = std::min(T, k0 + TC), rows = (k1 - k0) * B;
+      t0 = walk.first(k0, k1);
+      if (packed) {  // rows a step does not run: zero gradients and states (the workspace holds old ones)
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t q = 0; q < G; ++q) {
+            std::memset(dgi.data_ptr<float>() + r * GH + q * H + j0, 0, m * 4);
+            std::memset(dgh.data_ptr<float>() + r * GH + q * H + j0, 0, m * 4);
+          }
+          std::memset(h_prev.data_ptr<float>() + r * H + j0, 0, m * 4);
+        }
+      }
+      pointwise(k0, 0, bs[walk.step(k0)]);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = walk.step(k), n = bs[t], n_next = k + 1 < k1 ? prev_rows(k) : 0;
+#pragma omp barrier
+        // dh of the rows active at t, block by block, each block's rows going straight
+        // on to the gate gradients of the next walked step of this chunk
+        for (int64_t r0 = 0; r0 < n; r0 += RB) {
+          const int64_t rb = std::min(RB, n - r0);
+          gemm(p, own.nb0, own.nb1, at_row(dgh, t - t0, r0), GH, rb, dh.data_ptr<float>() + r0 * H, H, gru);
+          pointwise(k + 1, r0, std::min(r0 + rb, n_next));
+        }
+        if (n_next > n) pointwise(k + 1, n, n_next);
+      }
+#pragma omp barrier
+      // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
+      const auto [x0, x1] = row_share(rows, nt, tid);
+      gemm(p_dx, 0, p_dx.NB, dgi.data_ptr<float>() + x0 * GH, GH, x1 - x0, dx.data_ptr<float>() + (t0 * B + x0) * I,
+           I, false);
+      const auto [g0, g1] = row_share(GH, nt, tid);
+      const Tensor xs = x.narrow(0, t0, k1 - k0).view({rows, I}), hs = h_prev.narrow(0, 0, k1 - k0).view({rows, H});
+      gemm(direct(xs), 0, (I + 63) / 64, dgi.data_ptr<float>() + g0, GH, g1 - g0,
+           dw_ih.data_ptr<float>() + g0 * I, I, true, true);
+      gemm(direct(hs), 0, (H + 63) / 64, dgh.data_ptr<float>() + g0, GH, g1 - g0,
+           dw_hh.data_ptr<float>() + g0 * H, H, true, true);
+#pragma omp barrier
+    }
+  }
+  const auto [db_ih, db_hh] = bias_grads();
+  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
+}
+
+}  // namespace rnnfast
