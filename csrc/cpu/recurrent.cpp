@@ -8,11 +8,14 @@
 // start-ups: this is what small batches and small hidden sizes pay for most.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <array>
+#include <map>
+#include <mutex>
 #include <cstring>
 
 #include "cache.h"
@@ -189,6 +192,25 @@ float* at_row(const Tensor& t, int64_t step, int64_t b) {
   return t.data_ptr<float>() + (step * t.size(1) + b) * t.size(2);
 }
 
+// Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
+// H apart, to read (or to write). Rows of the saved tensors are pages apart, beyond what
+// the hardware prefetchers follow, and a gate update that waits on them stalls the step.
+__attribute__((target("prfchw"))) void prefetch(const Tensor& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0,
+                                                int64_t m, int64_t runs, int64_t H, bool write) {
+  for (int64_t b = r0; b < r1; ++b) {
+    const char* row = reinterpret_cast<const char*>(at_row(t3, t, b) + j0);
+    for (int64_t q = 0; q < runs; ++q) {
+      for (int64_t j = 0; j < m * 4; j += 64) {
+        if (write) {
+          __builtin_prefetch(row + q * H * 4 + j, 1, 3);
+        } else {
+          __builtin_prefetch(row + q * H * 4 + j, 0, 3);
+        }
+      }
+    }
+  }
+}
+
 // Weights packed for the loops, kept across calls until they change; tagged by use and mode.
 enum PanelUse { kForward, kInput, kBackward };
 WeightCache<Panels> panels;
@@ -203,6 +225,57 @@ Tensor workspace(Slot slot, at::IntArrayRef sizes) {
   if (!t.defined() || t.numel() < numel) t = at::empty({numel}, at::kFloat);
   return t.narrow(0, 0, numel).view(sizes);
 }
+
+// Buffers for what the forward saves for backward, recycled when autograd frees them:
+// the first touch of a fresh multi-megabyte allocation page-faults every 4 KiB, which
+// costs about as much as the arithmetic that fills it. Holds at most kPoolBytes idle.
+class SavedPool {
+ public:
+  Tensor empty(at::IntArrayRef sizes, bool zero) {
+    const size_t bytes = c10::multiply_integers(sizes) * sizeof(float);
+    void* ptr = take(bytes);
+    if (ptr == nullptr) ptr = c10::alloc_cpu(bytes);
+    Tensor t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, at::kFloat);
+    return zero ? t.zero_() : t;
+  }
+
+ private:
+  static constexpr size_t kPoolBytes = size_t(512) << 20;
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = idle_.find(bytes);
+    if (it == idle_.end()) return nullptr;
+    void* p = it->second;
+    idle_.erase(it);
+    held_ -= bytes;
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (held_ + bytes > kPoolBytes && !idle_.empty()) {  // make room: drop the largest
+      auto last = std::prev(idle_.end());
+      held_ -= last->first;
+      c10::free_cpu(last->second);
+      idle_.erase(last);
+    }
+    if (bytes > kPoolBytes) return c10::free_cpu(p);
+    idle_.emplace(bytes, p);
+    held_ += bytes;
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> idle_;
+  size_t held_ = 0;
+};
+SavedPool& saved_pool() {
+  static SavedPool* pool = new SavedPool;  // never destroyed: deleters may run at exit
+  return *pool;
+}
+
+// Rows of a chunk that the weight gradients sum at a time.
+constexpr int64_t kSumRows = 256;
 
 // Steps per chunk: the input projection and the gate gradients of about this many
 // rows at a time, so that they stay in cache and no buffer grows with T.
@@ -237,8 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
   Tensor h = h0.contiguous().clone();
   Tensor c = lstm ? c0.contiguous().clone() : at::empty({0}, opts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
-  Tensor ws1 = save && (lstm || gru) ? make({T, B, lstm ? GH : 4 * H}) : at::empty({0}, opts);
-  Tensor ws2 = save && lstm ? make({1, T, B, H}) : at::empty({0}, opts);
+  Tensor ws1 = save && (lstm || gru) ? saved_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, opts);
+  Tensor ws2 = save && lstm ? saved_pool().empty({1, T, B, H}, packed) : at::empty({0}, opts);
   if (B == 0) return {out, h, c, ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
   const int64_t U = G == 1 ? 64 : 16;
@@ -314,7 +387,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
   Tensor dx = at::empty({T, B, I}, opts);
   Tensor dh = grad_hn.contiguous().clone();
   Tensor dc = lstm ? grad_cn.contiguous().clone() : none;
-  Tensor dw_ih = at::zeros({GH, I}, opts), dw_hh = at::zeros({GH, H}, opts);
+  Tensor dw_ih_t = at::zeros({I, GH}, opts), dw_hh_t = at::zeros({H, GH}, opts);
   Tensor db_i = at::zeros({GH}, opts), db_h = gru ? at::zeros({GH}, opts) : db_i;
   auto bias_grads = [&]() -> std::pair<Tensor, Tensor> {
     if (!has_bias) return {none, none};
@@ -322,7 +395,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
   };
   if (B == 0) {
     const auto [db_ih, db_hh] = bias_grads();
-    return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
+    return {dx, dh, dc, dw_ih_t.t().contiguous(), dw_hh_t.t().contiguous(), db_ih, db_hh};
   }
   const Tensor cs = lstm ? ws2[0] : Tensor();
   const Tensor w_ih_c = w_ih.contiguous();
@@ -343,6 +416,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
     const int64_t j0 = own.u0, m = own.cnt;
     int64_t t0 = 0;  // the chunk's first step
     // gate gradients of walked step k, rows [r0, r1), this thread's units
+    // what pointwise(k, r0, r1) will read, fetched while a GEMM block runs
+    auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
+      if (k >= T || r0 >= r1) return;
+      const int64_t t = walk.step(k), np = std::min(r1, prev_rows(k)), tp = k + 1 < T ? walk.step(k + 1) : 0;
+      prefetch(go, t, r0, r1, j0, m, 1, H, false);
+      prefetch(lstm || gru ? ws1 : out, t, r0, r1, j0, m, lstm || gru ? 4 : 1, H, false);
+      if (lstm) prefetch(cs, t, r0, r1, j0, m, 1, H, false);
+      if (r0 < np) {
+        prefetch(out, tp, r0, np, j0, m, 1, H, false);
+        if (lstm) prefetch(cs, tp, r0, np, j0, m, 1, H, false);
+      }
+    };
     auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
       const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
       for (int64_t b = r0; b < r1 && m > 0; ++b) {
@@ -392,6 +477,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
         // on to the gate gradients of the next walked step of this chunk
         for (int64_t r0 = 0; r0 < n; r0 += RB) {
           const int64_t rb = std::min(RB, n - r0);
+          fetch(k + 1, r0, std::min(r0 + rb, n_next));
           gemm(p, own.nb0, own.nb1, at_row(dgh, t - t0, r0), GH, rb, dh.data_ptr<float>() + r0 * H, H, gru);
           pointwise(k + 1, r0, std::min(r0 + rb, n_next));
         }
@@ -402,17 +488,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
       const auto [x0, x1] = row_share(rows, nt, tid);
       gemm(p_dx, 0, p_dx.NB, dgi.data_ptr<float>() + x0 * GH, GH, x1 - x0, dx.data_ptr<float>() + (t0 * B + x0) * I,
            I, false);
-      const auto [g0, g1] = row_share(GH, nt, tid);
-      const Tensor xs = x.narrow(0, t0, k1 - k0).view({rows, I}), hs = h_prev.narrow(0, 0, k1 - k0).view({rows, H});
-      gemm(direct(xs), 0, (I + 63) / 64, dgi.data_ptr<float>() + g0, GH, g1 - g0,
-           dw_ih.data_ptr<float>() + g0 * I, I, true, true);
-      gemm(direct(hs), 0, (H + 63) / 64, dgh.data_ptr<float>() + g0, GH, g1 - g0,
-           dw_hh.data_ptr<float>() + g0 * H, H, true, true);
+      // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
+      // both operands in L2; the strided operand is the narrower one
+      const int64_t nb0 = ((GH + 63) / 64) * tid / nt, nb1 = ((GH + 63) / 64) * (tid + 1) / nt;
+      for (int64_t k = 0; k < rows; k += kSumRows) {
+        const int64_t kb = std::min(kSumRows, rows - k);
+        gemm(direct(dgi.view({-1, GH}).narrow(0, k, kb)), nb0, nb1, x.data_ptr<float>() + (t0 * B + k) * I, I, I,
+             dw_ih_t.data_ptr<float>(), GH, true, true);
+        gemm(direct(dgh.view({-1, GH}).narrow(0, k, kb)), nb0, nb1, h_prev.data_ptr<float>() + k * H, H, H,
+             dw_hh_t.data_ptr<float>(), GH, true, true);
+      }
 #pragma omp barrier
     }
   }
   const auto [db_ih, db_hh] = bias_grads();
-  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh};
+  return {dx, dh, dc, dw_ih_t.t().contiguous(), dw_hh_t.t().contiguous(), db_ih, db_hh};
 }
 
 }  // namespace rnnfast
