@@ -31,9 +31,10 @@ using OptTensor = c10::optional<Tensor>;
 // data + nb * pstride + k * ldb. Packed panels (pack) hold U units of each of G gates
 // side by side, zero-padded; a plain row-major (K, N) matrix (direct) is one gate of 64.
 struct Panels {
-  Tensor w;     // what data points into: the packed copy, or the matrix itself
+  Tensor w;     // the packed copy that data points into (undefined for a matrix read in place)
   Tensor bias;  // (NB, 16 * V), packed like the columns, or undefined
   const float* data;
+  const float* bias_data = nullptr;
   int64_t G, U, V, N, K, NB, ldb, pstride;
 
   // Column offset in an output row (gate stride N) and live lanes of register v of panel nb.
@@ -58,6 +59,7 @@ Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
   if (bias.defined()) {
     const Tensor bg = at::constant_pad_nd(bias.reshape({G, p.N}), {0, pad});
     p.bias = bg.view({G, p.NB, U}).permute({1, 0, 2}).contiguous().view({p.NB, G * U});
+    p.bias_data = p.bias.data_ptr<float>();
   }
   p.data = p.w.data_ptr<float>();
   p.ldb = G * U;
@@ -65,18 +67,17 @@ Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
   return p;
 }
 
-// m: a (K, N) matrix with unit column stride, read in place.
-Panels direct(const Tensor& m) {
+// A (K, N) row-major matrix with row stride ldb, read in place (it must outlive the Panels).
+Panels direct(const float* data, int64_t K, int64_t N, int64_t ldb) {
   Panels p;
-  p.w = m;
   p.G = 1;
   p.U = 64;
   p.V = 4;
-  p.K = m.size(0);
-  p.N = m.size(1);
-  p.NB = (p.N + 63) / 64;
-  p.data = m.data_ptr<float>();
-  p.ldb = m.stride(0);
+  p.K = K;
+  p.N = N;
+  p.NB = (N + 63) / 64;
+  p.data = data;
+  p.ldb = ldb;
   p.pstride = 64;
   return p;
 }
@@ -140,7 +141,7 @@ void product(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t 
       mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
     }
     const float* b = p.data + nb * p.pstride;
-    const float* bias = p.bias.defined() ? p.bias.data_ptr<float>() + nb * V * 16 : nullptr;
+    const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
     int64_t r = 0;
     for (; r + R <= n; r += R) {
       tile<R, V, TA>(a + r * rs, lda, p.K, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add);
@@ -188,17 +189,28 @@ int64_t threads_for(const Panels& p) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.NB));
 }
 
-float* at_row(const Tensor& t, int64_t step, int64_t b) {
-  return t.data_ptr<float>() + (step * t.size(1) + b) * t.size(2);
-}
+// Rows of a (T, B, W) float tensor by (step, batch row), without a tensor access per row.
+struct Rows {
+  float* data = nullptr;
+  int64_t B = 0, W = 0;
+  Rows() = default;
+  explicit Rows(const Tensor& t) {
+    if (t.defined() && t.dim() == 3) {
+      data = t.data_ptr<float>();
+      B = t.size(1);
+      W = t.size(2);
+    }
+  }
+  float* operator()(int64_t step, int64_t b) const { return data + (step * B + b) * W; }
+};
 
 // Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
 // H apart, to read (or to write). Rows of the saved tensors are pages apart, beyond what
 // the hardware prefetchers follow, and a gate update that waits on them stalls the step.
-__attribute__((target("prfchw"))) void prefetch(const Tensor& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0,
+__attribute__((target("prfchw"))) void prefetch(const Rows& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0,
                                                 int64_t m, int64_t runs, int64_t H, bool write) {
   for (int64_t b = r0; b < r1; ++b) {
-    const char* row = reinterpret_cast<const char*>(at_row(t3, t, b) + j0);
+    const char* row = reinterpret_cast<const char*>(t3(t, b) + j0);
     for (int64_t q = 0; q < runs; ++q) {
       for (int64_t j = 0; j < m * 4; j += 64) {
         if (write) {
@@ -328,6 +340,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
   Tensor gi = workspace(kGates, {TC, B, GH});    // one chunk's input pre-activations
   Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, GRU ws
 
+  const Rows gi_rows(gi), out_rows(out), cs_rows(cs), ws1_rows(ws1);
+  float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
+  float* const hbuf_p = hbuf.data_ptr<float>();
+  const float* const x_p = x.data_ptr<float>();
 #pragma omp parallel num_threads(nt)
   {
     const Share own(p, omp_get_num_threads(), omp_get_thread_num());
@@ -337,31 +353,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
       const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1);
       // this thread's units of the chunk's input projection: only this thread reads them
-      gemm(p_in, own.nb0, own.nb1, x.data_ptr<float>() + t0 * B * I, I, (k1 - k0) * B, gi.data_ptr<float>(), GH,
+      gemm(p_in, own.nb0, own.nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, GH,
            false);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = walk.step(k), n = bs[t];
-        float* cur = hbuf.data_ptr<float>() + (k % 2) * B * H;
-        float* nxt = hbuf.data_ptr<float>() + ((k + 1) % 2) * B * H;
+        float* cur = hbuf_p + (k % 2) * B * H;
+        float* nxt = hbuf_p + ((k + 1) % 2) * B * H;
         for (int64_t b = n; b < B; ++b) std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * 4);
         for (int64_t r0 = 0; r0 < n && m > 0; r0 += RB) {
           const int64_t rows = std::min(RB, n - r0);
           gemm(p, own.nb0, own.nb1, cur + r0 * H, H, rows, gh, GH, false);
           for (int64_t b = r0; b < r0 + rows; ++b) {
-            float* g = at_row(gi, t - t0, b) + j0;
+            float* g = gi_rows(t - t0, b) + j0;
             const float* ghb = gh + (b - r0) * GH + j0;
-            float* h_out = at_row(out, t, b) + j0;
+            float* h_out = out_rows(t, b) + j0;
             if (lstm) {
-              float* c_row = c.data_ptr<float>() + b * H + j0;
+              float* c_row = c_p + b * H + j0;
               if (save) {
-                float* c_out = at_row(cs, t, b) + j0;
-                lstm_fwd(g, ghb, c_row, at_row(ws1, t, b) + j0, c_out, h_out, m, H);
+                float* c_out = cs_rows(t, b) + j0;
+                lstm_fwd(g, ghb, c_row, ws1_rows(t, b) + j0, c_out, h_out, m, H);
                 std::memcpy(c_row, c_out, m * 4);
               } else {
                 lstm_fwd(g, ghb, c_row, g, c_row, h_out, m, H);
               }
             } else if (gru) {
-              gru_fwd(g, ghb, cur + b * H + j0, (save ? at_row(ws1, t, b) : gru_ws) + j0, h_out, m, H);
+              gru_fwd(g, ghb, cur + b * H + j0, (save ? ws1_rows(t, b) : gru_ws) + j0, h_out, m, H);
             } else {
               rnn_fwd(g, ghb, h_out, mode == RNN_RELU, m);
             }
@@ -401,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
   const Tensor w_ih_c = w_ih.contiguous();
   // dh = dgh @ W_hh: H outputs, K = G * H
   const Panels p = panels.get({w_hh}, kBackward * 4 + mode, [&] { return pack(w_hh.t(), Tensor(), 1, 64); });
-  const Panels p_dx = direct(w_ih_c);                 // dx = dgi @ W_ih
+  const Panels p_dx = direct(w_ih_c.data_ptr<float>(), GH, I, I);  // dx = dgi @ W_ih
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B);
   const Walk walk{T, !reverse};  // backward walks the steps the other way
   // one chunk's gate gradients and the states its steps started from
@@ -409,6 +425,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
   Tensor h_prev = workspace(kPrevStates, {TC, B, H});
   auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
 
+  const Rows go_rows(go), out_rows(out), cs_rows(cs), ws1_rows(ws1), dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
+  float* const dh_p = dh.data_ptr<float>();
+  float* const dc_p = lstm ? dc.data_ptr<float>() : nullptr;
+  float* const db_i_p = db_i.data_ptr<float>();
+  float* const db_h_p = db_h.data_ptr<float>();
+  const float* const h0_p = h0.data_ptr<float>();
+  const float* const c0_p = lstm ? c0.data_ptr<float>() : nullptr;
+  const float* const x_p = x.data_ptr<float>();
+  float* const dx_p = dx.data_ptr<float>();
+  float* const dw_ih_p = dw_ih_t.data_ptr<float>();
+  float* const dw_hh_p = dw_hh_t.data_ptr<float>();
 #pragma omp parallel num_threads(threads_for(p))
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -420,36 +447,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
     auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
       if (k >= T || r0 >= r1) return;
       const int64_t t = walk.step(k), np = std::min(r1, prev_rows(k)), tp = k + 1 < T ? walk.step(k + 1) : 0;
-      prefetch(go, t, r0, r1, j0, m, 1, H, false);
-      prefetch(lstm || gru ? ws1 : out, t, r0, r1, j0, m, lstm || gru ? 4 : 1, H, false);
-      if (lstm) prefetch(cs, t, r0, r1, j0, m, 1, H, false);
+      prefetch(go_rows, t, r0, r1, j0, m, 1, H, false);
+      prefetch(lstm || gru ? ws1_rows : out_rows, t, r0, r1, j0, m, lstm || gru ? 4 : 1, H, false);
+      if (lstm) prefetch(cs_rows, t, r0, r1, j0, m, 1, H, false);
       if (r0 < np) {
-        prefetch(out, tp, r0, np, j0, m, 1, H, false);
-        if (lstm) prefetch(cs, tp, r0, np, j0, m, 1, H, false);
+        prefetch(out_rows, tp, r0, np, j0, m, 1, H, false);
+        if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H, false);
       }
     };
     auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
       const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
       for (int64_t b = r0; b < r1 && m > 0; ++b) {
-        float* d = dh.data_ptr<float>() + b * H + j0;
-        const float* g_out = at_row(go, t, b) + j0;
+        float* d = dh_p + b * H + j0;
+        const float* g_out = go_rows(t, b) + j0;
         for (int64_t j = 0; j < m; ++j) d[j] += g_out[j];
-        const float* hp = (b < np ? at_row(out, tp, b) : h0.data_ptr<float>() + b * H) + j0;
-        std::memcpy(at_row(h_prev, t - t0, b) + j0, hp, m * 4);
+        const float* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
+        std::memcpy(hp_rows(t - t0, b) + j0, hp, m * 4);
         if (lstm) {
-          const float* cp = (b < np ? at_row(cs, tp, b) : c0.data_ptr<float>() + b * H) + j0;
-          lstm_bwd(at_row(ws1, t, b) + j0, at_row(cs, t, b) + j0, cp, d, dc.data_ptr<float>() + b * H + j0,
-                   at_row(dgi, t - t0, b) + j0, m, H);
+          const float* cp = (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0;
+          lstm_bwd(ws1_rows(t, b) + j0, cs_rows(t, b) + j0, cp, d, dc_p + b * H + j0,
+                   dgi_rows(t - t0, b) + j0, m, H);
         } else if (gru) {
-          gru_bwd(at_row(ws1, t, b) + j0, hp, d, at_row(dgi, t - t0, b) + j0, at_row(dgh, t - t0, b) + j0, m, H);
+          gru_bwd(ws1_rows(t, b) + j0, hp, d, dgi_rows(t - t0, b) + j0, dgh_rows(t - t0, b) + j0, m, H);
         } else {
-          rnn_bwd(at_row(out, t, b) + j0, d, at_row(dgi, t - t0, b) + j0, mode == RNN_RELU, m);
+          rnn_bwd(out_rows(t, b) + j0, d, dgi_rows(t - t0, b) + j0, mode == RNN_RELU, m);
         }
         for (int64_t q = 0; q < G; ++q) {  // the bias gradients, summed as the rows go by
-          const float* gi_row = at_row(dgi, t - t0, b) + q * H + j0;
-          const float* gh_row = at_row(dgh, t - t0, b) + q * H + j0;
-          float* sum_i = db_i.data_ptr<float>() + q * H + j0;
-          float* sum_h = db_h.data_ptr<float>() + q * H + j0;
+          const float* gi_row = dgi_rows(t - t0, b) + q * H + j0;
+          const float* gh_row = dgh_rows(t - t0, b) + q * H + j0;
+          float* sum_i = db_i_p + q * H + j0;
+          float* sum_h = db_h_p + q * H + j0;
           for (int64_t j = 0; j < m; ++j) sum_i[j] += gi_row[j];
           if (gru) {
             for (int64_t j = 0; j < m; ++j) sum_h[j] += gh_row[j];
@@ -463,10 +490,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
       if (packed) {  // rows a step does not run: zero gradients and states (the workspace holds old ones)
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t q = 0; q < G; ++q) {
-            std::memset(dgi.data_ptr<float>() + r * GH + q * H + j0, 0, m * 4);
-            std::memset(dgh.data_ptr<float>() + r * GH + q * H + j0, 0, m * 4);
+            std::memset(dgi_rows.data + r * GH + q * H + j0, 0, m * 4);
+            std::memset(dgh_rows.data + r * GH + q * H + j0, 0, m * 4);
           }
-          std::memset(h_prev.data_ptr<float>() + r * H + j0, 0, m * 4);
+          std::memset(hp_rows.data + r * H + j0, 0, m * 4);
         }
       }
       pointwise(k0, 0, bs[walk.step(k0)]);
@@ -478,7 +505,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
         for (int64_t r0 = 0; r0 < n; r0 += RB) {
           const int64_t rb = std::min(RB, n - r0);
           fetch(k + 1, r0, std::min(r0 + rb, n_next));
-          gemm(p, own.nb0, own.nb1, at_row(dgh, t - t0, r0), GH, rb, dh.data_ptr<float>() + r0 * H, H, gru);
+          gemm(p, own.nb0, own.nb1, dgh_rows(t - t0, r0), GH, rb, dh_p + r0 * H, H, gru);
           pointwise(k + 1, r0, std::min(r0 + rb, n_next));
         }
         if (n_next > n) pointwise(k + 1, n, n_next);
@@ -486,17 +513,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
 #pragma omp barrier
       // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
       const auto [x0, x1] = row_share(rows, nt, tid);
-      gemm(p_dx, 0, p_dx.NB, dgi.data_ptr<float>() + x0 * GH, GH, x1 - x0, dx.data_ptr<float>() + (t0 * B + x0) * I,
+      gemm(p_dx, 0, p_dx.NB, dgi_rows.data + x0 * GH, GH, x1 - x0, dx_p + (t0 * B + x0) * I,
            I, false);
       // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
       // both operands in L2; the strided operand is the narrower one
       const int64_t nb0 = ((GH + 63) / 64) * tid / nt, nb1 = ((GH + 63) / 64) * (tid + 1) / nt;
       for (int64_t k = 0; k < rows; k += kSumRows) {
         const int64_t kb = std::min(kSumRows, rows - k);
-        gemm(direct(dgi.view({-1, GH}).narrow(0, k, kb)), nb0, nb1, x.data_ptr<float>() + (t0 * B + k) * I, I, I,
-             dw_ih_t.data_ptr<float>(), GH, true, true);
-        gemm(direct(dgh.view({-1, GH}).narrow(0, k, kb)), nb0, nb1, h_prev.data_ptr<float>() + k * H, H, H,
-             dw_hh_t.data_ptr<float>(), GH, true, true);
+        gemm(direct(dgi_rows.data + k * GH, kb, GH, GH), nb0, nb1, x_p + (t0 * B + k) * I, I, I,
+             dw_ih_p, GH, true, true);
+        gemm(direct(dgh_rows.data + k * GH, kb, GH, GH), nb0, nb1, hp_rows.data + k * H, H, H,
+             dw_hh_p, GH, true, true);
       }
 #pragma omp barrier
     }
