@@ -2,6 +2,7 @@
 cache, torch.compile through its operators, and a clear fallback when the
 extension is broken. (Parity with torch.nn runs in test_lstm/gru/rnn.py.)"""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,37 @@ def test_long_sequences_cross_time_chunks(family, packed):
     for name, a, b in [*zip(range(len(want)), got, want), *((k, got_g[k], want_g[k]) for k in want_g)]:
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double(), b, atol=1e-5 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_narrower_kernel_builds(isa):
+    """CPUs without AVX-512 run the stepwise loop and the AVX2 or baseline gate kernels: the same
+    parity, checked here by capping the kernels this machine picks (RNNFAST_CPU_ISA)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from parity import Case, check_layer
+        for family in ("LSTM", "GRU", "RNN"):
+            check_layer(family, Case("isa", dict(num_layers=2, bidirectional=True), I=11, H=37, T=6, B=5,
+                                     packed="unsorted"), "cpu")
+            check_layer(family, Case("isa-long", I=7, H=21, T=40, B=3), "cpu")
+        print("ok")
+    """)
+    env = dict(os.environ, RNNFAST_CPU_ISA=isa)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_any_thread_count(family, threads):
+    """The fused loop splits hidden units by whole panels; odd thread counts leave uneven shares."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_layer(family, Case("threads", dict(bidirectional=True), I=11, H=70, T=6, B=13, packed="unsorted"), "cpu")
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])

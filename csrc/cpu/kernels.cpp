@@ -5,6 +5,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #define RNNFAST_INLINE inline __attribute__((always_inline))
 
 namespace rnnfast {
@@ -33,16 +37,32 @@ namespace avx512 {
 
 namespace rnnfast {
 
-const bool kHasAvx2 = [] {
-  __builtin_cpu_init();  // this initialiser may run before libgcc's own
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}();
+namespace {
 
-const bool kHasAvx512 = [] {
-  __builtin_cpu_init();
-  return kHasAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-}();
+// 0: baseline x86-64, 1: AVX2+FMA, 2: AVX-512. What the CPU has, capped by RNNFAST_CPU_ISA
+// (base, avx2) so that one machine can test every build of the kernels.
+int isa_level() {
+  __builtin_cpu_init();  // this initialiser may run before libgcc's own
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    level = 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+      level = 2;
+    }
+  }
+  const char* cap = std::getenv("RNNFAST_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "base") == 0) level = 0;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
+  return level;
+}
+
+const int kIsa = isa_level();
+
+}  // namespace
+
+const bool kHasAvx2 = kIsa >= 1;
+const bool kHasAvx512 = kIsa >= 2;
 
 #define RNNFAST_DISPATCH(fn, ...) \
   (kHasAvx512 ? avx512::fn(__VA_ARGS__) : kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))

@@ -50,7 +50,8 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 
 namespace rnnfast {
 
-// The CPU has AVX-512 (F, DQ, VL, BW): the widest build of the kernels runs.
+// The CPU has AVX-512 (F, DQ, VL, BW) and RNNFAST_CPU_ISA does not cap it: the widest
+// build of the kernels and the fused loop run.
 extern const bool kHasAvx512;
 
 // One layer and direction on AVX-512 CPUs in float32 without proj_size (recurrent.cpp):
