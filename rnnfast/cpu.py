@@ -2,7 +2,8 @@
 
 Training and long sequences go through the operators ``rnnfast::layer_fwd`` and
 ``rnnfast::layer_bwd`` (one layer and direction per call; autograd and fake
-kernels registered here, so ``torch.compile`` traces them). Inference on short
+kernels registered here, so ``torch.compile`` traces them); the forward keeps what
+backward needs only when autograd will ask for it. Inference on short
 sequences with a small batch takes ``_C.decode``: the whole stack in one call,
 with the weights packed once and cached until a parameter changes.
 
@@ -21,9 +22,19 @@ from . import _C
 from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec
 
 DTYPES = (torch.float32, torch.float64)
-# the decode path (GEMV over cached packed weights) beats MKL GEMMs up to about here
+# The decode path (a GEMV per row over cached packed weights) beats the fused loop on
+# one or two rows (T * B); the stepwise loop's GEMM calls (float64, CPUs without
+# AVX-512) only from about T = 16 or B = 8 on.
+DECODE_MAX_ROWS = 2
 DECODE_MAX_T = 16
 DECODE_MAX_B = 8
+_FUSED_LOOP = _C.has_fused_loop()
+
+
+def _takes_decode(x: Tensor) -> bool:
+    if x.dtype == torch.float32 and _FUSED_LOOP:
+        return x.size(0) * x.size(1) <= DECODE_MAX_ROWS
+    return x.size(0) <= DECODE_MAX_T and x.size(1) <= DECODE_MAX_B
 
 _ops = torch.ops.rnnfast
 
@@ -118,8 +129,7 @@ class CPUBackend(Backend):
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Short unidirectional inference calls take the fused decode path, the rest run layer by layer."""
         if (
-            x.size(0) <= DECODE_MAX_T
-            and x.size(1) <= DECODE_MAX_B
+            _takes_decode(x)
             and batch_sizes is None
             and not spec.bidirectional
             and spec.proj_size == 0

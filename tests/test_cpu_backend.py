@@ -58,7 +58,7 @@ def decode_calls(monkeypatch):
      ("RNN", dict(num_layers=2)), ("RNN", dict(nonlinearity="relu", bias=False))],
     ids=["lstm", "lstm-L3", "gru-L2", "gru-nobias", "rnn-L2", "relu-nobias"],
 )
-@pytest.mark.parametrize("T, B", [(1, 1), (3, 4)], ids=["T1B1", "T3B4"])
+@pytest.mark.parametrize("T, B", [(1, 1), (2, 1)], ids=["T1B1", "T2B1"])
 def test_decode_path_matches_torch(family, kwargs, T, B, dtype, decode_calls):
     ref, ours = twins(family, 19, 40, dtype=dtype, **kwargs)
     x = torch.randn(T, B, 19, dtype=dtype)

@@ -117,6 +117,8 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnfast CPU kernels; the autograd-aware entry points are torch.ops.rnnfast.*";
+  m.def("has_fused_loop", [] { return rnnfast::kHasAvx512; },
+        "Whether float32 layers run the fused AVX-512 loop (else the stepwise loop).");
   m.def("decode", &rnnfast::decode,
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
 }

@@ -1,10 +1,12 @@
 // One recurrent layer, one direction, over a whole (optionally packed) sequence:
 // forward and backward, registered as the operators rnnfast::layer_fwd / layer_bwd.
 //
-// Forward: one GEMM projects the input of every step; each step adds one GEMM
-// for the recurrent term and runs one fused pointwise pass. Backward walks the
-// steps in reverse with fused gate gradients and forms the weight gradients as
-// single GEMMs over all steps at the end.
+// float32 without proj_size on AVX-512 CPUs runs the fused loop of recurrent.cpp.
+// Everything else (float64, proj_size, narrower CPUs) runs the stepwise loop here:
+// one GEMM projects the input of every step; each step adds one GEMM call for the
+// recurrent term and one fused pointwise pass. Its backward walks the steps in
+// reverse with fused gate gradients and forms the weight gradients as single GEMMs
+// over all steps at the end.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

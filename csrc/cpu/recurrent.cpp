@@ -1,11 +1,16 @@
-// The time loop of one layer on AVX-512 CPUs, float32, forward and backward.
+// One layer and direction on AVX-512 CPUs in float32, forward and backward, as one
+// OpenMP parallel region each.
 //
-// All steps run inside one OpenMP parallel region: each thread owns a slice of
-// the hidden units, keeps its slice of W_hh packed in panels for a register-blocked
-// GEMM tile, computes the recurrent pre-activations of its units and applies the
-// gate update to them (the row kernels of kernels.h), then waits at one barrier
-// per step for the others. No per-step library calls, allocations or thread
-// start-ups: this is what small batches and small hidden sizes pay for most.
+// Every product is one register-blocked tile kernel (6 rows x 64 columns, 24 zmm
+// accumulators) over weights packed once into panels and cached until they change.
+// Each thread owns a slice of the hidden units (whole panels): per step it computes
+// the recurrent pre-activations of its units a block of rows at a time and applies
+// the gate update (the row kernels of kernels.h) while they are in cache, then waits
+// at one barrier for the others. Steps go in chunks of about 1024 rows: the forward
+// projects a chunk's inputs for its own units before running its steps; the backward
+// forms a chunk's dx, dW_ih and dW_hh right after its steps, while the gate gradients
+// are in cache. No per-step library calls, allocations or thread start-ups, and
+// no buffer that grows with T besides what torch.nn also returns or saves.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -193,7 +198,6 @@ int64_t threads_for(const Panels& p) {
 struct Rows {
   float* data = nullptr;
   int64_t B = 0, W = 0;
-  Rows() = default;
   explicit Rows(const Tensor& t) {
     if (t.defined() && t.dim() == 3) {
       data = t.data_ptr<float>();
@@ -205,20 +209,13 @@ struct Rows {
 };
 
 // Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
-// H apart, to read (or to write). Rows of the saved tensors are pages apart, beyond what
-// the hardware prefetchers follow, and a gate update that waits on them stalls the step.
-__attribute__((target("prfchw"))) void prefetch(const Rows& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0,
-                                                int64_t m, int64_t runs, int64_t H, bool write) {
+// H apart. Rows of the saved tensors are pages apart, beyond what the hardware prefetchers
+// follow, and a gate update that waits on them stalls the step.
+void prefetch(const Rows& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, int64_t m, int64_t runs, int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
     const char* row = reinterpret_cast<const char*>(t3(t, b) + j0);
     for (int64_t q = 0; q < runs; ++q) {
-      for (int64_t j = 0; j < m * 4; j += 64) {
-        if (write) {
-          __builtin_prefetch(row + q * H * 4 + j, 1, 3);
-        } else {
-          __builtin_prefetch(row + q * H * 4 + j, 0, 3);
-        }
-      }
+      for (int64_t j = 0; j < m * 4; j += 64) _mm_prefetch(row + q * H * 4 + j, _MM_HINT_T0);
     }
   }
 }
@@ -245,6 +242,7 @@ class SavedPool {
  public:
   Tensor empty(at::IntArrayRef sizes, bool zero) {
     const size_t bytes = c10::multiply_integers(sizes) * sizeof(float);
+    if (bytes == 0) return at::empty(sizes, at::kFloat);
     void* ptr = take(bytes);
     if (ptr == nullptr) ptr = c10::alloc_cpu(bytes);
     Tensor t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, at::kFloat);
@@ -252,7 +250,7 @@ class SavedPool {
   }
 
  private:
-  static constexpr size_t kPoolBytes = size_t(512) << 20;
+  static constexpr size_t kPoolBytes = size_t(256) << 20;
 
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -447,12 +445,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
     auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
       if (k >= T || r0 >= r1) return;
       const int64_t t = walk.step(k), np = std::min(r1, prev_rows(k)), tp = k + 1 < T ? walk.step(k + 1) : 0;
-      prefetch(go_rows, t, r0, r1, j0, m, 1, H, false);
-      prefetch(lstm || gru ? ws1_rows : out_rows, t, r0, r1, j0, m, lstm || gru ? 4 : 1, H, false);
-      if (lstm) prefetch(cs_rows, t, r0, r1, j0, m, 1, H, false);
+      prefetch(go_rows, t, r0, r1, j0, m, 1, H);
+      prefetch(lstm || gru ? ws1_rows : out_rows, t, r0, r1, j0, m, lstm || gru ? 4 : 1, H);
+      if (lstm) prefetch(cs_rows, t, r0, r1, j0, m, 1, H);
       if (r0 < np) {
-        prefetch(out_rows, tp, r0, np, j0, m, 1, H, false);
-        if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H, false);
+        prefetch(out_rows, tp, r0, np, j0, m, 1, H);
+        if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H);
       }
     };
     auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
