@@ -132,6 +132,18 @@ def test_long_sequences_cross_time_chunks(family, packed):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
+def test_inference_mode_then_training():
+    """Scratch kept between calls works whether a call runs in inference mode or not."""
+    ref, ours = twins("LSTM", 7, 33, num_layers=2)
+    x = torch.randn(9, 5, 7)
+    for inference in (True, False, True):
+        with torch.inference_mode(inference):
+            assert_same(ours(x), ref(x))
+    out, _ = ours(x)
+    out.sum().backward()
+    assert ours.weight_hh_l1.grad is not None
+
+
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_narrower_kernel_builds(isa):
     """CPUs without AVX-512 run the stepwise loop and the AVX2 or baseline gate kernels: the same

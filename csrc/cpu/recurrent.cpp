@@ -13,6 +13,7 @@
 // no buffer that grows with T besides what torch.nn also returns or saves.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -231,7 +232,10 @@ Tensor workspace(Slot slot, at::IntArrayRef sizes) {
   thread_local std::array<Tensor, kSlots> held;
   const int64_t numel = c10::multiply_integers(sizes);
   Tensor& t = held[slot];
-  if (!t.defined() || t.numel() < numel) t = at::empty({numel}, at::kFloat);
+  if (!t.defined() || t.numel() < numel) {
+    c10::InferenceMode normal(false);  // a plain tensor, writable whether or not a later call runs in inference mode
+    t = at::empty({numel}, at::kFloat);
+  }
   return t.narrow(0, 0, numel).view(sizes);
 }
 
