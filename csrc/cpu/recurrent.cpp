@@ -355,8 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
       const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1);
       // this thread's units of the chunk's input projection: only this thread reads them
-      gemm(p_in, own.nb0, own.nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, GH,
-           false);
+      gemm(p_in, own.nb0, own.nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, GH, false);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = walk.step(k), n = bs[t];
         float* cur = hbuf_p + (k % 2) * B * H;
