@@ -121,7 +121,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                            present(b_ih) ? b_ih->contiguous() : Tensor(), present(b_hh) ? b_hh->contiguous() : Tensor(),
                            reverse, save);
   }
-  // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512); it always saves
+  // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512); it computes what
+  // backward needs either way and returns it only with save
   const Tensor x2 = x.view({T * B, I});
   // input projection of every step, (T, B, G*H); GRU keeps b_hh apart for r * (W_hn h + b_hn)
   Tensor gi = matmul_nt(x2, w_ih, present(b_ih) ? OptTensor(mode == GRU ? *b_ih : *b_ih + *b_hh) : c10::nullopt);
