@@ -340,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
   Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
   hbuf.copy_(h.unsqueeze(0).expand({2, B, H}));
   Tensor gi = workspace(kGates, {TC, B, GH});    // one chunk's input pre-activations
-  Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, GRU ws
+  Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, a row's gates
 
   const Rows gi_rows(gi), out_rows(out), cs_rows(cs), ws1_rows(ws1);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
@@ -351,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
     const Share own(p, omp_get_num_threads(), omp_get_thread_num());
     const int64_t j0 = own.u0, m = own.cnt;
     float* gh = scratch.data_ptr<float>() + omp_get_thread_num() * (RB * GH + 4 * H);
-    float* gru_ws = gh + RB * GH;
+    float* row_ws = gh + RB * GH;  // a row's gates when nothing is saved: stays in L1
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
       const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1);
       // this thread's units of the chunk's input projection: only this thread reads them
@@ -375,10 +375,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
                 lstm_fwd(g, ghb, c_row, ws1_rows(t, b) + j0, c_out, h_out, m, H);
                 std::memcpy(c_row, c_out, m * 4);
               } else {
-                lstm_fwd(g, ghb, c_row, g, c_row, h_out, m, H);
+                lstm_fwd(g, ghb, c_row, row_ws + j0, c_row, h_out, m, H);
               }
             } else if (gru) {
-              gru_fwd(g, ghb, cur + b * H + j0, (save ? ws1_rows(t, b) : gru_ws) + j0, h_out, m, H);
+              gru_fwd(g, ghb, cur + b * H + j0, (save ? ws1_rows(t, b) : row_ws) + j0, h_out, m, H);
             } else {
               rnn_fwd(g, ghb, h_out, mode == RNN_RELU, m);
             }
