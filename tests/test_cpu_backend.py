@@ -8,6 +8,8 @@ import sys
 import textwrap
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rnnfast
 from rnnfast.backend import get_backend
@@ -112,24 +114,51 @@ def test_weight_caches_follow_weight_changes(T, B, decode_calls):
     assert len(decode_calls) == (5 if T == 1 else 0)
 
 
-@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("packed", [None, "unsorted"], ids=["padded", "packed"])
-def test_long_sequences_cross_time_chunks(family, packed):
-    """The fused loop projects inputs and sums weight gradients a chunk of steps at a time
-    (about 1024 rows): states and gradients carry across chunk boundaries both ways."""
-    case = Case("chunks", dict(num_layers=2, bidirectional=True), I=9, H=70, T=45, B=50, packed=packed)
+def assert_matches_float64(family: str, case: Case) -> None:
+    """rnnfast cpu in float32 against torch.nn in float64: outputs, states and every gradient, within
+    1e-5 of each tensor's scale. Long sums (T * B rows) put float32 torch.nn itself ~1e-6 of the scale off."""
+    layers = case.kwargs.get("num_layers", 1) * (2 if case.kwargs.get("bidirectional") else 1)
+    inputs = make_inputs(case, [case.H] * (2 if family == "LSTM" else 1), layers)
 
     def run(cls, dtype, **kwargs):
         torch.manual_seed(0)
         module = cls(case.I, case.H, **case.kwargs, **kwargs).to(dtype)
         return run_layer(module, case, inputs, dtype, "cpu")
 
-    inputs = make_inputs(case, [case.H] * (2 if family == "LSTM" else 1), 4)
-    want, want_g = run(TORCH[family], torch.float64)  # sums over 2250 rows: float32 torch.nn is off by ~1e-6 too
+    want, want_g = run(TORCH[family], torch.float64)
     got, got_g = run(getattr(rnnfast, family), torch.float32, backend="cpu")
     for name, a, b in [*zip(range(len(want)), got, want), *((k, got_g[k], want_g[k]) for k in want_g)]:
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a.double(), b, atol=1e-5 * scale, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("packed", [None, "unsorted"], ids=["padded", "packed"])
+def test_long_sequences_cross_time_chunks(family, packed):
+    """The fused loop projects inputs and sums weight gradients a chunk of steps at a time
+    (about 1024 rows): states and gradients carry across chunk boundaries both ways."""
+    assert_matches_float64(family, Case("chunks", dict(num_layers=2, bidirectional=True), I=9, H=70, T=45, B=50,
+                                        packed=packed))
+
+
+@st.composite
+def fused_loop_cases(draw):
+    family = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
+    kwargs = {"num_layers": draw(st.integers(1, 2)), "bidirectional": draw(st.booleans()), "bias": draw(st.booleans())}
+    if family == "RNN":
+        kwargs["nonlinearity"] = draw(st.sampled_from(["tanh", "relu"]))
+    case = Case("fused", kwargs, I=draw(st.integers(1, 90)), H=draw(st.integers(1, 150)), T=draw(st.integers(1, 40)),
+                B=draw(st.integers(1, 70)), with_state=draw(st.booleans()))
+    case.packed = draw(st.sampled_from([None, "unsorted"]))
+    return family, case
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(fused_loop_cases())
+def test_fuzz_fused_loop_shapes(family_case):
+    """Random sizes past the parity grid's: several panels per thread, partial panels, rows that do
+    not fill a tile, several time chunks, packed batches."""
+    assert_matches_float64(*family_case)
 
 
 def test_inference_mode_then_training():
