@@ -1,6 +1,6 @@
-// Pointwise gate kernels and the exp/sigmoid/tanh they use. Included twice by
-// kernels.cpp, inside a baseline and an AVX2+FMA target region, so that every
-// helper inlines into the loops and those loops vectorise for both targets.
+// Pointwise gate kernels and the exp/sigmoid/tanh they use. Included three times by
+// kernels.cpp, inside a baseline, an AVX2+FMA and an AVX-512 target region, so that
+// every helper inlines into the loops and those loops vectorise for each target.
 // No include guard, on purpose.
 
 
