@@ -50,6 +50,21 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 
 namespace rnnfast {
 
+// Rows of a (T, B, W) tensor by (step, batch row), its data pointer read once.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t B = 0, W = 0;
+  explicit Rows(const at::Tensor& t) {
+    if (t.defined() && t.dim() == 3) {
+      data = t.data_ptr<T>();
+      B = t.size(1);
+      W = t.size(2);
+    }
+  }
+  T* operator()(int64_t step, int64_t b) const { return data + (step * B + b) * W; }
+};
+
 // The CPU has AVX-512 (F, DQ, VL, BW) and RNNFAST_CPU_ISA does not cap it: the widest
 // build of the kernels and the fused loop run.
 extern const bool kHasAvx512;

@@ -88,11 +88,6 @@ void small_matmul_nt(const T* a, int64_t n, int64_t K, const T* w, int64_t N, co
   }
 }
 
-template <typename T>
-T* row(const Tensor& t, int64_t step, int64_t b) {
-  return t.data_ptr<T>() + (step * t.size(1) + b) * t.size(2);
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
                                                              const OptTensor& batch_sizes, const Tensor& h0_,
                                                              const OptTensor& c0_, const Tensor& w_ih_,
@@ -143,6 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   const Tensor hp = proj ? ws2[1] : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_layer_fwd", [&] {
+    const Rows<scalar_t> gi_r(gi), out_r(out), cs_r(cs), hp_r(hp), ws1_r(ws1);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t n = bs[t];
@@ -157,17 +153,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
       scalar_t* hs = h.data_ptr<scalar_t>();
       at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          scalar_t* h_out = proj ? row<scalar_t>(hp, t, b) : row<scalar_t>(out, t, b);
+          scalar_t* h_out = proj ? hp_r(t, b) : out_r(t, b);
           if (lstm) {
-            scalar_t* c_new = row<scalar_t>(cs, t, b);
+            scalar_t* c_new = cs_r(t, b);
             scalar_t* c_state = c.data_ptr<scalar_t>() + b * H;
-            lstm_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, c_state, row<scalar_t>(gi, t, b), c_new, h_out, H, H);
+            lstm_fwd(gi_r(t, b), ghs + b * G * H, c_state, gi_r(t, b), c_new, h_out, H, H);
             std::memcpy(c_state, c_new, H * sizeof(scalar_t));
           } else if (mode == GRU) {
-            gru_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, hs + b * P,
-                    row<scalar_t>(ws1, t, b), h_out, H, H);
+            gru_fwd(gi_r(t, b), ghs + b * G * H, hs + b * P,
+                    ws1_r(t, b), h_out, H, H);
           } else {
-            rnn_fwd(row<scalar_t>(gi, t, b), ghs + b * G * H, h_out, mode == RNN_RELU, H);
+            rnn_fwd(gi_r(t, b), ghs + b * G * H, h_out, mode == RNN_RELU, H);
           }
           if (!proj) std::memcpy(hs + b * P, h_out, P * sizeof(scalar_t));
         }
@@ -221,6 +217,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   Tensor dh_rec = small ? at::empty({B, P}, opts) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_layer_bwd", [&] {
+    const Rows<scalar_t> ws1_r(ws1), cs_r(cs), c_prev_r(c_prev), h_prev_r(h_prev), out_r(out), dgi_r(dgi), dgh_r(dgh);
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t n = bs[t];
@@ -235,20 +232,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           if (lstm) {
-            lstm_bwd(row<scalar_t>(ws1, t, b), row<scalar_t>(cs, t, b), row<scalar_t>(c_prev, t, b),
-                     d_src.data_ptr<scalar_t>() + b * H, dc.data_ptr<scalar_t>() + b * H, row<scalar_t>(dgi, t, b),
+            lstm_bwd(ws1_r(t, b), cs_r(t, b), c_prev_r(t, b),
+                     d_src.data_ptr<scalar_t>() + b * H, dc.data_ptr<scalar_t>() + b * H, dgi_r(t, b),
                      H, H);
           } else if (gru) {
-            gru_bwd(row<scalar_t>(ws1, t, b), row<scalar_t>(h_prev, t, b), dh.data_ptr<scalar_t>() + b * P,
-                    row<scalar_t>(dgi, t, b), row<scalar_t>(dgh, t, b), H, H);
+            gru_bwd(ws1_r(t, b), h_prev_r(t, b), dh.data_ptr<scalar_t>() + b * P,
+                    dgi_r(t, b), dgh_r(t, b), H, H);
           } else {
-            rnn_bwd(row<scalar_t>(out, t, b), dh.data_ptr<scalar_t>() + b * P, row<scalar_t>(dgi, t, b),
+            rnn_bwd(out_r(t, b), dh.data_ptr<scalar_t>() + b * P, dgi_r(t, b),
                     mode == RNN_RELU, H);
           }
         }
       });
       if (small) {
-        small_matmul_nt<scalar_t>(row<scalar_t>(dgh, t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
+        small_matmul_nt<scalar_t>(dgh_r(t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
                         dh_rec.data_ptr<scalar_t>());
       } else {
         dh_rec = matmul_nt(dgh[t].narrow(0, 0, n), w_hh_t);

@@ -31,7 +31,6 @@ namespace rnnfast {
 namespace {
 
 using at::Tensor;
-using OptTensor = c10::optional<Tensor>;
 
 // The B side of a product, as panels of 16 * V columns: row k of panel nb starts at
 // data + nb * pstride + k * ldb. Packed panels (pack) hold U units of each of G gates
@@ -41,7 +40,7 @@ struct Panels {
   Tensor bias;  // (NB, 16 * V), packed like the columns, or undefined
   const float* data;
   const float* bias_data = nullptr;
-  int64_t G, U, V, N, K, NB, ldb, pstride;
+  int64_t U, V, N, K, NB, ldb, pstride;
 
   // Column offset in an output row (gate stride N) and live lanes of register v of panel nb.
   int64_t column(int64_t nb, int64_t v) const { return (v * 16) / U * N + nb * U + (v * 16) % U; }
@@ -53,7 +52,6 @@ struct Panels {
 // w: (G * N, K), the weights of G gates of N units each; bias: (G * N) or undefined.
 Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
   Panels p;
-  p.G = G;
   p.U = U;
   p.V = G * U / 16;
   p.N = w.size(0) / G;
@@ -76,7 +74,6 @@ Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
 // A (K, N) row-major matrix with row stride ldb, read in place (it must outlive the Panels).
 Panels direct(const float* data, int64_t K, int64_t N, int64_t ldb) {
   Panels p;
-  p.G = 1;
   p.U = 64;
   p.V = 4;
   p.K = K;
@@ -195,24 +192,11 @@ int64_t threads_for(const Panels& p) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.NB));
 }
 
-// Rows of a (T, B, W) float tensor by (step, batch row), without a tensor access per row.
-struct Rows {
-  float* data = nullptr;
-  int64_t B = 0, W = 0;
-  explicit Rows(const Tensor& t) {
-    if (t.defined() && t.dim() == 3) {
-      data = t.data_ptr<float>();
-      B = t.size(1);
-      W = t.size(2);
-    }
-  }
-  float* operator()(int64_t step, int64_t b) const { return data + (step * B + b) * W; }
-};
-
 // Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
 // H apart. Rows of the saved tensors are pages apart, beyond what the hardware prefetchers
 // follow, and a gate update that waits on them stalls the step.
-void prefetch(const Rows& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, int64_t m, int64_t runs, int64_t H) {
+void prefetch(const Rows<float>& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, int64_t m, int64_t runs,
+              int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
     const char* row = reinterpret_cast<const char*>(t3(t, b) + j0);
     for (int64_t q = 0; q < runs; ++q) {
@@ -321,12 +305,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
   const auto opts = x.options();
   auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
   Tensor out = make({T, B, H});
-  Tensor h = h0.contiguous().clone();
   Tensor c = lstm ? c0.contiguous().clone() : at::empty({0}, opts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
   Tensor ws1 = save && (lstm || gru) ? saved_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, opts);
   Tensor ws2 = save && lstm ? saved_pool().empty({1, T, B, H}, packed) : at::empty({0}, opts);
-  if (B == 0) return {out, h, c, ws1, ws2};
+  if (B == 0) return {out, h0.clone(), c, ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
   const int64_t U = G == 1 ? 64 : 16;
   const Panels p = panels.get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode,
@@ -338,11 +321,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
   const int64_t RB = block_rows(p), nt = threads_for(p), TC = chunk_steps(T, B);
   const Walk walk{T, reverse};
   Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
-  hbuf.copy_(h.unsqueeze(0).expand({2, B, H}));
+  hbuf.copy_(h0.unsqueeze(0).expand({2, B, H}));
   Tensor gi = workspace(kGates, {TC, B, GH});    // one chunk's input pre-activations
   Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, a row's gates
 
-  const Rows gi_rows(gi), out_rows(out), cs_rows(cs), ws1_rows(ws1);
+  const Rows<float> gi_rows(gi), out_rows(out), cs_rows(cs), ws1_rows(ws1);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
   float* const hbuf_p = hbuf.data_ptr<float>();
   const float* const x_p = x.data_ptr<float>();
@@ -389,8 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
       }
     }
   }
-  h.copy_(hbuf[T % 2]);
-  return {out, h, c, ws1, ws2};
+  return {out, hbuf[T % 2].clone(), c, ws1, ws2};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_bwd(
@@ -426,7 +408,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
   Tensor h_prev = workspace(kPrevStates, {TC, B, H});
   auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
 
-  const Rows go_rows(go), out_rows(out), cs_rows(cs), ws1_rows(ws1), dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
+  const Rows<float> go_rows(go), out_rows(out), cs_rows(cs), ws1_rows(ws1);
+  const Rows<float> dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
   float* const dh_p = dh.data_ptr<float>();
   float* const dc_p = lstm ? dc.data_ptr<float>() : nullptr;
   float* const db_i_p = db_i.data_ptr<float>();
@@ -443,7 +426,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
     const Share own(p, nt, tid);
     const int64_t j0 = own.u0, m = own.cnt;
     int64_t t0 = 0;  // the chunk's first step
-    // gate gradients of walked step k, rows [r0, r1), this thread's units
     // what pointwise(k, r0, r1) will read, fetched while a GEMM block runs
     auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
       if (k >= T || r0 >= r1) return;
@@ -456,6 +438,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
         if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H);
       }
     };
+    // gate gradients of walked step k, rows [r0, r1), this thread's units
     auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
       const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
       for (int64_t b = r0; b < r1 && m > 0; ++b) {
@@ -518,12 +501,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
            I, false);
       // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
       // both operands in L2; the strided operand is the narrower one
-      const int64_t nb0 = ((GH + 63) / 64) * tid / nt, nb1 = ((GH + 63) / 64) * (tid + 1) / nt;
+      const Share cols(direct(dgi_rows.data, rows, GH, GH), nt, tid);
       for (int64_t k = 0; k < rows; k += kSumRows) {
         const int64_t kb = std::min(kSumRows, rows - k);
-        gemm(direct(dgi_rows.data + k * GH, kb, GH, GH), nb0, nb1, x_p + (t0 * B + k) * I, I, I,
+        gemm(direct(dgi_rows.data + k * GH, kb, GH, GH), cols.nb0, cols.nb1, x_p + (t0 * B + k) * I, I, I,
              dw_ih_p, GH, true, true);
-        gemm(direct(dgh_rows.data + k * GH, kb, GH, GH), nb0, nb1, hp_rows.data + k * H, H, H,
+        gemm(direct(dgh_rows.data + k * GH, kb, GH, GH), cols.nb0, cols.nb1, hp_rows.data + k * H, H, H,
              dw_hh_p, GH, true, true);
       }
 #pragma omp barrier
