@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench quickstart gpu-check clean
+.PHONY: setup test demo bench quickstart gpu-check cuda-check clean
 
 setup: $(VENV)/.rnnfast-deps
 	$(PIP) --no-build-isolation --no-deps -e . > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
@@ -35,6 +35,11 @@ bench: setup
 # results in bench/results/<date>-<gpu>.{json,md} (and $$OUT when set).
 gpu-check:
 	bash bench/gpu_check.sh
+
+# No GPU needed: nvcc compiles csrc/**/*.cu for sm_80/sm_90 (no spills, real kernels) and g++
+# checks the CUDA binding against CUDA torch headers (also part of `make test`)
+cuda-check: setup
+	$(PY) -m pytest -q tests/test_cuda_compile.py
 
 clean:
 	rm -rf build *.egg-info rnnfast/*.so

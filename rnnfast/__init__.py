@@ -5,7 +5,7 @@
     model = rnnfast.convert(model)                                   # or swap in place
 
 Backends: ``reference`` (pure PyTorch, the specification), ``cpu`` (C++/OpenMP
-extension), ``triton`` (fused GPU kernels) and ``auto`` (fastest usable one).
+extension), ``triton`` (fused GPU kernels), ``cuda`` (C++/CUDA extension) and ``auto`` (fastest usable one).
 """
 
 from . import reference  # noqa: F401  (registers the "reference" backend)
@@ -22,6 +22,7 @@ from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 register_lazy("cpu", "rnnfast.cpu", "CPUBackend")
 register_lazy("triton", "rnnfast.triton_backend", "TritonBackend")
+register_lazy("cuda", "rnnfast.cuda_backend", "CUDABackend")
 
 __version__ = "0.1.0"
 
