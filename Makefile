@@ -36,10 +36,11 @@ bench: setup
 gpu-check:
 	bash bench/gpu_check.sh
 
-# No GPU needed: nvcc compiles csrc/**/*.cu for sm_80/sm_90 (no spills, real kernels) and g++
-# checks the CUDA binding against CUDA torch headers (also part of `make test`)
+# No GPU needed (also part of `make test`): nvcc compiles csrc/**/*.cu for sm_80/sm_90 (no spills,
+# real kernels), g++ checks the CUDA binding against CUDA torch headers, and the cuda backend's
+# host loop and cell math run on the CPU against the reference
 cuda-check: setup
-	$(PY) -m pytest -q tests/test_cuda_compile.py
+	$(PY) -m pytest -q tests/test_cuda_compile.py tests/test_cuda_emulated.py
 
 clean:
 	rm -rf build *.egg-info rnnfast/*.so

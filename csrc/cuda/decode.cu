@@ -1,8 +1,9 @@
 // Decode: one launch per layer and step for up to kDecodeMaxB rows. A warp owns
 // one hidden unit j: it reads the G weight rows of j (input and recurrent part)
 // once, dots them with every row's x and h_in, reduces across the warp and applies
-// the cell, so the weights stream from memory once per step whatever B is.
-#include "common.cuh"
+// the cell (decode_elem of cell.cuh), so the weights stream from memory once per
+// step whatever B is.
+#include "cell.cuh"
 
 namespace rnnfast::cuda {
 namespace {
@@ -58,25 +59,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) decode_kernel(DecodeArg
       gi[g] = warp_sum(ax[g][b]) + load(bias + g * H + j);
       gh[g] = warp_sum(ah[g][b]) + load(bias + (G + g) * H + j);
     }
-    if (lane != 0) continue;
-    const int64_t hj = b * H + j;
-    A h;
-    if constexpr (MODE == LSTM) {
-      const A i = sigmoid(gi[0] + gh[0]), f = sigmoid(gi[1] + gh[1]);
-      const A g = tanh_(gi[2] + gh[2]), o = sigmoid(gi[3] + gh[3]);
-      const A c = f * load(static_cast<const T*>(a.c_in) + hj) + i * g;
-      store(static_cast<T*>(a.c_out) + hj, c);
-      h = o * tanh_(c);
-    } else if constexpr (MODE == GRU) {
-      const A r = sigmoid(gi[0] + gh[0]), z = sigmoid(gi[1] + gh[1]);
-      const A n = tanh_(gi[2] + r * gh[2]);
-      h = (A(1) - z) * n + z * load(static_cast<const T*>(a.h_in) + hj);
-    } else {
-      const A pre = gi[0] + gh[0];
-      h = MODE == RNN_TANH ? tanh_(pre) : (pre > A(0) ? pre : A(0));
-    }
-    store(static_cast<T*>(a.h_out) + hj, h);
-    if (a.h_out2 != nullptr) store(static_cast<T*>(a.h_out2) + hj, h);
+    if (lane == 0) decode_elem<T, MODE>(a, gi, gh, b, j);
   }
 }
 

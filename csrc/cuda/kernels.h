@@ -1,7 +1,7 @@
 // Launchers of the CUDA gate kernels (step.cu, decode.cu), callable from host C++
 // without CUDA or torch headers: raw pointers, a dtype code and the stream to run
-// on. The binding (layer.cpp) checks every shape, device and dtype before it calls
-// them; the caller checks each launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+// on. The host code (loop.h) checks every shape, device and dtype before it calls
+// them; the binding (layer.cpp) checks each launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
 #pragma once
 
 #include <cstdint>
