@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc").rglob("*.cu"))
 BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*.cpp"))
 ARCHS = ("80", "90")
-# as setup.py compiles them (plus the -arch of the GPU there)
-NVCC_FLAGS = ("-O3", "-std=c++17")
+# as setup.py compiles them through torch's CUDAExtension (which adds the -D flags and the GPU's -arch)
+NVCC_FLAGS = ("-O3", "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 # headers of a CUDA build of torch and of the libraries ATen/cuda/CUDAContext.h includes;
 # torch 2.14's headers need C++20
 HEADER_WHEELS = ("torch==2.14.1", "nvidia-cublas==13.1.1.3", "nvidia-cusparse==12.6.3.3", "nvidia-cusolver==12.0.4.66")
