@@ -48,7 +48,7 @@ def build_cuda() -> bool:
     if torch.version.cuda is None:
         missing.append(f"torch {torch.__version__} is a build without CUDA")
     if cpp_extension.CUDA_HOME is None:
-        missing.append("nvcc not found (set CUDA_HOME)")
+        missing.append("torch.utils.cpp_extension finds no CUDA toolkit (set CUDA_HOME)")
     if switch == "1" and missing:
         raise RuntimeError("RNNFAST_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(missing))
     return not missing

@@ -101,7 +101,11 @@ cuda_check() {
     if [ -z "$nvcc" ] || ! command -v c++ > /dev/null; then
         echo "cuda backend: no nvcc or C++ compiler here, not built (see $cstem-toolchain.txt)"; return 2
     fi
-    export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$nvcc")")")}
+    # the toolkit nvcc belongs to, as nvcc reports it (the nvcc on PATH may be a wrapper script)
+    local top
+    top=$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+    export CUDA_HOME=${CUDA_HOME:-$(readlink -f "${top:-$(dirname "$(readlink -f "$nvcc")")/..}")}
+    echo "CUDA_HOME=$CUDA_HOME" >> "$cstem-toolchain.txt"
     local cap
     cap=$($py -c "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")
     echo "== cuda: build for sm ${cap} ($(( $(date +%s) - t0 ))s)"

@@ -6,7 +6,11 @@ weight cache, and the operators' argument checks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,6 +94,25 @@ def test_decode_choice(T, B, kw, grad, want):
 def test_decode_choice_packed():
     x = torch.empty(2, 1, 3)
     assert not cuda_backend.takes_decode(RNNSpec("GRU", 3, 4), x, torch.tensor([1, 1]), False, max_b=4)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the build switches with a CPU-only torch")
+def test_setup_builds_no_cuda_extension_with_cpu_torch():
+    """setup.py: with a CPU-only torch the extensions are the CPU one only; RNNFAST_CUDA=1 then fails and says why."""
+    root = Path(__file__).resolve().parents[1]
+    probe = "import setuptools; setuptools.setup = lambda **kw: print([e.name for e in kw['ext_modules']]); import setup"
+
+    def run(switch):
+        env = {k: v for k, v in os.environ.items() if k not in ("RNNFAST_CUDA", "RNNFAST_NO_EXT")}
+        env.update({} if switch is None else {"RNNFAST_CUDA": switch})
+        return subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True)
+
+    for switch in (None, "0"):
+        r = run(switch)
+        assert r.returncode == 0 and r.stdout.strip() == "['rnnfast._C']", r.stderr
+    r = run("1")
+    assert r.returncode != 0 and "RNNFAST_CUDA=1 but the CUDA extension cannot be built" in r.stderr
+    assert "build without CUDA" in r.stderr
 
 
 class _Stub(Backend):

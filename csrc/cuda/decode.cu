@@ -23,6 +23,9 @@ __device__ __forceinline__ A warp_sum(A v) {
 template <typename T, int G, typename A>
 __device__ __forceinline__ void dot_rows(const T* w, int64_t H, int64_t j, int64_t K, const T* v, int64_t B,
                                          int lane, A (&acc)[G][kMaxB]) {
+  // unrolled so that several iterations' loads are in flight: with one warp per unit
+  // the loop is bound by memory latency, not bandwidth
+#pragma unroll 4
   for (int64_t k = lane; k < K; k += kWarp) {
     A wk[G];
 #pragma unroll
