@@ -100,7 +100,8 @@ def test_decode_choice_packed():
 def test_setup_builds_no_cuda_extension_with_cpu_torch():
     """setup.py: with a CPU-only torch the extensions are the CPU one only; RNNFAST_CUDA=1 then fails and says why."""
     root = Path(__file__).resolve().parents[1]
-    probe = "import setuptools; setuptools.setup = lambda **kw: print([e.name for e in kw['ext_modules']]); import setup"
+    probe = ("import setuptools; setuptools.setup = lambda **kw: print([e.name for e in kw['ext_modules']]); "
+             "import setup")
 
     def run(switch):
         env = {k: v for k, v in os.environ.items() if k not in ("RNNFAST_CUDA", "RNNFAST_NO_EXT")}

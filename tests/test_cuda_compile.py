@@ -93,7 +93,8 @@ def _key(*parts: object) -> str:
 
 def compile_cubin(cu: Path, arch: str) -> tuple[Path, str]:
     """(cubin, ptxas report) of one .cu for sm_<arch>, from the cache when its inputs are unchanged."""
-    sources = [cu.read_bytes()] + [h.read_bytes() for h in sorted(cu.parent.glob("*.h")) + sorted(cu.parent.glob("*.cuh"))]
+    headers = sorted(cu.parent.glob("*.h")) + sorted(cu.parent.glob("*.cuh"))
+    sources = [cu.read_bytes()] + [h.read_bytes() for h in headers]
     key = _key(*sources, arch, NVCC_FLAGS, _nvcc_version())
     out_dir = CACHE / "cubins"
     cubin, report = out_dir / f"{cu.stem}-sm{arch}-{key}.cubin", out_dir / f"{cu.stem}-sm{arch}-{key}.ptxas"

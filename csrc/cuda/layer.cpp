@@ -63,8 +63,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_
                    grad_out, grad_hn, grad_cn);
 }
 
-std::tuple<Tensor, Tensor, OptTensor> cuda_decode(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers,
-                                                  bool has_bias, const Tensor& x, const Tensor& h0, const OptTensor& c0) {
+std::tuple<Tensor, Tensor, OptTensor> cuda_decode(int64_t mode, const std::vector<Tensor>& weights,
+                                                  int64_t num_layers, bool has_bias, const Tensor& x, const Tensor& h0,
+                                                  const OptTensor& c0) {
   TORCH_CHECK(x.is_cuda(), "rnnfast cuda decode: the input must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   return decode(cuda_steps(), mode, weights, num_layers, has_bias, x, h0, c0);

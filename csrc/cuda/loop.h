@@ -86,7 +86,8 @@ inline Tensor previous_states(const Tensor& all, const Tensor& init, const std::
   if (T > 1) prev.narrow(0, reverse ? 0 : 1, T - 1).copy_(all.narrow(0, reverse ? 1 : 0, T - 1));
   if (reverse) {
     for (int64_t t = 0; t + 1 < T; ++t) {
-      if (bs[t + 1] < bs[t]) prev[t].narrow(0, bs[t + 1], bs[t] - bs[t + 1]).copy_(init.narrow(0, bs[t + 1], bs[t] - bs[t + 1]));
+      const int64_t joined = bs[t] - bs[t + 1];
+      if (joined > 0) prev[t].narrow(0, bs[t + 1], joined).copy_(init.narrow(0, bs[t + 1], joined));
     }
   }
   return prev;
@@ -102,12 +103,10 @@ struct Steps {
   std::function<void(int mode, DType, const DecodeArgs&)> decode;
 };
 
-inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(const Steps& steps, int64_t mode, const Tensor& x_,
-                                                             const OptTensor& batch_sizes, const Tensor& h0_,
-                                                             const OptTensor& c0_, const Tensor& w_ih_,
-                                                             const Tensor& w_hh_, const OptTensor& b_ih,
-                                                             const OptTensor& b_hh, const OptTensor& w_hr_,
-                                                             bool reverse, bool save) {
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(
+    const Steps& steps, int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0_,
+    const OptTensor& c0_, const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih, const OptTensor& b_hh,
+    const OptTensor& w_hr_, bool reverse, bool save) {
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   TORCH_CHECK(x_.device().type() == steps.device, "rnnfast cuda backend: the input must be a ", steps.device,
               " tensor, got ", x_.device());
@@ -187,9 +186,10 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(const Steps&
 }
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(
-    const Steps& steps, int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
-    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
-    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
+    const Steps& steps, int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0,
+    const OptTensor& c0, const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse,
+    const Tensor& out, const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn,
+    const Tensor& grad_cn) {
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   TORCH_CHECK(x_.device().type() == steps.device, "rnnfast cuda backend: the input must be a ", steps.device,
               " tensor, got ", x_.device());
@@ -201,7 +201,9 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
               "rnnfast: layer_bwd needs what layer_fwd saves (save=True)");
   TORCH_CHECK(!lstm || (ws2.dim() == 4 && ws2.size(0) == (proj ? 2 : 1)),
               "rnnfast: layer_bwd needs what layer_fwd saves (save=True)");
-  for (const Tensor* t : {&h0, &w_ih_, &w_hh_, &out, &grad_out, &grad_hn}) check_tensor(*t, x_, "a saved tensor or gradient", t->dim());
+  for (const Tensor* t : {&h0, &w_ih_, &w_hh_, &out, &grad_out, &grad_hn}) {
+    check_tensor(*t, x_, "a saved tensor or gradient", t->dim());
+  }
   check_shape(out, {T, B, P}, "output");
   check_shape(grad_out, {T, B, P}, "grad_output");
   check_shape(grad_hn, {B, P}, "grad_h_n");
@@ -286,9 +288,10 @@ inline WeightCache<DecodeWeights>& decode_cache() {
 
 // Every layer of a unidirectional stack over T steps of B <= kDecodeMaxB rows, no
 // autograd: one decode step per layer and step, states in new (L, B, H) tensors.
-inline std::tuple<Tensor, Tensor, OptTensor> decode(const Steps& steps, int64_t mode, const std::vector<Tensor>& weights,
-                                                    int64_t num_layers, bool has_bias, const Tensor& x_,
-                                                    const Tensor& h0_, const OptTensor& c0_) {
+inline std::tuple<Tensor, Tensor, OptTensor> decode(const Steps& steps, int64_t mode,
+                                                    const std::vector<Tensor>& weights, int64_t num_layers,
+                                                    bool has_bias, const Tensor& x_, const Tensor& h0_,
+                                                    const OptTensor& c0_) {
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   TORCH_CHECK(x_.device().type() == steps.device, "rnnfast cuda decode: the input must be a ", steps.device,
               " tensor, got ", x_.device());
