@@ -192,3 +192,70 @@ def cell_grads(MODE: tl.constexpr, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp
     else:
         b_d = tl.where(b_s0 > 0, b_dm, 0.)
         return b_d, b_d, b_d, b_d, b_d
+
+
+@triton.jit
+def tile(i_r, i_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, R, C):
+    """Tile ``(i_r, i_c)`` of an ``(R, C)`` grid: int64 row offsets, column offsets,
+    their masks and the 2-D mask ``(o_r, o_c, m_r, m_c, m_rc)``."""
+    o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_r, m_c = o_r < R, o_c < C
+    return o_r, o_c, m_r, m_c, m_r[:, None] & m_c[None, :]
+
+
+@triton.jit
+def load_gates(p, stride, mask, N: tl.constexpr):
+    """``N`` (1, 3 or 4) gate tiles at ``p + g * stride`` (masked to 0); absent ones repeat the first."""
+    b_0 = tl.load(p, mask=mask, other=0.)
+    b_1, b_2, b_3 = b_0, b_0, b_0
+    if N > 1:
+        b_1 = tl.load(p + stride, mask=mask, other=0.)
+        b_2 = tl.load(p + 2 * stride, mask=mask, other=0.)
+    if N > 3:
+        b_3 = tl.load(p + 3 * stride, mask=mask, other=0.)
+    return b_0, b_1, b_2, b_3
+
+
+@triton.jit
+def store_gates(p, stride, mask, N: tl.constexpr, b_0, b_1, b_2, b_3):
+    """Store ``N`` (1, 3 or 4) gate tiles at ``p + g * stride`` (the inverse of :func:`load_gates`)."""
+    T_P = p.dtype.element_ty
+    tl.store(p, b_0.to(T_P), mask=mask)
+    if N > 1:
+        tl.store(p + stride, b_1.to(T_P), mask=mask)
+        tl.store(p + 2 * stride, b_2.to(T_P), mask=mask)
+    if N > 3:
+        tl.store(p + 3 * stride, b_3.to(T_P), mask=mask)
+
+
+@triton.jit
+def gate_dots(a, sa, ga, o_b, m_b, w, swk, swn, gw, o_n, m_n, K, NG: tl.constexpr, A_PER_GATE: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """K-tiled ``A_g[o_b, :K] @ W_g[:K, o_n]`` for the ``NG`` gates, operands read from memory.
+
+    ``A_g[b, k] = a[g * ga + b * sa + k]`` (``A_PER_GATE`` false: one ``A`` for every gate),
+    ``W_g[k, n] = w[g * gw + k * swk + n * swn]``. Returns four accumulators (absent gates: zeros).
+    """
+    b_a0 = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
+    b_a1, b_a2, b_a3 = b_a0, b_a0, b_a0
+    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        p_a = a + o_b[:, None] * sa + o_k[None, :]
+        m_a = m_b[:, None] & m_k[None, :]
+        if A_PER_GATE:
+            b_x0, b_x1, b_x2, b_x3 = load_gates(p_a, ga, m_a, NG)
+        else:
+            b_x0 = tl.load(p_a, mask=m_a, other=0.)
+            b_x1, b_x2, b_x3 = b_x0, b_x0, b_x0
+        b_w0, b_w1, b_w2, b_w3 = load_gates(w + o_k[:, None].to(tl.int64) * swk + o_n[None, :] * swn, gw,
+                                            m_k[:, None] & m_n[None, :], NG)
+        b_a0 = tl.dot(b_x0, b_w0, b_a0, input_precision=PRECISION)
+        if NG > 1:
+            b_a1 = tl.dot(b_x1, b_w1, b_a1, input_precision=PRECISION)
+            b_a2 = tl.dot(b_x2, b_w2, b_a2, input_precision=PRECISION)
+        if NG > 3:
+            b_a3 = tl.dot(b_x3, b_w3, b_a3, input_precision=PRECISION)
+    return b_a0, b_a1, b_a2, b_a3
