@@ -1,83 +1,126 @@
 #!/usr/bin/env bash
-# GPU check of the triton backend (`make gpu-check`), run in the repo root on the GPU machine
-# with its system python (no network, no venv): install, the triton/gpu tests, the GPU benchmark.
-# Writes bench/results/<date>-<gpu>.{json,md} (+ test logs), copied into $OUT when set.
-# Whole run: at most TOTAL_S = 390s = 6.5 minutes (tests capped at TEST_CAP_S, benchmark at what is left).
+# GPU check of the triton backend (`make gpu-check`), run in the repo root on the GPU machine with its
+# system python (no network, no venv). At most ~8 minutes; every phase under its own `timeout`, most
+# important first:
+#   1. correctness (200s): tests/test_triton_gpu_grid.py, every kernel "auto" can pick (LSTM/GRU x bf16 /
+#      fp32 TF32 off / TF32 on x H 128,130,256,1024 x B 1,3,16,256 x T 1,7,100; plain, bidirectional,
+#      packed) vs float64 torch.nn, poisoned memory, each case run twice and bit-identical; in parallel
+#      the triton/gpu tests of the suite (tests -k "triton or gpu").
+#   2. speed (<=170s): the bench harness's GPU grid against cuDNN.
+#   3. barrier (40s): python -m rnnfast.kernels.barrier, us per step for 8-132 programs.
+# Writes bench/results/<date>-<gpu>-gpu-check.{json,md} (phases with exit codes and times, the grid's
+# per-case errors, the barrier table) even when a phase fails or times out, next to the bench's own
+# <date>-<gpu>.{json,md} and the logs; everything is copied into $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-TOTAL_S=${GPU_CHECK_TOTAL_S:-390}
-TEST_CAP_S=${TEST_CAP_S:-200}
 RESULTS=bench/results
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 mkdir -p "$RESULTS"
 export RNNFAST_NO_EXT=${RNNFAST_NO_EXT:-1}  # the C++ CPU extension is not needed here
 export PYTHONUNBUFFERED=1
-
-echo "== install ($(elapsed)s)"
-$PY -m pip install -q --no-build-isolation --no-deps --no-index -e . || { echo "install failed"; exit 1; }
-$PY - <<'EOF' || exit 1
-import torch, triton, rnnfast
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
-      f"{torch.cuda.get_device_name()}; backends: {rnnfast.available_backends()}")
-EOF
-slug=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+export RNNFAST_TRITON_AUTOTUNE=0  # one config per step/sequence kernel: each variant compiles once
+slug=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))" \
+       2>/dev/null || echo unknown-gpu)
 stem="$RESULTS/$(date +%F)-$slug"
+phases="$stem-phases.tsv"
+: > "$phases"
+grid_out="$stem-grid.jsonl"
+: > "$grid_out"
 
-# `pytest -q -x tests -k "triton or gpu"`, split into groups run in parallel (compilation is
-# CPU-bound), with one config per kernel (no autotuning) so each kernel variant compiles once.
-echo "== tests: pytest -q -x tests -k 'triton or gpu', 7 groups in parallel, cap ${TEST_CAP_S}s ($(elapsed)s)"
-# name | -k expression | paths (tests/test_triton_backend.py is all triton: split in three, as
-# float16/bfloat16 at H=130 now compile the larger (256-wide) sequence kernels)
-groups=(
-    "lstm|triton or gpu|tests/test_lstm.py"
-    "gru|triton or gpu|tests/test_gru.py"
-    "rnn|triton or gpu|tests/test_rnn.py"
-    "backend-lstm|lstm|tests/test_triton_backend.py"
-    "backend-gru|gru and not lstm|tests/test_triton_backend.py"
-    "backend-rest|not lstm and not gru|tests/test_triton_backend.py"
-    "other|triton or gpu|tests --ignore=tests/test_lstm.py --ignore=tests/test_gru.py --ignore=tests/test_rnn.py --ignore=tests/test_triton_backend.py"
-)
+# phase NAME SECONDS CMD...: run CMD under `timeout`, log to $stem-NAME.log, record rc and time
+phase() {
+    local name=$1 secs=$2; shift 2
+    local t0; t0=$(date +%s)
+    echo "== $name (timeout ${secs}s, at $(elapsed)s)"
+    timeout "$secs" "$@" > "$stem-$name.log" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$secs" >> "$phases"
+    tail -n 3 "$stem-$name.log"
+    [ $rc -eq 124 ] && echo "   $name: TIMED OUT after ${secs}s"
+    return $rc
+}
+
+summary() {
+    $PY - "$stem" "$phases" "$grid_out" <<'EOF'
+import json, sys, time
+stem, phases, grid = sys.argv[1:4]
+rows = [l.rstrip("\n").split("\t") for l in open(phases) if l.strip()]
+res = {"date": time.strftime("%F %T"), "phases": [
+    {"name": n, "rc": int(rc), "timed_out": rc in ("124", "137"), "seconds": int(s), "limit_s": int(lim),
+     "log": f"{stem}-{n}.log"} for n, rc, s, lim in rows]}
+try:
+    import torch, triton
+    res["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "triton": triton.__version__}
+except Exception as e:  # noqa: BLE001 - the summary is written whatever failed
+    res["env"] = {"error": repr(e)}
+cases = [json.loads(l) for l in open(grid) if l.strip()]
+res["grid"] = {"cases_run": len(cases), "cases_total": 288, "passed": sum(c["ok"] for c in cases),
+               "not_identical": [c["case"] for c in cases if not c["identical"]],
+               "failed": [c["case"] for c in cases if not c["ok"]], "cases": cases}
+try:
+    res["barrier"] = json.load(open(f"{stem}-barrier.json"))["barrier"]
+except Exception:  # noqa: BLE001
+    res["barrier"] = None
+json.dump(res, open(f"{stem}-gpu-check.json", "w"), indent=1)
+md = [f"# gpu-check {res['date']}: {res['env']}", "", "| phase | rc | seconds | limit | timed out |", "|---|---|---|---|---|"]
+md += [f"| {p['name']} | {p['rc']} | {p['seconds']} | {p['limit_s']} | {p['timed_out']} |" for p in res["phases"]]
+g = res["grid"]
+md += ["", f"correctness grid: {g['cases_run']} of {g['cases_total']} cases run, {g['passed']} passed; "
+       f"failed: {', '.join(g['failed']) or 'none'}; runs not bit-identical: {', '.join(g['not_identical']) or 'none'}"]
+if res["barrier"]:
+    md += ["", "| programs | us per step |", "|---|---|"] + [f"| {b['programs']} | {b['us_per_step']} |"
+                                                           for b in res["barrier"]]
+open(f"{stem}-gpu-check.md", "w").write("\n".join(md) + "\n")
+print("\n".join(md[:3 + len(res["phases"]) + 2]))
+EOF
+    if [ -n "${OUT:-}" ]; then
+        cp "$stem"* "$OUT"/ 2>/dev/null || true
+    fi
+}
+trap summary EXIT
+
+# ---- 0. install --------------------------------------------------------------------------------
+phase install 45 bash -c "$PY -m pip install -q --no-build-isolation --no-deps --no-index -e . && $PY -c \
+    'import torch, triton, rnnfast; print(torch.__version__, torch.version.cuda, triton.__version__, \
+    torch.cuda.get_device_name(), rnnfast.available_backends())'" || exit 1
+
+# ---- 1. correctness: the auto kernels' grid (8 shards) and the suite's triton/gpu tests, in parallel
+# (compilation is CPU-bound); one phase record per process
+echo "== correctness: grid in 8 shards + triton/gpu tests, 200s ($(elapsed)s)"
 pids=()
-names=()
-for g in "${groups[@]}"; do
-    IFS='|' read -r name kexpr paths <<< "$g"
-    read -r -a paths <<< "$paths"
-    RNNFAST_TRITON_AUTOTUNE=0 timeout "$TEST_CAP_S" $PY -m pytest -q -x -p no:cacheprovider -rs \
-        -k "$kexpr" "${paths[@]}" > "$stem-pytest-$name.log" 2>&1 &
+for i in 0 1 2 3 4 5 6 7; do
+    RNNFAST_GPU_SHARD="$i/8" RNNFAST_GPU_GRID_OUT="$grid_out" \
+        phase "grid$i" 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_triton_gpu_grid.py &
     pids+=($!)
-    names+=("$name")
 done
-test_rc=0
-for i in "${!pids[@]}"; do
-    wait "${pids[$i]}"; rc=$?
-    [ $rc -eq 124 ] && echo "  ${names[$i]}: TIMED OUT after ${TEST_CAP_S}s"
-    # pytest exit code 5: nothing selected in that group
-    [ $rc -ne 0 ] && [ $rc -ne 5 ] && test_rc=1
-done
-for name in "${names[@]}"; do
-    echo "-- $name: $(tail -n 1 "$stem-pytest-$name.log")"
-    grep -E "^(FAILED|ERROR)|Error" "$stem-pytest-$name.log" | head -n 20
-done
-echo "tests done ($(elapsed)s), rc=$test_rc"
+phase tests-triton 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_triton_backend.py \
+    tests/test_triton_persistent.py &
+pids+=($!)
+phase tests-families 200 $PY -m pytest -q -p no:cacheprovider -rs -k "triton or gpu" tests/test_lstm.py \
+    tests/test_gru.py tests/test_rnn.py &
+pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
 
-# the benchmark may overrun its budget by one config: the outer timeout (budget + 20s) still
-# ends the whole run ~15s inside TOTAL_S; bench.gpu rewrites its results after every config
-budget=$(( TOTAL_S - $(elapsed) - 35 ))
-[ $budget -gt 240 ] && budget=240
-echo "== benchmark: python -m bench.gpu, budget ${budget}s ($(elapsed)s)"
-bench_rc=1
-if [ $budget -gt 20 ]; then
-    timeout $(( budget + 20 )) $PY -m bench.gpu --budget-s "$budget" --out-dir "$RESULTS"
-    bench_rc=$?
+# ---- 2. speed: the bench harness's GPU grid against cuDNN (cells ordered so a cut-off drops the least
+# important); `python -m bench --device cuda` is the unified harness, bench.gpu the older one
+budget=$(( 480 - 40 - 20 - $(elapsed) ))
+[ $budget -gt 170 ] && budget=170
+if [ $budget -gt 30 ]; then
+    phase speed $(( budget + 15 )) $PY -m bench --device cuda --grid gpu --budget-s "$budget" --out "$stem"
+    if [ "$(tail -n 1 "$phases" | cut -f2)" = 2 ]; then  # usage error: the harness has no such flags yet
+        phase speed-legacy $(( budget + 15 )) $PY -m bench.gpu --budget-s "$budget" --out-dir "$RESULTS"
+    fi
 else
-    echo "no time left for the benchmark"
+    echo "no time left for the speed grid"
 fi
 
-if [ -n "${OUT:-}" ]; then
-    cp "$stem"* "$OUT"/ 2>/dev/null || true
-fi
-echo "== gpu-check done in $(elapsed)s: tests rc=$test_rc, benchmark rc=$bench_rc"
-[ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+# ---- 3. the persistent kernels' per-step barrier ------------------------------------------------------
+phase barrier 40 $PY -m rnnfast.kernels.barrier --out "$stem-barrier.json"
+echo "== gpu-check done in $(elapsed)s"
+# failed: any phase with a non-zero exit, except the unified harness's usage error (rc 2) when the
+# legacy one ran instead
+[ "$(awk -F'\t' '$2 != 0 && !($1 == "speed" && $2 == 2)' "$phases" | wc -l)" -eq 0 ]

@@ -3,13 +3,14 @@ runs a whole layer direction, forward or backward, in one launch.
 
 Program ``(i_u, i_b)`` owns hidden units ``U`` (every gate of them) for the batch
 rows ``R`` of group ``i_b``. Its slice of ``W_hh`` is loaded once, before the time
-loop, and kept on chip (``W_RESIDENT``; else it is re-read from L2 every step,
-K-tiled). Forward, per step: wait until every program of the batch group has
-finished the previous step (an acquire poll on that step's counter), load
-``h_{t-1}[R, :]``, ``tl.dot`` with the slice, add the precomputed input
-projection and bias, update the gates, store ``h_t[R, U]`` into the step's own
-slot of ``hs`` (so no slot is overwritten while read), then a release increment
-of the step's counter. The cell state stays on chip. Backward mirrors it in
+loop, and kept on chip (``W_RESIDENT``: in registers, see :data:`RESIDENT_REGS`;
+where it does not fit it is re-read from L2 every step, K-tiled). Forward, per
+step: wait until every program of the batch group has finished the previous step
+(an acquire poll on that step's counter), load ``h_{t-1}[R, :]``, ``tl.dot`` with
+the slice, add the precomputed input projection and bias, update the gates, store
+``h_t[R, U]`` into the step's own slot of ``hs`` (so no slot is overwritten while
+read), then a release increment of the step's counter. The cell state stays on
+chip. Backward mirrors it in
 reverse time: a program owns the columns ``U`` of ``W_hh``, writes its units'
 gate gradients, and after the step's barrier forms ``dh_{t-1}[R, U]`` from every
 unit's gate gradients; weight gradients are GEMMs over all steps afterwards.
@@ -35,15 +36,16 @@ from torch import Tensor
 
 from .step import FwdState, alloc_fwd
 from .utils import (
+    active_rows,
     GRU,
     NUM_GATES,
     NUM_SAVED,
     acc_dtype,
-    cell_grads,
     cell_update,
     dot_block,
     dot_precision,
     gate_dots,
+    gate_grads,
     is_interpreting,
     load_gates,
     store_gates,
@@ -68,6 +70,17 @@ def step_done(flags, k, n_b, i_b, SYNC: tl.constexpr):
         tl.atomic_add(flags + k * n_b + i_b, 1, sem="release", scope="gpu")
 
 
+@triton.jit
+def slice_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's batch group ``i_b``, the grid's ``(n_u, n_b)``, its rows and units (offsets,
+    masks, :func:`~.utils.tile`) and the full hidden range ``o_k`` of ``h`` with masks."""
+    i_u, i_b = tl.program_id(0), tl.program_id(1)
+    o_b, o_u, m_b, m_u, m_bu = tile(i_b, i_u, BLOCK_B, BLOCK_U, B, H)
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < H
+    return i_b, tl.num_programs(0), tl.num_programs(1), o_b, o_u, m_b, m_u, m_bu, o_k, m_k, m_b[:, None] & m_k[None, :]
+
+
 @triton.jit(do_not_specialize=["T", "B", "k_begin", "k_end"])
 def rnn_fwd_persistent_kernel(
     gx, w_hh, b_hh, bs, hs, cs, g, flags,
@@ -75,16 +88,11 @@ def rnn_fwd_persistent_kernel(
     MODE: tl.constexpr, NG: tl.constexpr, NS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BS: tl.constexpr, SAVE: tl.constexpr,
     SYNC: tl.constexpr, W_RESIDENT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr,
 ):
     """Forward steps ``k_begin <= k < k_end`` (in time order) of units ``U`` for rows ``R``."""
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_u, i_b = tl.program_id(0), tl.program_id(1)
-    n_u, n_b = tl.num_programs(0), tl.num_programs(1)
-    o_b, o_u, m_b, m_u, m_bu = tile(i_b, i_u, BLOCK_B, BLOCK_U, B, H)
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < H
-    m_bk = m_b[:, None] & m_k[None, :]
+    i_b, n_u, n_b, o_b, o_u, m_b, m_u, m_bu, o_k, m_k, m_bk = slice_tile(B, H, BLOCK_B, BLOCK_U, BLOCK_K)
     GH = NG * H
     p_bu = o_b[:, None] * H + o_u[None, :]
     # W_g[U, :]^T as (BLOCK_K, BLOCK_U) tiles, loaded once
@@ -119,7 +127,7 @@ def rnn_fwd_persistent_kernel(
                 b_a3 = tl.dot(b_h, b_w3, b_z, input_precision=PRECISION)
         else:
             b_a0, b_a1, b_a2, b_a3 = gate_dots(p_h, H, 0, o_b, m_b, w_hh, 1, H, H * H, o_u, m_u, H, NG, False,
-                                               ACC, PRECISION, BLOCK_B, BLOCK_U, 64)
+                                               ACC, PRECISION, BLOCK_B, BLOCK_U, BLOCK_KS)
         b_g0, b_g1, b_g2, b_g3 = load_gates(gx + (t * B + o_b[:, None]) * GH + o_u[None, :], H, m_bu, NG)
         b_a0 += b_g0.to(ACC) + b_b0[None, :].to(ACC)
         b_a1 += b_g1.to(ACC) + b_b1[None, :].to(ACC)
@@ -134,10 +142,7 @@ def rnn_fwd_persistent_kernel(
             b_a2 += b_g2.to(ACC)
         b_y, b_cn, b_s0, b_s1, b_s2, b_s3 = cell_update(MODE, b_a0, b_a1, b_a2, b_a3, b_hp.to(ACC), b_c)
 
-        if HAS_BS:
-            m_act = (o_b < tl.load(bs + t))[:, None]
-        else:
-            m_act = m_b[:, None]
+        m_act = active_rows(bs, t, o_b, m_b, HAS_BS)
         if SAVE:
             store_gates(g + (t * B + o_b[:, None]) * (NS * H) + o_u[None, :], H, m_bu, NS, b_s0, b_s1, b_s2, b_s3)
         if MODE == 0:
@@ -153,7 +158,7 @@ def rnn_bwd_persistent_kernel(
     T, B, H, k_begin, k_end,
     MODE: tl.constexpr, NG: tl.constexpr, NS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     REVERSE: tl.constexpr, HAS_BS: tl.constexpr, SYNC: tl.constexpr, W_RESIDENT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KS: tl.constexpr,
 ):
     """Backward phases ``k_begin <= k < k_end`` of ``0 <= k <= T`` (``k``: steps in backward order).
 
@@ -164,12 +169,7 @@ def rnn_bwd_persistent_kernel(
     at ``k_end = T + 1`` they hold ``dh0`` and ``dc0``. ``dout`` has inactive rows zeroed.
     """
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_u, i_b = tl.program_id(0), tl.program_id(1)
-    n_u, n_b = tl.num_programs(0), tl.num_programs(1)
-    o_b, o_u, m_b, m_u, m_bu = tile(i_b, i_u, BLOCK_B, BLOCK_U, B, H)
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < H
-    m_bk = m_b[:, None] & m_k[None, :]
+    i_b, n_u, n_b, o_b, o_u, m_b, m_u, m_bu, o_k, m_k, m_bk = slice_tile(B, H, BLOCK_B, BLOCK_U, BLOCK_K)
     GH = NG * H
     p_bu = o_b[:, None] * H + o_u[None, :]
     # columns U of W_g as (BLOCK_K, BLOCK_U) tiles, loaded once: dh_prev[R, U] = sum_g dG_g[R, :] W_g[:, U]
@@ -198,7 +198,7 @@ def rnn_bwd_persistent_kernel(
                     b_acc = tl.dot(b_x3, b_w3, b_acc, input_precision=PRECISION)
             else:
                 b_a0, b_a1, b_a2, b_a3 = gate_dots(p_dg, GH, H, o_b, m_b, w_hh, H, 1, H * H, o_u, m_u, H, NG, True,
-                                                   ACC, PRECISION, BLOCK_B, BLOCK_U, 64)
+                                                   ACC, PRECISION, BLOCK_B, BLOCK_U, BLOCK_KS)
                 b_acc = b_a0
                 if NG > 1:
                     b_acc += b_a1 + b_a2
@@ -207,35 +207,19 @@ def rnn_bwd_persistent_kernel(
             if MODE == 1:  # GRU: the direct term dh * z
                 b_acc += b_dt * tl.load(g + (t * B + o_b[:, None]) * (NS * H) + H + o_u[None, :], mask=m_bu,
                                         other=0.)
-            if HAS_BS:
-                m_act = (o_b < tl.load(bs + t))[:, None]
-            else:
-                m_act = m_b[:, None]
+            m_act = active_rows(bs, t, o_b, m_b, HAS_BS)
             b_dh = tl.where(m_act, b_acc, b_dt)
         if k < T:
             t = k if REVERSE else T - 1 - k
             i_prev = t + 1 if REVERSE else t
             i_new = t if REVERSE else t + 1
             b_dt = b_dh + tl.load(dout + t * B * H + p_bu, mask=m_bu, other=0.).to(ACC)
-            if HAS_BS:
-                m_act = (o_b < tl.load(bs + t))[:, None]
-            else:
-                m_act = m_b[:, None]
+            m_act = active_rows(bs, t, o_b, m_b, HAS_BS)
             b_dm = tl.where(m_act, b_dt, 0.)
-            b_s0, b_s1, b_s2, b_s3 = load_gates(g + (t * B + o_b[:, None]) * (NS * H) + o_u[None, :], H, m_bu, NS)
-            b_c, b_cp, b_hp = b_dm, b_dm, b_dm
-            if MODE == 0:
-                b_c = tl.load(cs + i_new * B * H + p_bu, mask=m_bu, other=0.)
-                b_cp = tl.load(cs + i_prev * B * H + p_bu, mask=m_bu, other=0.)
-            if MODE == 1:
-                b_hp = tl.load(hs + i_prev * B * H + p_bu, mask=m_bu, other=0.).to(ACC)
-            b_d0, b_d1, b_d2, b_d3, b_x = cell_grads(MODE, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp, b_hp)
-            if MODE == 0:
-                b_dc = tl.where(m_act, b_x, b_dc)
-            b_d0 = tl.where(m_act, b_d0, 0.)
-            b_d1 = tl.where(m_act, b_d1, 0.)
-            b_d2 = tl.where(m_act, b_d2, 0.)
-            b_d3 = tl.where(m_act, b_d3, 0.)
+            b_d0, b_d1, b_d2, b_d3, _, b_dc = gate_grads(
+                MODE, NS, ACC, b_dm, b_dc, m_act, g + (t * B + o_b[:, None]) * (NS * H) + o_u[None, :], H, m_bu,
+                cs + i_new * B * H + p_bu if MODE == 0 else cs, cs + i_prev * B * H + p_bu if MODE == 0 else cs,
+                hs + i_prev * B * H + p_bu)
             p_dg = (t * B + o_b[:, None]) * GH + o_u[None, :]
             store_gates(dgi + p_dg, H, m_bu, NG, b_d0, b_d1, b_d2, b_d3)
             if MODE == 1:
@@ -255,35 +239,52 @@ class PersistentConfig(NamedTuple):
     block_u: int
     num_warps: int
     w_resident: bool
+    block_ks: int = 32  # K tile of a streamed W_hh slice
 
     def grid(self, H: int, B: int) -> tuple[int, int]:
         """``(P_h, P_b)``: hidden slices and batch groups."""
         return triton.cdiv(H, self.block_u), triton.cdiv(B, self.block_b)
 
 
-# Resident W_hh slice budget per program, in bytes: the issue's ~160 KB of the H100/H200's
-# 227 KB shared memory (unmeasured; the compile gate checks that it fits and nothing spills).
-RESIDENT_BYTES = 160 * 1024
 # programs that run concurrently on an H100/H200 (132 SMs, one program each)
 MAX_PROGRAMS = 132
+# widest hidden slice "auto" runs on the persistent kernels: 64- and 128-unit slices (batch 256
+# at hidden 512 and 1024) spilled in the sm_90 compile gate, resident or streamed
+MAX_AUTO_UNITS = 32
+# registers per thread a resident W_hh slice may take (of 255): at 16-row tiles tl.dot compiles
+# to mma.sync, and the compiler keeps the loop-invariant slice in registers across the time loop.
+# From the sm_90 compile gate: 128 at 4 warps compiled without spills (bfloat16 H 256 x 32 units,
+# H 512 x 16), 128 at 16 warps (cap 128) and 3xTF32 float32 slices (split in registers) spilled.
+RESIDENT_REGS = {4: 128, 8: 64}
 
 
-def persistent_config(mode: int, H: int, B: int, dtype: torch.dtype) -> PersistentConfig:
-    """Tile sizes for the persistent kernels (heuristic, unmeasured on a GPU).
+def persistent_config(mode: int, H: int, B: int, dtype: torch.dtype, precision: Optional[str] = None,
+                      backward: bool = False) -> PersistentConfig:
+    """Tile sizes for the persistent kernels (heuristic from the sm_90 compile gate; speed
+    unmeasured on a GPU).
 
-    Row groups of 16 (``tl.dot``'s minimum) or 32 rows (64 spilled at 4 warps); hidden slices as narrow as
-    16 units so that small batches still spread over many SMs, widened until the grid
-    fits :data:`MAX_PROGRAMS`; the ``W_hh`` slice (``NG x BLOCK_K x BLOCK_U``) stays
-    resident while it fits :data:`RESIDENT_BYTES`.
+    Row groups of 16 (``tl.dot``'s minimum; 32 spilled); hidden slices as narrow as 16 units
+    so that small batches still spread over many SMs, widened until the grid fits
+    :data:`MAX_PROGRAMS`. The ``W_hh`` slice stays resident while its registers per thread
+    fit :data:`RESIDENT_REGS` at 4 or 8 warps (a 3xTF32 float32 slice counts four times);
+    otherwise it is streamed from L2 every step at 8 warps (4 spilled), in K tiles of 32, of 16
+    for slices of 64 units or more and in backward (32 spilled with 3xTF32). :func:`~.rnn.choose_kernel` takes slices of at most
+    :data:`MAX_AUTO_UNITS` (wider ones spilled in the compile gate). ``precision``: the ``tl.dot``
+    precision, by default :func:`~.utils.dot_precision` now. The backward holds more state per
+    step: it runs a resident slice at 8 warps only (4 spilled at bfloat16 H 256).
     """
-    block_b = min(32, dot_block(B))
+    block_b = 16
     p_b = triton.cdiv(B, block_b)
     block_u = 16
     while triton.cdiv(H, block_u) * p_b > MAX_PROGRAMS and block_u < dot_block(H):
         block_u *= 2
-    resident = NUM_GATES[mode] * dot_block(H) * block_u * dtype.itemsize <= RESIDENT_BYTES
-    num_warps = 4 if block_b * block_u <= 256 else 8
-    return PersistentConfig(block_b, block_u, num_warps, resident)
+    words = NUM_GATES[mode] * dot_block(H) * block_u * dtype.itemsize / 4
+    if (precision or dot_precision(dtype)) == "tf32x3":
+        words *= 4
+    for num_warps, regs in RESIDENT_REGS.items():
+        if words / (32 * num_warps) <= regs and (num_warps > 4 or not backward):
+            return PersistentConfig(block_b, block_u, num_warps, True)
+    return PersistentConfig(block_b, block_u, 8, False, 16 if block_u >= 64 or backward else 32)
 
 
 def _run(kernel, cfg: PersistentConfig, T: int, B: int, H: int, n_phases: int, args: tuple, consts: dict,
@@ -296,8 +297,8 @@ def _run(kernel, cfg: PersistentConfig, T: int, B: int, H: int, n_phases: int, a
         sync = not is_interpreting() or grid[0] == 1
     # one counter per (phase, batch group): a poll for "phase k - 1 done" never sees a later value
     flags = torch.zeros(n_phases * grid[1], dtype=torch.int32, device=args[0].device)
-    meta = dict(BLOCK_B=cfg.block_b, BLOCK_U=cfg.block_u, BLOCK_K=dot_block(H), W_RESIDENT=cfg.w_resident,
-                num_warps=cfg.num_warps, num_stages=1)
+    meta = dict(BLOCK_B=cfg.block_b, BLOCK_U=cfg.block_u, BLOCK_K=dot_block(H), BLOCK_KS=cfg.block_ks,
+                W_RESIDENT=cfg.w_resident, num_warps=cfg.num_warps, num_stages=1)
     if not is_interpreting():
         meta["launch_cooperative_grid"] = True
     for k_begin, k_end in ([(0, n_phases)] if sync else [(k, k + 1) for k in range(n_phases)]):
@@ -337,7 +338,7 @@ def persistent_bwd(mode: int, dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor]
     dh = dh_n.to(acc, copy=True).contiguous()
     dc = None if st.cs is None else dc_n.to(acc, copy=True).contiguous()
     bs = None if batch_sizes is None else batch_sizes.to(device=dout.device, dtype=torch.int32)
-    cfg = cfg or persistent_config(mode, H, B, dout.dtype)
+    cfg = cfg or persistent_config(mode, H, B, dout.dtype, backward=True)
     consts = dict(MODE=mode, NG=NUM_GATES[mode], NS=NUM_SAVED[mode], IS_FP64=dout.dtype == torch.float64,
                   PRECISION=dot_precision(dout.dtype), REVERSE=reverse, HAS_BS=bs is not None)
     _run(rnn_bwd_persistent_kernel, cfg, T, B, H, T + 1, (dout, st.gs, st.hs, st.cs, w_hh, bs, dgi, dgh, dh, dc),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .persistent import MAX_PROGRAMS, persistent_bwd, persistent_config, persistent_fwd
+from .persistent import MAX_AUTO_UNITS, MAX_PROGRAMS, persistent_bwd, persistent_config, persistent_fwd
 from .sequence import sequence_bwd, sequence_fwd
 from .step import FwdState, step_bwd, step_fwd
 from .utils import MODE_ID, NUM_GATES, use_sequence_kernel
@@ -24,8 +24,9 @@ def choose_kernel(kernel: str, mode: int, hidden_size: int, out_size: int, batch
 
     ``"auto"`` (heuristic, NOT yet measured on a GPU): the persistent kernel for every layer
     without projection whose grid fits the GPU at once (``P_h x P_b <= MAX_PROGRAMS``,
-    :func:`~.persistent.persistent_config`); with projection (``out_size != hidden_size``),
-    or a batch too large for one co-resident grid, the previous choice: the sequence kernel
+    :func:`~.persistent.persistent_config`) with hidden slices of at most ``MAX_AUTO_UNITS``
+    (wider ones spilled in the sm_90 compile gate: batch 256 at hidden 512 and 1024); with
+    projection (``out_size != hidden_size``), or a batch too large, the previous choice: the sequence kernel
     up to a padded size of 128 in 16-bit dtypes (measured 2026-11-26, see
     :func:`~.utils.sequence_max_hidden`), else the step kernels. A forced ``"persistent"``
     with projection raises ``ValueError`` (it has no projection).
@@ -40,7 +41,7 @@ def choose_kernel(kernel: str, mode: int, hidden_size: int, out_size: int, batch
     if not proj:
         cfg = persistent_config(mode, hidden_size, batch, dtype)
         p_h, p_b = cfg.grid(hidden_size, batch)
-        if p_h * p_b <= MAX_PROGRAMS:
+        if p_h * p_b <= MAX_PROGRAMS and cfg.block_u <= MAX_AUTO_UNITS:
             return "persistent"
     return "sequence" if use_sequence_kernel("auto", hidden_size, out_size, mode, dtype, backward) else "step"
 

@@ -15,8 +15,10 @@ import hashlib
 import json
 import os
 import re
+import resource
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rnnfast.kernels import persistent
+from rnnfast.kernels import choose_kernel, persistent
 from rnnfast.kernels.utils import LSTM, GRU, NUM_GATES, NUM_SAVED, dot_block
 
 SHARED_LIMIT = 227 * 1024  # H100/H200 shared memory per block (opt-in maximum)
@@ -64,7 +66,8 @@ class Result(NamedTuple):
     shared: int
     w_loads_before: int
     w_loads_in_loop: int
-    seconds: float
+    seconds: float  # wall time of the compile
+    cpu_seconds: float  # CPU time of the compile (this process and ptxas)
 
     @property
     def ok(self) -> bool:
@@ -76,18 +79,17 @@ class Result(NamedTuple):
 
 def variants(full: bool) -> list[Variant]:
     """The gate's grid: ``full`` is the issue's (LSTM/GRU x bf16/fp32 TF32 off/on x hidden
-    128-1024 x batch 1/16/256, forward and backward); the CI subset keeps every hidden size
-    and precision for LSTM forward and backward at batch 16 (the configurations of B 1 and
-    16 coincide) plus GRU at hidden 1024 and batch 256."""
-    out = []
-    for kernel in ("fwd", "bwd"):
-        for mode in (LSTM, GRU):
-            for dtype, precision in PRECISIONS:
-                for H in HIDDEN:
-                    for B in BATCH:
-                        if full or (mode == LSTM and B == 16) or (mode == GRU and H == 1024 and B == 256):
-                            out.append(Variant(kernel, mode, dtype, precision, H, B))
-    return out
+    128-1024 x batch 1/16/256, forward and backward; B 1 and 16 share a configuration and
+    compile once; cells where ``"auto"`` takes the step kernels, batch 256 at hidden 512 and
+    1024, are left out). The CI subset (each compile takes 1-3 s of CPU): a resident forward
+    (bf16 H 512), a resident backward (bf16 H 256) and a streamed forward (GRU, float32
+    TF32 off, H 1024)."""
+    if not full:
+        return [Variant("fwd", LSTM, torch.bfloat16, "ieee", 512, 16), Variant("bwd", LSTM, torch.bfloat16, "ieee", 256, 16),
+                Variant("fwd", GRU, torch.float32, "tf32x3", 1024, 16)]
+    return [Variant(kernel, mode, dtype, precision, H, B) for kernel in ("fwd", "bwd") for mode in (LSTM, GRU)
+            for dtype, precision in PRECISIONS for H in HIDDEN for B in BATCH
+            if choose_kernel("auto", mode, H, H, B, dtype) == "persistent"]
 
 
 def _source(v: Variant, cfg: persistent.PersistentConfig) -> ASTSource:
@@ -95,7 +97,7 @@ def _source(v: Variant, cfg: persistent.PersistentConfig) -> ASTSource:
     acc = "*fp32"
     consts = dict(MODE=v.mode, NG=NUM_GATES[v.mode], NS=NUM_SAVED[v.mode], IS_FP64=False, PRECISION=v.precision,
                   REVERSE=False, HAS_BS=False, SYNC=True, W_RESIDENT=cfg.w_resident, BLOCK_B=cfg.block_b,
-                  BLOCK_U=cfg.block_u, BLOCK_K=dot_block(v.H))
+                  BLOCK_U=cfg.block_u, BLOCK_K=dot_block(v.H), BLOCK_KS=cfg.block_ks)
     ints = dict(T="i32", B="i32", H="i32", k_begin="i32", k_end="i32")
     if v.kernel == "fwd":
         fn = persistent.rnn_fwd_persistent_kernel
@@ -118,15 +120,17 @@ def _source(v: Variant, cfg: persistent.PersistentConfig) -> ASTSource:
 
 def w_loads_in_loop(ttgir: str) -> tuple[int, int]:
     """``(before, inside)``: how many ``tt.load``s of ``W_hh`` the TTGIR has before and inside the
-    time loop. A value derives from ``W_hh`` when its definition uses ``%w_hh`` or a value so
-    derived; the time loop is the ``scf.for`` over ``%k``, up to its closing brace."""
+    time loop. A pointer derives from ``W_hh`` when its definition (not a load: loaded values
+    are data) uses ``%w_hh`` or a pointer so derived; the time loop is the ``scf.for`` over
+    ``%k``, up to its closing brace."""
     derived = {"%w_hh"}
     lines = ttgir.splitlines()
     defn = re.compile(r"^\s*(%[\w.#:]+(?:, %[\w.#:]+)*) = (.*)$")
     for _ in range(3):  # loop-carried values reach a fixed point within a few passes
         for line in lines:
             m = defn.match(line)
-            if m and derived & set(re.findall(r"%[\w.]+", m.group(2))):
+            is_ptr = "!tt.ptr" in m.group(2) and not m.group(2).startswith("tt.load") if m else False
+            if is_ptr and derived & set(re.findall(r"%[\w.]+", m.group(2))):
                 derived.update(n.split(":")[0] for n in m.group(1).split(", "))
     before = inside = depth = 0
     in_loop = done = False
@@ -155,21 +159,26 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     return field("REG"), field("STACK"), field("SHARED")
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def check(v: Variant) -> Result:
     """Compile one variant for sm_90 (or read the cached result) and measure it."""
-    import time
-    cfg = persistent.persistent_config(v.mode, v.H, v.B, v.dtype)
+    cfg = persistent.persistent_config(v.mode, v.H, v.B, v.dtype, v.precision, backward=v.kernel == "bwd")
     src = _source(v, cfg)
     key = hashlib.sha256(f"{src.hash()}-{cfg}-{triton.__version__}".encode()).hexdigest()[:24]
     cached = CACHE / f"{key}.json"
     if cached.exists():
         return Result(**{**json.loads(cached.read_text()), "name": v.name})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     compiled = triton.compile(src, target=TARGET, options={"num_warps": cfg.num_warps, "num_stages": 1})
     regs, stack, shared = _resources(compiled.asm["cubin"])
     shared = max(shared, compiled.metadata.shared)
     res = Result(v.name, cfg.block_b, cfg.block_u, cfg.num_warps, cfg.w_resident, regs, stack, shared,
-                 *w_loads_in_loop(compiled.asm["ttgir"]), round(time.perf_counter() - t0, 1))
+                 *w_loads_in_loop(compiled.asm["ttgir"]), round(time.perf_counter() - t0, 1),
+                 round(_cpu_seconds() - c0, 1))
     CACHE.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(res._asdict()))
     return res
@@ -177,11 +186,12 @@ def check(v: Variant) -> Result:
 
 def table(results: list[Result]) -> str:
     head = ("| variant | BLOCK_B | BLOCK_U | warps | W resident | regs | stack B | shared B | W loads before loop "
-            "| W loads in loop | ok |")
-    rows = [head, "|" + "---|" * 11]
+            "| W loads in loop | compile s (CPU) | ok |")
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         rows.append(f"| {r.name} | {r.block_b} | {r.block_u} | {r.num_warps} | {r.w_resident} | {r.registers} | "
-                    f"{r.stack} | {r.shared} | {r.w_loads_before} | {r.w_loads_in_loop} | {'yes' if r.ok else 'NO'} |")
+                    f"{r.stack} | {r.shared} | {r.w_loads_before} | {r.w_loads_in_loop} | {r.seconds} ({r.cpu_seconds}) | "
+                    f"{'yes' if r.ok else 'NO'} |")
     return "\n".join(rows)
 
 
