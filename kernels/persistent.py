@@ -36,10 +36,10 @@ from torch import Tensor
 
 from .step import FwdState, alloc_fwd
 from .utils import (
-    active_rows,
     GRU,
     NUM_GATES,
     NUM_SAVED,
+    active_rows,
     acc_dtype,
     cell_update,
     dot_block,
@@ -68,6 +68,21 @@ def step_done(flags, k, n_b, i_b, SYNC: tl.constexpr):
     if SYNC:
         tl.debug_barrier()
         tl.atomic_add(flags + k * n_b + i_b, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def resident_dots(b_x0, b_x1, b_x2, b_x3, b_w0, b_w1, b_w2, b_w3, NG: tl.constexpr, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr):
+    """``X_g @ W_g`` for the ``NG`` gates from operands already on chip; absent gates are zeros."""
+    b_z = tl.zeros([BLOCK_B, BLOCK_U], dtype=ACC)
+    b_a0 = tl.dot(b_x0, b_w0, b_z, input_precision=PRECISION)
+    b_a1, b_a2, b_a3 = b_z, b_z, b_z
+    if NG > 1:
+        b_a1 = tl.dot(b_x1, b_w1, b_z, input_precision=PRECISION)
+        b_a2 = tl.dot(b_x2, b_w2, b_z, input_precision=PRECISION)
+    if NG > 3:
+        b_a3 = tl.dot(b_x3, b_w3, b_z, input_precision=PRECISION)
+    return b_a0, b_a1, b_a2, b_a3
 
 
 @triton.jit
@@ -117,14 +132,8 @@ def rnn_fwd_persistent_kernel(
         p_h = hs + i_prev * B * H
         if W_RESIDENT:
             b_h = tl.load(p_h + o_b[:, None] * H + o_k[None, :], mask=m_bk, other=0.)
-            b_z = tl.zeros([BLOCK_B, BLOCK_U], dtype=ACC)
-            b_a0 = tl.dot(b_h, b_w0, b_z, input_precision=PRECISION)
-            b_a1, b_a2, b_a3 = b_z, b_z, b_z
-            if NG > 1:
-                b_a1 = tl.dot(b_h, b_w1, b_z, input_precision=PRECISION)
-                b_a2 = tl.dot(b_h, b_w2, b_z, input_precision=PRECISION)
-            if NG > 3:
-                b_a3 = tl.dot(b_h, b_w3, b_z, input_precision=PRECISION)
+            b_a0, b_a1, b_a2, b_a3 = resident_dots(b_h, b_h, b_h, b_h, b_w0, b_w1, b_w2, b_w3, NG, ACC, PRECISION,
+                                                   BLOCK_B, BLOCK_U)
         else:
             b_a0, b_a1, b_a2, b_a3 = gate_dots(p_h, H, 0, o_b, m_b, w_hh, 1, H, H * H, o_u, m_u, H, NG, False,
                                                ACC, PRECISION, BLOCK_B, BLOCK_U, BLOCK_KS)
@@ -190,20 +199,16 @@ def rnn_bwd_persistent_kernel(
             p_dg = dgh + t * B * GH
             if W_RESIDENT:
                 b_x0, b_x1, b_x2, b_x3 = load_gates(p_dg + o_b[:, None] * GH + o_k[None, :], H, m_bk, NG)
-                b_acc = tl.dot(b_x0, b_w0, tl.zeros([BLOCK_B, BLOCK_U], dtype=ACC), input_precision=PRECISION)
-                if NG > 1:
-                    b_acc = tl.dot(b_x1, b_w1, b_acc, input_precision=PRECISION)
-                    b_acc = tl.dot(b_x2, b_w2, b_acc, input_precision=PRECISION)
-                if NG > 3:
-                    b_acc = tl.dot(b_x3, b_w3, b_acc, input_precision=PRECISION)
+                b_a0, b_a1, b_a2, b_a3 = resident_dots(b_x0, b_x1, b_x2, b_x3, b_w0, b_w1, b_w2, b_w3, NG, ACC,
+                                                       PRECISION, BLOCK_B, BLOCK_U)
             else:
                 b_a0, b_a1, b_a2, b_a3 = gate_dots(p_dg, GH, H, o_b, m_b, w_hh, H, 1, H * H, o_u, m_u, H, NG, True,
                                                    ACC, PRECISION, BLOCK_B, BLOCK_U, BLOCK_KS)
-                b_acc = b_a0
-                if NG > 1:
-                    b_acc += b_a1 + b_a2
-                if NG > 3:
-                    b_acc += b_a3
+            b_acc = b_a0
+            if NG > 1:
+                b_acc += b_a1 + b_a2
+            if NG > 3:
+                b_acc += b_a3
             if MODE == 1:  # GRU: the direct term dh * z
                 b_acc += b_dt * tl.load(g + (t * B + o_b[:, None]) * (NS * H) + H + o_u[None, :], mask=m_bu,
                                         other=0.)

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from .step import FwdState, alloc_fwd
 from .utils import (
-    active_rows,
     GRU,
     NUM_GATES,
     NUM_SAVED,
+    active_rows,
     acc_dtype,
     cell_update,
     dot_block,
