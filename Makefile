@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench quickstart gpu-check cuda-check clean
+.PHONY: setup test demo bench quickstart gpu-check cuda-check compile-gate clean
 
 setup: $(VENV)/.rnnfast-deps
 	$(PIP) --no-build-isolation --no-deps -e . > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
@@ -41,6 +41,12 @@ gpu-check:
 # host loop and cell math run on the CPU against the reference
 cuda-check: setup
 	$(PY) -m pytest -q tests/test_cuda_compile.py tests/test_cuda_emulated.py
+
+# sm_90 compile gate of every persistent-kernel variant "auto" can pick on an H100/H200, on a machine
+# without a GPU: no spills, shared memory within 227 KB, W_hh loaded before the time loop; prints the
+# table (CI runs a 3-variant subset in tests/test_triton_compile.py). Slow: 144 variants, cached.
+compile-gate: setup
+	$(PY) tests/triton_compile_gate.py --full
 
 clean:
 	rm -rf build *.egg-info rnnfast/*.so

@@ -20,14 +20,18 @@ from .utils import (
     GRU,
     NUM_GATES,
     NUM_SAVED,
+    active_rows,
     acc_dtype,
-    cell_grads,
     cell_update,
     dot_block,
     dot_precision,
+    gate_grads,
+    load_gates,
     prune_by_batch,
     quick_bench,
     sequence_configs,
+    store_gates,
+    tile,
 )
 
 
@@ -51,12 +55,9 @@ def rnn_fwd_sequence_kernel(
 ):
     """All ``T`` steps for one row tile; ``K`` is the size of ``h`` (``BLOCK_H >= H``, ``BLOCK_K >= K``)."""
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_b = tl.program_id(0)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    o_h = tl.arange(0, BLOCK_H)
+    o_b, o_h, m_b, m_h, m_bh = tile(tl.program_id(0), 0, BLOCK_B, BLOCK_H, B, H)
     o_k = tl.arange(0, BLOCK_K)
-    m_b, m_h, m_k = o_b < B, o_h < H, o_k < K
-    m_bh = m_b[:, None] & m_h[None, :]
+    m_k = o_k < K
     m_bk = m_b[:, None] & m_k[None, :]
     GH = NG * H
 
@@ -69,16 +70,10 @@ def rnn_fwd_sequence_kernel(
     p_w = w_hh + o_h[None, :].to(tl.int64) * K + o_k[:, None]
     m_w = m_k[:, None] & m_h[None, :]
     b_b0 = tl.zeros([BLOCK_H], dtype=ACC)
-    b_b1 = tl.zeros([BLOCK_H], dtype=ACC)
-    b_b2 = tl.zeros([BLOCK_H], dtype=ACC)
-    b_b3 = tl.zeros([BLOCK_H], dtype=ACC)
+    b_b1, b_b2, b_b3 = b_b0, b_b0, b_b0
     if HAS_BIAS:
-        b_b0 = tl.load(b_hh + o_h, mask=m_h, other=0.).to(ACC)
-        if NG > 1:
-            b_b1 = tl.load(b_hh + H + o_h, mask=m_h, other=0.).to(ACC)
-            b_b2 = tl.load(b_hh + 2 * H + o_h, mask=m_h, other=0.).to(ACC)
-        if NG > 3:
-            b_b3 = tl.load(b_hh + 3 * H + o_h, mask=m_h, other=0.).to(ACC)
+        b_b0, b_b1, b_b2, b_b3 = load_gates(b_hh + o_h, H, m_h, NG)
+        b_b0, b_b1, b_b2, b_b3 = b_b0.to(ACC), b_b1.to(ACC), b_b2.to(ACC), b_b3.to(ACC)
 
     for s in range(T):
         t = T - 1 - s if REVERSE else s
@@ -106,17 +101,9 @@ def rnn_fwd_sequence_kernel(
             b_hp = b_c
         b_y, b_cn, b_s0, b_s1, b_s2, b_s3 = cell_update(MODE, b_a0, b_a1, b_a2, b_a3, b_hp, b_c)
 
-        if HAS_BS:
-            m_act = (o_b < tl.load(bs + t))[:, None]
-        else:
-            m_act = (o_b < B)[:, None]
+        m_act = active_rows(bs, t, o_b, m_b, HAS_BS)
         if SAVE:
-            p_g = g + (t * B + o_b[:, None]) * (NS * H) + o_h[None, :]
-            tl.store(p_g, b_s0, mask=m_bh)
-            if NS > 1:
-                tl.store(p_g + H, b_s1, mask=m_bh)
-                tl.store(p_g + 2 * H, b_s2, mask=m_bh)
-                tl.store(p_g + 3 * H, b_s3, mask=m_bh)
+            store_gates(g + (t * B + o_b[:, None]) * (NS * H) + o_h[None, :], H, m_bh, NS, b_s0, b_s1, b_s2, b_s3)
         if MODE == 0:
             b_c = tl.where(m_act, b_cn, b_c)
             tl.store(cs + (i_new * B + o_b[:, None]) * H + o_h[None, :], b_c, mask=m_bh)
@@ -153,12 +140,9 @@ def rnn_bwd_sequence_kernel(
     ``dgi``/``dgh`` by time, ``dhs`` (projection only) and the initial states' gradients.
     """
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_b = tl.program_id(0)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    o_h = tl.arange(0, BLOCK_H)
+    o_b, o_h, m_b, m_h, m_bh = tile(tl.program_id(0), 0, BLOCK_B, BLOCK_H, B, H)
     o_k = tl.arange(0, BLOCK_K)
-    m_b, m_h, m_k = o_b < B, o_h < H, o_k < K
-    m_bh = m_b[:, None] & m_h[None, :]
+    m_k = o_k < K
     m_bk = m_b[:, None] & m_k[None, :]
     m_w = m_h[:, None] & m_k[None, :]
     GH = NG * H
@@ -177,10 +161,7 @@ def rnn_bwd_sequence_kernel(
         i_prev = t + 1 if REVERSE else t
         i_new = t if REVERSE else t + 1
         b_dh += tl.load(dout + t * B * K + p_bk, mask=m_bk, other=0.).to(ACC)
-        if HAS_BS:
-            m_act = (o_b < tl.load(bs + t))[:, None]
-        else:
-            m_act = (o_b < B)[:, None]
+        m_act = active_rows(bs, t, o_b, m_b, HAS_BS)
         if HAS_PROJ:
             tl.store(dhs + t * B * K + p_bk, b_dh, mask=m_bk)
             b_wr = tl.load(w_hr + o_k[:, None].to(tl.int64) * H + o_h[None, :], mask=m_k[:, None] & m_h[None, :],
@@ -191,42 +172,30 @@ def rnn_bwd_sequence_kernel(
             b_dm = b_dh
         b_dm = tl.where(m_act, b_dm, 0.)
 
-        p_g = g + (t * B + o_b[:, None]) * (NS * H) + o_h[None, :]
-        b_s0 = tl.load(p_g, mask=m_bh, other=0.)
-        b_s1, b_s2, b_s3 = b_s0, b_s0, b_s0
-        if NS > 1:
-            b_s1 = tl.load(p_g + H, mask=m_bh, other=0.)
-            b_s2 = tl.load(p_g + 2 * H, mask=m_bh, other=0.)
-            b_s3 = tl.load(p_g + 3 * H, mask=m_bh, other=0.)
-        b_c, b_cp, b_hp = b_dm, b_dm, b_dm
-        if MODE == 0:
-            b_c = tl.load(cs + i_new * B * H + p_bh, mask=m_bh, other=0.)
-            b_cp = tl.load(cs + i_prev * B * H + p_bh, mask=m_bh, other=0.)
-        if MODE == 1:
-            b_hp = tl.load(hs + i_prev * B * K + p_bh, mask=m_bh, other=0.).to(ACC)
-        b_d0, b_d1, b_d2, b_d3, b_x = cell_grads(MODE, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp, b_hp)
-        if MODE == 0:
-            b_dc = tl.where(m_act, b_x, b_dc)
+        b_d0, b_d1, b_d2, b_d3, b_x, b_dc = gate_grads(
+            MODE, NS, ACC, b_dm, b_dc, m_act, g + (t * B + o_b[:, None]) * (NS * H) + o_h[None, :], H, m_bh,
+            cs + i_new * B * H + p_bh if MODE == 0 else cs, cs + i_prev * B * H + p_bh if MODE == 0 else cs,
+            hs + i_prev * B * K + p_bh)
 
         T_DG = dgi.dtype.element_ty
         p_dg = (t * B + o_b[:, None]) * GH + o_h[None, :]
-        b_d0 = tl.where(m_act, b_d0, 0.).to(T_DG)
+        b_d0 = b_d0.to(T_DG)
         tl.store(dgi + p_dg, b_d0, mask=m_bh)
         b_acc = tl.dot(b_d0, tl.load(p_w, mask=m_w, other=0.), tl.zeros([BLOCK_B, BLOCK_K], dtype=ACC),
                        input_precision=PRECISION)
         if NG > 1:
-            b_d1 = tl.where(m_act, b_d1, 0.).to(T_DG)
-            b_d2 = tl.where(m_act, b_d2, 0.).to(T_DG)
+            b_d1 = b_d1.to(T_DG)
+            b_d2 = b_d2.to(T_DG)
             tl.store(dgi + p_dg + H, b_d1, mask=m_bh)
             tl.store(dgi + p_dg + 2 * H, b_d2, mask=m_bh)
             b_acc = tl.dot(b_d1, tl.load(p_w + H * K, mask=m_w, other=0.), b_acc, input_precision=PRECISION)
         if MODE == 0:
-            b_d3 = tl.where(m_act, b_d3, 0.).to(T_DG)
+            b_d3 = b_d3.to(T_DG)
             tl.store(dgi + p_dg + 3 * H, b_d3, mask=m_bh)
             b_acc = tl.dot(b_d2, tl.load(p_w + 2 * H * K, mask=m_w, other=0.), b_acc, input_precision=PRECISION)
             b_acc = tl.dot(b_d3, tl.load(p_w + 3 * H * K, mask=m_w, other=0.), b_acc, input_precision=PRECISION)
         if MODE == 1:
-            b_d3 = tl.where(m_act, b_d3, 0.).to(T_DG)
+            b_d3 = b_d3.to(T_DG)
             tl.store(dgh + p_dg, b_d0, mask=m_bh)
             tl.store(dgh + p_dg + H, b_d1, mask=m_bh)
             tl.store(dgh + p_dg + 2 * H, b_d3, mask=m_bh)

@@ -23,13 +23,19 @@ from torch import Tensor
 from .utils import (
     NUM_GATES,
     NUM_SAVED,
+    PreboundLaunch,
     acc_dtype,
-    cell_grads,
+    aligned_by_time,
     cell_update,
     dot_precision,
+    gate_dots,
+    gate_grads,
+    load_gates,
     prune_by_batch,
     quick_bench,
     step_configs,
+    store_gates,
+    tile,
 )
 
 
@@ -50,47 +56,25 @@ def rnn_fwd_step_kernel(
 ):
     """One step on a (rows, hidden units) tile; ``K`` is the size of ``h``."""
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_b, m_h = o_b < B, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
-
-    b_a0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    b_a1 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    b_a2 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    b_a3 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
-        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_hk = tl.load(h + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.)
-        p_w = w_hh + o_h[None, :].to(tl.int64) * K + o_k[:, None]
-        m_w = m_k[:, None] & m_h[None, :]
-        b_a0 = tl.dot(b_hk, tl.load(p_w, mask=m_w, other=0.), b_a0, input_precision=PRECISION)
-        if NG > 1:
-            b_a1 = tl.dot(b_hk, tl.load(p_w + H * K, mask=m_w, other=0.), b_a1, input_precision=PRECISION)
-            b_a2 = tl.dot(b_hk, tl.load(p_w + 2 * H * K, mask=m_w, other=0.), b_a2, input_precision=PRECISION)
-        if NG > 3:
-            b_a3 = tl.dot(b_hk, tl.load(p_w + 3 * H * K, mask=m_w, other=0.), b_a3, input_precision=PRECISION)
+    o_b, o_h, m_b, m_h, m_bh = tile(tl.program_id(0), tl.program_id(1), BLOCK_B, BLOCK_H, B, H)
+    b_a0, b_a1, b_a2, b_a3 = gate_dots(h, K, 0, o_b, m_b, w_hh, 1, K, H * K, o_h, m_h, K, NG, False, ACC, PRECISION,
+                                       BLOCK_B, BLOCK_H, BLOCK_K)
     if HAS_BIAS:
-        b_a0 += tl.load(b_hh + o_h, mask=m_h, other=0.).to(ACC)[None, :]
-        if NG > 1:
-            b_a1 += tl.load(b_hh + H + o_h, mask=m_h, other=0.).to(ACC)[None, :]
-            b_a2 += tl.load(b_hh + 2 * H + o_h, mask=m_h, other=0.).to(ACC)[None, :]
-        if NG > 3:
-            b_a3 += tl.load(b_hh + 3 * H + o_h, mask=m_h, other=0.).to(ACC)[None, :]
-
-    p_gx = gx + o_b[:, None] * (NG * H) + o_h[None, :]
-    b_a0 += tl.load(p_gx, mask=m_bh, other=0.).to(ACC)
-    if MODE == 0:
-        b_a1 += tl.load(p_gx + H, mask=m_bh, other=0.).to(ACC)
-        b_a2 += tl.load(p_gx + 2 * H, mask=m_bh, other=0.).to(ACC)
-        b_a3 += tl.load(p_gx + 3 * H, mask=m_bh, other=0.).to(ACC)
-    elif MODE == 1:
-        b_a1 += tl.load(p_gx + H, mask=m_bh, other=0.).to(ACC)
+        b_b0, b_b1, b_b2, b_b3 = load_gates(b_hh + o_h, H, m_h, NG)
+        b_a0 += b_b0.to(ACC)[None, :]
+        b_a1 += b_b1.to(ACC)[None, :]
+        b_a2 += b_b2.to(ACC)[None, :]
+        b_a3 += b_b3.to(ACC)[None, :]
+    b_g0, b_g1, b_g2, b_g3 = load_gates(gx + o_b[:, None] * (NG * H) + o_h[None, :], H, m_bh, NG)
+    b_a0 += b_g0.to(ACC)
+    b_a1 += b_g1.to(ACC)
+    b_a3 += b_g3.to(ACC)
+    if MODE == 1:
         # n: input part into b_a2, hidden part (inside r * (...)) into b_a3
         b_a3 = b_a2
-        b_a2 = tl.load(p_gx + 2 * H, mask=m_bh, other=0.).to(ACC)
+        b_a2 = b_g2.to(ACC)
+    else:
+        b_a2 += b_g2.to(ACC)
 
     if HAS_PROJ:
         b_hp = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
@@ -111,12 +95,7 @@ def rnn_fwd_step_kernel(
         tl.store(h_new + o_b[:, None] * K + o_h[None, :], tl.where(m_act, b_y, b_hp).to(h_new.dtype.element_ty),
                  mask=m_bh)
     if SAVE:
-        p_g = g + o_b[:, None] * (NS * H) + o_h[None, :]
-        tl.store(p_g, b_s0, mask=m_bh)
-        if NS > 1:
-            tl.store(p_g + H, b_s1, mask=m_bh)
-            tl.store(p_g + 2 * H, b_s2, mask=m_bh)
-            tl.store(p_g + 3 * H, b_s3, mask=m_bh)
+        store_gates(g + o_b[:, None] * (NS * H) + o_h[None, :], H, m_bh, NS, b_s0, b_s1, b_s2, b_s3)
 
 
 @triton.autotune(configs=step_configs(), key=["B", "H", "K"], do_bench=quick_bench,
@@ -130,18 +109,9 @@ def rnn_fwd_proj_kernel(
 ):
     """``h_new = m W_hr^T`` on active rows, ``h`` elsewhere (``H``: projection size, ``K``: hidden size)."""
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_b, m_h = o_b < B, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
-    b_acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
-        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_m = tl.load(m + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.)
-        b_w = tl.load(w_hr + o_h[None, :].to(tl.int64) * K + o_k[:, None], mask=m_k[:, None] & m_h[None, :], other=0.)
-        b_acc = tl.dot(b_m, b_w, b_acc, input_precision=PRECISION)
+    o_b, o_h, m_b, m_h, m_bh = tile(tl.program_id(0), tl.program_id(1), BLOCK_B, BLOCK_H, B, H)
+    b_acc, _, _, _ = gate_dots(m, K, 0, o_b, m_b, w_hr, 1, K, 0, o_h, m_h, K, 1, False, ACC, PRECISION,
+                               BLOCK_B, BLOCK_H, BLOCK_K)
     p_h = o_b[:, None] * H + o_h[None, :]
     b_hp = tl.load(h + p_h, mask=m_bh, other=0.)
     b_y = tl.where((o_b < n_active)[:, None], b_acc.to(h_new.dtype.element_ty), b_hp)
@@ -163,57 +133,27 @@ def rnn_bwd_step_kernel(
     and, for LSTM, ``dc``; writes ``dc_prev`` and the pre-activation gradients of the
     input (``dgi``) and hidden (``dgh``, GRU only) projections."""
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_b, m_h = o_b < B, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
+    o_b, o_h, m_b, m_h, m_bh = tile(tl.program_id(0), tl.program_id(1), BLOCK_B, BLOCK_H, B, H)
     m_act = (o_b < n_active)[:, None]
 
     if HAS_PROJ:
-        b_dm = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        for i_k in range(0, tl.cdiv(K, BLOCK_K)):
-            o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-            m_k = o_k < K
-            b_dh = tl.load(dh + o_b[:, None] * K + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.)
-            b_w = tl.load(w_hr + o_k[:, None].to(tl.int64) * H + o_h[None, :], mask=m_k[:, None] & m_h[None, :],
-                          other=0.)
-            b_dm = tl.dot(b_dh.to(b_w.dtype), b_w, b_dm, input_precision=PRECISION)
+        b_dm, _, _, _ = gate_dots(dh, K, 0, o_b, m_b, w_hr, H, 1, 0, o_h, m_h, K, 1, False, ACC, PRECISION,
+                                  BLOCK_B, BLOCK_H, BLOCK_K)
     else:
         b_dm = tl.load(dh + o_b[:, None] * K + o_h[None, :], mask=m_bh, other=0.).to(ACC)
     b_dm = tl.where(m_act, b_dm, 0.)
 
     p_s = o_b[:, None] * H + o_h[None, :]
-    p_g = g + o_b[:, None] * (NS * H) + o_h[None, :]
-    b_s0 = tl.load(p_g, mask=m_bh, other=0.)
-    b_s1, b_s2, b_s3 = b_s0, b_s0, b_s0
-    if NS > 1:
-        b_s1 = tl.load(p_g + H, mask=m_bh, other=0.)
-        b_s2 = tl.load(p_g + 2 * H, mask=m_bh, other=0.)
-        b_s3 = tl.load(p_g + 3 * H, mask=m_bh, other=0.)
-    b_c, b_cp, b_dc, b_hp = b_dm, b_dm, b_dm, b_dm
+    b_dc = tl.load(dc + p_s, mask=m_bh, other=0.) if MODE == 0 else b_dm
+    b_d0, b_d1, b_d2, b_d3, _, b_dc = gate_grads(
+        MODE, NS, ACC, b_dm, b_dc, m_act, g + o_b[:, None] * (NS * H) + o_h[None, :], H, m_bh,
+        c + p_s if MODE == 0 else c, c_prev + p_s if MODE == 0 else c_prev, h_prev + p_s if MODE == 1 else h_prev)
     if MODE == 0:
-        b_c = tl.load(c + p_s, mask=m_bh, other=0.)
-        b_cp = tl.load(c_prev + p_s, mask=m_bh, other=0.)
-        b_dc = tl.load(dc + p_s, mask=m_bh, other=0.)
-    if MODE == 1:
-        b_hp = tl.load(h_prev + p_s, mask=m_bh, other=0.).to(ACC)
-    b_d0, b_d1, b_d2, b_d3, b_x = cell_grads(MODE, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp, b_hp)
-    if MODE == 0:
-        tl.store(dc_prev + p_s, tl.where(m_act, b_x, b_dc), mask=m_bh)
-
-    T_DG = dgi.dtype.element_ty
+        tl.store(dc_prev + p_s, b_dc, mask=m_bh)
     p_dg = o_b[:, None] * (NG * H) + o_h[None, :]
-    tl.store(dgi + p_dg, tl.where(m_act, b_d0, 0.).to(T_DG), mask=m_bh)
-    if NG > 1:
-        tl.store(dgi + p_dg + H, tl.where(m_act, b_d1, 0.).to(T_DG), mask=m_bh)
-        tl.store(dgi + p_dg + 2 * H, tl.where(m_act, b_d2, 0.).to(T_DG), mask=m_bh)
-    if MODE == 0:
-        tl.store(dgi + p_dg + 3 * H, tl.where(m_act, b_d3, 0.).to(T_DG), mask=m_bh)
+    store_gates(dgi + p_dg, H, m_bh, NG, b_d0, b_d1, b_d2, b_d3)
     if MODE == 1:
-        tl.store(dgh + p_dg, tl.where(m_act, b_d0, 0.).to(T_DG), mask=m_bh)
-        tl.store(dgh + p_dg + H, tl.where(m_act, b_d1, 0.).to(T_DG), mask=m_bh)
-        tl.store(dgh + p_dg + 2 * H, tl.where(m_act, b_d3, 0.).to(T_DG), mask=m_bh)
+        store_gates(dgh + p_dg, H, m_bh, NG, b_d0, b_d1, b_d3, b_d3)
 
 
 @triton.autotune(configs=step_configs(), key=["B", "H", "K"], do_bench=quick_bench,
@@ -231,19 +171,10 @@ def rnn_bwd_dh_kernel(
     plus the output gradient of the previous step. Tiles run over ``h``'s ``K``
     columns; the reduction over the ``NG * H`` gate columns."""
     ACC = tl.float64 if IS_FP64 else tl.float32
-    i_b, i_j = tl.program_id(0), tl.program_id(1)
-    o_b = (i_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    o_j = i_j * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_b, m_j = o_b < B, o_j < K
-    m_bj = m_b[:, None] & m_j[None, :]
+    o_b, o_j, m_b, m_j, m_bj = tile(tl.program_id(0), tl.program_id(1), BLOCK_B, BLOCK_H, B, K)
     GH = NG * H
-    b_acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    for i_k in range(0, tl.cdiv(GH, BLOCK_K)):
-        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        m_k = o_k < GH
-        b_dg = tl.load(dgh + o_b[:, None] * GH + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.)
-        b_w = tl.load(w_hh + o_k[:, None].to(tl.int64) * K + o_j[None, :], mask=m_k[:, None] & m_j[None, :], other=0.)
-        b_acc = tl.dot(b_dg, b_w, b_acc, input_precision=PRECISION)
+    b_acc, _, _, _ = gate_dots(dgh, GH, 0, o_b, m_b, w_hh, K, 1, 0, o_j, m_j, GH, 1, False, ACC, PRECISION,
+                               BLOCK_B, BLOCK_H, BLOCK_K)
     p_j = o_b[:, None] * K + o_j[None, :]
     b_dh = tl.load(dh + p_j, mask=m_bj, other=0.).to(ACC)
     if MODE == 1:
@@ -310,17 +241,17 @@ def step_fwd(mode: int, gx: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tens
     ms = (None,) * T if st.ms is None else st.ms.unbind(0)
     gs = (None,) * T if st.gs is None else st.gs.unbind(0)
     ns = [B] * T if batch_sizes is None else batch_sizes
-    fwd_kernel = rnn_fwd_step_kernel[grid]
-    proj_kernel = rnn_fwd_proj_kernel[grid_p]
+    bind = aligned_by_time(gx, *st)
+    fwd_kernel = PreboundLaunch(rnn_fwd_step_kernel, grid, consts, bind)
+    proj_kernel = PreboundLaunch(rnn_fwd_proj_kernel, grid_p,
+                                 dict(IS_FP64=consts["IS_FP64"], PRECISION=consts["PRECISION"]), bind)
     for s in range(T):
         t = T - 1 - s if reverse else s
         i_prev, i_new = (t + 1, t) if reverse else (t, t + 1)
         n = ns[t]
-        fwd_kernel(gxs[t], hs[i_prev], cs[i_prev], w_hh, b_hh, hs[i_new], cs[i_new], ms[t], gs[t],
-                   n, B, H, K, **consts)
+        fwd_kernel(gxs[t], hs[i_prev], cs[i_prev], w_hh, b_hh, hs[i_new], cs[i_new], ms[t], gs[t], n, B, H, K)
         if w_hr is not None:
-            proj_kernel(ms[t], w_hr, hs[i_prev], hs[i_new], n, B, K, H,
-                        IS_FP64=consts["IS_FP64"], PRECISION=consts["PRECISION"])
+            proj_kernel(ms[t], w_hr, hs[i_prev], hs[i_new], n, B, K, H)
     return st
 
 
@@ -355,15 +286,17 @@ def step_bwd(mode: int, dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], st: 
     dhs_t, gs, hs, dgis, dghs, douts = (a.unbind(0) for a in (dhs, st.gs, st.hs, dgi, dgh, dout))
     cs = (None,) * (T + 1) if st.cs is None else st.cs.unbind(0)
     ns = [B] * T if batch_sizes is None else batch_sizes
-    bwd_kernel = rnn_bwd_step_kernel[grid]
-    dh_kernel = rnn_bwd_dh_kernel[grid_k]
+    bind = aligned_by_time(dhs, st.gs, st.cs, st.hs, dgi, dgh, dout)
+    bwd_kernel = PreboundLaunch(rnn_bwd_step_kernel, grid, consts, bind)
+    dh_kernel = PreboundLaunch(rnn_bwd_dh_kernel, grid_k, consts, bind)
     for k, t in enumerate(times):
         i_prev, i_new = (t + 1, t) if reverse else (t, t + 1)
         n = ns[t]
         bwd_kernel(dhs_t[t], gs[t], cs[i_new], cs[i_prev], hs[i_prev], w_hr, dc, dc_prev, dgis[t], dghs[t],
-                   n, B, H, K, **consts)
-        t_next = times[k + 1] if k + 1 < T else None
-        dh_kernel(dghs[t], w_hh, gs[t], dhs_t[t], None if t_next is None else douts[t_next],
-                  dh0 if t_next is None else dhs_t[t_next], n, B, H, K, **consts)
+                   n, B, H, K)
+        if k + 1 < T:
+            dh_kernel(dghs[t], w_hh, gs[t], dhs_t[t], douts[times[k + 1]], dhs_t[times[k + 1]], n, B, H, K)
+        else:  # the last step has no output gradient to add (another specialisation): launched plainly
+            rnn_bwd_dh_kernel[grid_k](dghs[t], w_hh, gs[t], dhs_t[t], None, dh0, n, B, H, K, **consts)
         dc, dc_prev = dc_prev, dc
     return dgi, dgh, dhs, dh0, dc

@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import Autotuner, Heuristics
 
 from ..backend import GATES, MODE_ID, MODES
 
@@ -122,6 +123,68 @@ def sequence_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1) for bb, w in [(16, 4), (32, 8)]]
 
 
+def full_arguments(kernel, args: tuple, consts: dict) -> dict:
+    """Every parameter of ``kernel`` (an autotuned and/or heuristics-wrapped ``triton.jit``
+    function) by name, as its launch ``kernel[grid](*args, **consts)`` binds them: the
+    positional ``args``, ``consts``, the autotuner's chosen config (after that launch) and
+    the heuristics' values, in the kernel's parameter order."""
+    tuner = heur = None
+    fn = kernel
+    while isinstance(fn, (Autotuner, Heuristics)):
+        if isinstance(fn, Autotuner):
+            tuner = fn
+        else:
+            heur = fn
+        fn = fn.fn
+    named = {**dict(zip(fn.arg_names, args)), **consts}
+    if tuner is not None:
+        named.update(tuner.best_config.kwargs)
+    if heur is not None:
+        for name, value in heur.values.items():
+            named[name] = value(named)
+    return {name: named[name] for name in fn.arg_names}
+
+
+class PreboundLaunch:
+    """Launches of one kernel in a step loop without Triton's per-launch host work.
+
+    The first call launches through ``kernel[grid]`` (autotuner, heuristics and argument
+    binder: about 15 us of host time per launch, measured on a CPU, before the launch
+    itself); later calls reuse its compiled kernel, grid and constant arguments and hand
+    the new argument values straight to the launcher. Valid only while every later call
+    matches the first in what Triton specialises on (the same ``None`` arguments, 16-byte
+    pointer alignment, integers other than ``do_not_specialize`` ones): callers check that
+    with :func:`aligned_by_time` and otherwise pass ``bind=False``. Under the interpreter
+    every call goes through ``kernel[grid]``. Not yet run on a GPU.
+    """
+
+    def __init__(self, kernel, grid, consts: dict, bind: bool = True):
+        self.kernel, self.grid, self.consts = kernel, grid, consts
+        self.bind = bind and not is_interpreting()
+        self.bound = None
+
+    def __call__(self, *args) -> None:
+        if self.bound is None:
+            compiled = self.kernel[self.grid](*args, **self.consts)
+            if self.bind and compiled is not None:
+                named = full_arguments(self.kernel, args, self.consts)
+                grid = tuple(self.grid(named) if callable(self.grid) else self.grid) + (1, 1)
+                device = triton.runtime.driver.active.get_current_device()
+                stream = triton.runtime.driver.active.get_current_stream(device)
+                self.bound = (compiled, grid[:3], tuple(named.values())[len(args):], stream)
+            return
+        compiled, grid, tail, stream = self.bound
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *tail)
+
+
+def aligned_by_time(*buffers) -> bool:
+    """Whether every per-time view ``b[t]`` of these ``(T, ...)`` buffers starts on a 16-byte
+    boundary (Triton specialises pointer arguments on it): the condition for
+    :class:`PreboundLaunch` over a step loop. ``None`` entries are skipped."""
+    return all(b.data_ptr() % 16 == 0 and b.stride(0) * b.element_size() % 16 == 0 for b in buffers if b is not None)
+
+
 def prune_by_batch(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop configs whose row tile is larger than the batch needs."""
     cap = max(16, triton.next_power_of_2(named_args["B"]))
@@ -192,3 +255,105 @@ def cell_grads(MODE: tl.constexpr, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp
     else:
         b_d = tl.where(b_s0 > 0, b_dm, 0.)
         return b_d, b_d, b_d, b_d, b_d
+
+
+@triton.jit
+def tile(i_r, i_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, R, C):
+    """Tile ``(i_r, i_c)`` of an ``(R, C)`` grid: int64 row offsets, column offsets,
+    their masks and the 2-D mask ``(o_r, o_c, m_r, m_c, m_rc)``."""
+    o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_r, m_c = o_r < R, o_c < C
+    return o_r, o_c, m_r, m_c, m_r[:, None] & m_c[None, :]
+
+
+@triton.jit
+def load_gates(p, stride, mask, N: tl.constexpr):
+    """``N`` (1, 3 or 4) gate tiles at ``p + g * stride`` (masked to 0); absent ones repeat the first."""
+    b_0 = tl.load(p, mask=mask, other=0.)
+    b_1, b_2, b_3 = b_0, b_0, b_0
+    if N > 1:
+        b_1 = tl.load(p + stride, mask=mask, other=0.)
+        b_2 = tl.load(p + 2 * stride, mask=mask, other=0.)
+    if N > 3:
+        b_3 = tl.load(p + 3 * stride, mask=mask, other=0.)
+    return b_0, b_1, b_2, b_3
+
+
+@triton.jit
+def store_gates(p, stride, mask, N: tl.constexpr, b_0, b_1, b_2, b_3):
+    """Store ``N`` (1, 3 or 4) gate tiles at ``p + g * stride`` (the inverse of :func:`load_gates`)."""
+    T_P = p.dtype.element_ty
+    tl.store(p, b_0.to(T_P), mask=mask)
+    if N > 1:
+        tl.store(p + stride, b_1.to(T_P), mask=mask)
+        tl.store(p + 2 * stride, b_2.to(T_P), mask=mask)
+    if N > 3:
+        tl.store(p + 3 * stride, b_3.to(T_P), mask=mask)
+
+
+@triton.jit
+def gate_dots(a, sa, ga, o_b, m_b, w, swk, swn, gw, o_n, m_n, K, NG: tl.constexpr, A_PER_GATE: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """K-tiled ``A_g[o_b, :K] @ W_g[:K, o_n]`` for the ``NG`` gates, operands read from memory.
+
+    ``A_g[b, k] = a[g * ga + b * sa + k]`` (``A_PER_GATE`` false: one ``A`` for every gate),
+    ``W_g[k, n] = w[g * gw + k * swk + n * swn]``. Returns four accumulators (absent gates: zeros).
+    """
+    b_a0 = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
+    b_a1, b_a2, b_a3 = b_a0, b_a0, b_a0
+    for i_k in range(0, tl.cdiv(K, BLOCK_K)):
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        p_a = a + o_b[:, None] * sa + o_k[None, :]
+        m_a = m_b[:, None] & m_k[None, :]
+        T_W = w.dtype.element_ty  # A is cast to the weights' dtype (an accumulation-dtype dh)
+        if A_PER_GATE:
+            b_x0, b_x1, b_x2, b_x3 = load_gates(p_a, ga, m_a, NG)
+        else:
+            b_x0 = tl.load(p_a, mask=m_a, other=0.)
+            b_x1, b_x2, b_x3 = b_x0, b_x0, b_x0
+        b_x0, b_x1, b_x2, b_x3 = b_x0.to(T_W), b_x1.to(T_W), b_x2.to(T_W), b_x3.to(T_W)
+        b_w0, b_w1, b_w2, b_w3 = load_gates(w + o_k[:, None].to(tl.int64) * swk + o_n[None, :].to(tl.int64) * swn,
+                                            gw, m_k[:, None] & m_n[None, :], NG)
+        b_a0 = tl.dot(b_x0, b_w0, b_a0, input_precision=PRECISION)
+        if NG > 1:
+            b_a1 = tl.dot(b_x1, b_w1, b_a1, input_precision=PRECISION)
+            b_a2 = tl.dot(b_x2, b_w2, b_a2, input_precision=PRECISION)
+        if NG > 3:
+            b_a3 = tl.dot(b_x3, b_w3, b_a3, input_precision=PRECISION)
+    return b_a0, b_a1, b_a2, b_a3
+
+
+@triton.jit
+def gate_grads(MODE: tl.constexpr, NS: tl.constexpr, ACC: tl.constexpr, b_dm, b_dc, m_act, p_g, H, mask, p_c, p_cp,
+               p_hp):
+    """Pre-activation gradients of one tile, zero on inactive rows (see :func:`cell_grads`).
+
+    ``b_dm`` is the gradient of the cell's output (zero on inactive rows), ``p_g`` the saved
+    gates (``NS`` tiles ``H`` apart), ``p_c``/``p_cp`` the new and previous cell state (LSTM),
+    ``p_hp`` the previous hidden state (GRU). Returns ``(d0, d1, d2, d3, x, dc)``: ``x`` as
+    in :func:`cell_grads`, ``dc`` the LSTM cell gradient passed back (kept on inactive rows).
+    """
+    b_s0, b_s1, b_s2, b_s3 = load_gates(p_g, H, mask, NS)
+    b_c, b_cp, b_hp = b_dm, b_dm, b_dm
+    if MODE == 0:
+        b_c = tl.load(p_c, mask=mask, other=0.)
+        b_cp = tl.load(p_cp, mask=mask, other=0.)
+    if MODE == 1:
+        b_hp = tl.load(p_hp, mask=mask, other=0.).to(ACC)
+    b_d0, b_d1, b_d2, b_d3, b_x = cell_grads(MODE, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp, b_hp)
+    if MODE == 0:
+        b_dc = tl.where(m_act, b_x, b_dc)
+    return (tl.where(m_act, b_d0, 0.), tl.where(m_act, b_d1, 0.), tl.where(m_act, b_d2, 0.),
+            tl.where(m_act, b_d3, 0.), b_x, b_dc)
+
+
+@triton.jit
+def active_rows(bs, t, o_b, m_b, HAS_BS: tl.constexpr):
+    """``(BLOCK_B, 1)`` mask of the rows active at time ``t`` (packed: below ``batch_sizes[t]``)."""
+    m_act = m_b
+    if HAS_BS:
+        m_act = o_b < tl.load(bs + t)
+    return m_act[:, None]

@@ -2,9 +2,11 @@
 every layer and cell, with autograd.
 
 Layers, directions and dropout are stacked by :meth:`Backend.rnn`; each layer
-direction is one :class:`RNNLayerFunction`. Forward and backward run the
-sequence kernels (one launch for all steps) for small hidden sizes and the step
-kernels (one launch per step) elsewhere; cells run the step kernels. Without
+direction is one :class:`RNNLayerFunction`. Forward and backward run the kernel
+:func:`rnnfast.kernels.choose_kernel` picks: the persistent kernels (one launch,
+hidden slices x batch groups synchronised per step) without projection, else the
+sequence kernels (one launch) for small sizes or the step kernels (one launch per
+step, pre-bound on a GPU); cells run the step kernels. Without
 a GPU the kernels run on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``), slowly. float32 ``tl.dot`` runs as 3xTF32 on the
 tensor cores (``input_precision="tf32x3"``, about float32 accuracy), or plain
@@ -61,8 +63,7 @@ class TritonBackend(Backend):
     """Fused Triton kernels for every layer option and cell (GPU, or CPU under the interpreter)."""
 
     name = "triton"
-    # "auto": the sequence kernel where it measured faster (see kernels.utils.sequence_max_hidden),
-    # else "step" or "sequence"
+    # "auto" (see kernels.choose_kernel), else "persistent", "sequence" or "step"
     kernel = "auto"
 
     def unavailable_reason(self) -> Optional[str]:

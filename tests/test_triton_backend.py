@@ -226,3 +226,26 @@ def test_gpu_step_kernels_large_hidden():
     check_layer("LSTM", Case("gpu-H300", dict(num_layers=2), I=64, H=300, T=10, B=33), "triton", torch.float32,
                 "cuda")
     check_layer("GRU", Case("gpu-H257", I=64, H=257, T=10, B=9, packed="unsorted"), "triton", torch.bfloat16, "cuda")
+
+
+def test_prebound_arguments():
+    """What a pre-bound step launch replays (GPU only) is what Triton's launcher binds: every
+    kernel parameter in order, the heuristics' flags and the chosen config's block sizes."""
+    from rnnfast.kernels.step import rnn_fwd_step_kernel
+    from rnnfast.kernels.utils import aligned_by_time, full_arguments
+
+    B, H, K = 3, 5, 5
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    args = (torch.zeros(B, 4 * H, **f32), torch.zeros(B, K, **f32), torch.zeros(B, H, **f32),
+            torch.zeros(4 * H, K, **f32), None, torch.zeros(B, K, **f32), torch.zeros(B, H, **f32), None, None,
+            B, B, H, K)
+    consts = dict(MODE=0, NG=4, NS=4, IS_FP64=False, PRECISION="ieee")
+    rnn_fwd_step_kernel[lambda meta: (1, 1)](*args, **consts)  # chooses the config, as a first launch does
+    named = full_arguments(rnn_fwd_step_kernel, args, consts)
+    assert list(named) == rnn_fwd_step_kernel.fn.fn.arg_names
+    assert named["HAS_BIAS"] is False and named["HAS_PROJ"] is False and named["SAVE"] is False
+    assert named["BLOCK_B"] == rnn_fwd_step_kernel.best_config.kwargs["BLOCK_B"]
+    assert list(named.values())[:len(args)] == list(args)
+    # per-time views stay 16-byte aligned when the time stride is a multiple of 16 bytes
+    assert aligned_by_time(torch.zeros(3, 2, 4, **f32), None)
+    assert not aligned_by_time(torch.zeros(3, 1, 3, **f32))
