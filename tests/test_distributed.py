@@ -1,7 +1,6 @@
 """DistributedDataParallel (gloo, CPU, 2 processes) training a model with rnnfast layers
 ends with the parameters one process reaches on the full batch."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
