@@ -21,8 +21,12 @@ __all__ = ["capturing", "check_onnx_exportable", "refuse_script", "to_torch"]
 
 
 def capturing() -> bool:
-    """True while ONNX export, ``torch.export`` or ``torch.jit.trace`` records a forward."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    """True while ONNX export, ``torch.export`` or ``torch.jit.trace`` records a forward.
+
+    The two ONNX exporters capture through these (the TorchScript one traces, the dynamo one
+    runs ``torch.export``); ``torch.onnx.is_in_onnx_export()`` would add 3 us to every call.
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def check_onnx_exportable(module: nn.Module) -> None:

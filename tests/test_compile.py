@@ -49,6 +49,9 @@ def tagger(backend):
 def test_compile_matches_eager(backend, fullgraph):
     if backend in INTERPRETED:
         pytest.skip("dynamo traces into the Triton interpreter's numpy emulation and fails there (GPU only)")
+    if not fullgraph and backend == "reference":
+        pytest.skip("graph breaks: dynamo compiles the reference's time loop once per layer frame (a minute); "
+                    "the cpu backend covers the default configuration")
     model, x = tagger(backend)
     torch._dynamo.reset()
     # without allow_rnn, dynamo leaves every torch.nn.RNNBase (and so every rnnfast layer) to eager
