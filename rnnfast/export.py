@@ -7,12 +7,16 @@ or cell takes torch.nn's own forward, so the recorded graph is exactly torch.nn'
 and RNN operators once exported), valid for any sequence length and runnable
 without rnnfast. rnnfast's own paths would not record well: the ``reference``
 and ``triton`` backends loop over time in Python (a trace unrolls the loop for
-one length), the cpu decode path is not an operator at all, and a graph of
+one length), the cpu decode path is not an operator at all, a trace of the cpu
+operators bakes in whether to save for backward (``torch.jit.trace``'s check
+re-traces under ``no_grad`` and saw a different graph), and a graph of
 ``rnnfast::`` operators only runs where rnnfast is imported. ``torch.compile``
 is not a capture for export: it keeps rnnfast's fast operators.
 """
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -55,7 +59,7 @@ def _in_onnx_export() -> bool:
     return torch.onnx.is_in_onnx_export() or getattr(_flags, "_is_onnx_exporting", False)
 
 
-def refuse_script(module: nn.Module) -> None:
+def refuse_script(module: nn.Module) -> NoReturn:
     """Raise the error ``torch.jit.script`` gives for an rnnfast module (see ``__prepare_scriptable__``)."""
     raise RuntimeError(
         f"torch.jit.script cannot compile rnnfast.{type(module).__name__}: its forward picks a backend in Python. "

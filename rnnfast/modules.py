@@ -38,7 +38,7 @@ class _BackendChoice:
     def _backend_repr(self) -> str:
         return "" if self._backend == "auto" else f", backend={self._backend!r}"
 
-    def __prepare_scriptable__(self):
+    def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script``: refuse with an error naming what to use instead."""
         refuse_script(self)
 
