@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import RNNSpec, check_backend_name, resolve
+from .export import capturing, check_onnx_exportable, refuse_script
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert"]
 
@@ -36,6 +37,10 @@ class _BackendChoice:
 
     def _backend_repr(self) -> str:
         return "" if self._backend == "auto" else f", backend={self._backend!r}"
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: refuse with an error naming what to use instead."""
+        refuse_script(self)
 
 
 def _check_state(name: str, state: Tensor, input: Tensor) -> None:
@@ -104,6 +109,9 @@ class _RNNLayer(_BackendChoice):
 
     def forward(self, input, hx=None):
         """Same inputs and outputs as the torch.nn layer's ``forward``."""
+        if capturing():  # ONNX export, torch.export, jit.trace record torch.nn's graph (see rnnfast.export)
+            check_onnx_exportable(self)
+            return super().forward(input, hx)
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         batched = True
@@ -203,6 +211,8 @@ class _Cell(_BackendChoice):
 
     def forward(self, input: Tensor, hx=None):
         """Same inputs and outputs as the torch.nn cell's ``forward``."""
+        if capturing():  # as for the layers
+            return super().forward(input, hx)
         mode = self._mode()
         name = type(self).__name__
         if input.dim() not in (1, 2):

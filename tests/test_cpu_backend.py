@@ -1,6 +1,6 @@
 """What is specific to the ``cpu`` backend: its inference decode path and weight
-cache, torch.compile through its operators, and a clear fallback when the
-extension is broken. (Parity with torch.nn runs in test_lstm/gru/rnn.py.)"""
+cache, and a clear fallback when the extension is broken. (Parity with torch.nn
+runs in test_lstm/gru/rnn.py, torch.compile through its operators in test_compile.py.)"""
 
 import os
 import subprocess
@@ -217,45 +217,6 @@ def test_inference_keeps_nothing_for_backward(family):
         mode = {"LSTM": 0, "GRU": 1, "RNN": 2}[family]
         _, _, _, ws1, ws2 = torch.ops.rnnfast.layer_fwd(mode, x, None, h0, c0, *w, None, False, False)
     assert ws1.numel() == 0 and ws2.numel() == 0
-
-
-class Tagger(torch.nn.Module):
-    """A small sequence model using rnnfast layers, for torch.compile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Linear(6, 16)
-        self.lstm = rnnfast.LSTM(16, 20, num_layers=2, bidirectional=True, backend="cpu")
-        self.gru = rnnfast.GRU(40, 12, backend="cpu")
-        self.head = torch.nn.Linear(12, 3)
-
-    def forward(self, x):
-        y, _ = self.lstm(torch.tanh(self.embed(x)))
-        y, h = self.gru(y)
-        return self.head(y), h
-
-
-@torch._dynamo.config.patch(allow_rnn=True)  # dynamo skips torch.nn.RNNBase subclasses without it
-def test_torch_compile_matches_eager():
-    torch.manual_seed(0)
-    model = Tagger()
-    x = torch.randn(7, 3, 6, requires_grad=True)
-
-    def run(fn):
-        out, h = fn(x)
-        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h.square().sum()
-        grads = torch.autograd.grad(loss, [x, *model.parameters()])
-        return out.detach(), h.detach(), grads
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    want = run(model)
-    got = run(compiled)
-    assert_same(got[0], want[0])
-    assert_same(got[1], want[1])
-    assert_same(got[2], want[2])
-    with torch.no_grad():
-        assert_same(compiled(x)[0], model(x)[0])
 
 
 def test_unsupported_calls_name_the_reason():
