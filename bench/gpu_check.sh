@@ -64,13 +64,17 @@ done
 echo "tests done ($(elapsed)s), rc=$test_rc"
 
 # the benchmark may overrun its budget by one config: the outer timeout (budget + 20s) still
-# ends the whole run ~15s inside TOTAL_S; bench.gpu rewrites its results after every config
+# ends the whole run ~15s inside TOTAL_S; python -m bench rewrites its results after every case.
+# The peers (FlashRNN, Haste) install from bench/peers/ (`make bench-peers` on a machine with network);
+# one that does not install shows in the report with pip's reason.
+echo "== bench peers: python -m bench.peers install ($(elapsed)s)"
+timeout 100 $PY -m bench.peers install --timeout-s 90 || echo "peer install step failed or timed out"
 budget=$(( TOTAL_S - $(elapsed) - 35 ))
 [ $budget -gt 240 ] && budget=240
-echo "== benchmark: python -m bench.gpu, budget ${budget}s ($(elapsed)s)"
+echo "== benchmark: python -m bench --device cuda, budget ${budget}s ($(elapsed)s)"
 bench_rc=1
 if [ $budget -gt 20 ]; then
-    timeout $(( budget + 20 )) $PY -m bench.gpu --budget-s "$budget" --out-dir "$RESULTS"
+    timeout $(( budget + 20 )) $PY -m bench --device cuda --budget-s "$budget" --out "$RESULTS"
     bench_rc=$?
 else
     echo "no time left for the benchmark"
