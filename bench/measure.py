@@ -110,11 +110,13 @@ def run_case(case: Case, providers: list[Provider], device: str, repeats: int, m
     for p in providers:
         if not p.applies(case):
             continue
+        t0 = time.perf_counter()
         try:
             with warnings.catch_warnings():  # a fallback shows as ran_on (and as unsupported for one backend)
                 warnings.simplefilter("ignore", BackendFallbackWarning)
                 b: Built = p.build(case, ref, inputs)
                 first = b.first if b.first is not None else b.step()
+                _sync(device)
         except Unsupported as err:
             rows.append(_row(case, p.name, device, "unsupported", str(err)))
             continue
@@ -124,7 +126,8 @@ def run_case(case: Case, providers: list[Provider], device: str, repeats: int, m
             continue
         built[p.name] = b
         rows.append(_row(case, p.name, device, "ok", ran_on=b.ran_on, max_abs_err=_max_abs_err(first, expected),
-                         out_dtype=str(getattr(first, "dtype", "float32")).replace("torch.", "")))
+                         out_dtype=str(getattr(first, "dtype", "float32")).replace("torch.", ""),
+                         setup_s=time.perf_counter() - t0))
     # calls per batch so a batch lasts ~min_seconds; rounds capped so a slow provider spends ~max_provider_s
     calls, rounds = {}, {}
     for name, b in built.items():
@@ -161,10 +164,13 @@ def estimate_s(case: Case, done: list[tuple[Case, float]]) -> float:
 
 def run_grid(grid: list[Case], providers: list[Provider], device: str, repeats: int, min_seconds: float,
              budget_s: Optional[float] = None, on_case: Optional[Callable[[list[dict]], None]] = None,
-             log: Callable[[str], None] = print) -> list[dict]:
+             log: Callable[[str], None] = print, max_setup_s: float = 90.0) -> list[dict]:
     """Every case of ``grid``; with ``budget_s``, a case estimated to overrun what is left is skipped
-    (recorded with the reason). ``on_case`` gets the rows so far after every case."""
+    (recorded with the reason). A provider whose setup (build, compilation, first call) took over
+    ``max_setup_s`` on a case is not run on later ones (each is recorded as skipped, with the reason):
+    FlashRNN and Haste compile per configuration. ``on_case`` gets the rows so far after every case."""
     available = [p for p in providers if p.unavailable() is None]
+    dropped: dict[str, str] = {}
     rows: list[dict] = []
     done: list[tuple[Case, float]] = []
     t_start = time.monotonic()
@@ -177,8 +183,13 @@ def run_grid(grid: list[Case], providers: list[Provider], device: str, repeats: 
             log(f"[{k + 1}/{len(grid)}] {case.dtype} {case.label}: skipped (budget)")
         else:
             t0 = time.monotonic()
-            case_rows = run_case(case, available, device, repeats, min_seconds)
+            case_rows = run_case(case, [p for p in available if p.name not in dropped], device, repeats, min_seconds)
+            case_rows += [_row(case, n, device, "skipped", why) for n, why in dropped.items()
+                          if next(p for p in available if p.name == n).applies(case)]
             done.append((case, time.monotonic() - t0))
+            for r in case_rows:
+                if r.get("setup_s", 0) > max_setup_s:
+                    dropped[r["provider"]] = f"its setup took {r['setup_s']:.0f}s on {case.label} ({case.dtype})"
             rows += case_rows
             base = next((r["p50_ms"] for r in case_rows if r["provider"] == "torch" and r["status"] == "ok"), None)
             cells = [f"{r['provider']} {r['p50_ms']:.3f}" + (f" ({base / r['p50_ms']:.2f}x)" if base else "")

@@ -7,8 +7,9 @@ each from that folder only and records in ``bench/peers/status.json`` whether it
 not, why; the bench's providers report that reason.
 
 Known here (CPU torch 2.13): ``haste-pytorch-cpu`` 0.5.5 fails to build, as its sources include CUDA
-headers; ``haste-pytorch`` needs nvcc and a CUDA torch; ``flashrnn`` compiles its CUDA kernels on
-first use (needs nvcc and ninja).
+headers; ``haste-pytorch`` 0.5.0rc0 needs nvcc, the CUDA headers (cuBLAS included) and a CUDA torch,
+and its Makefile's GPU architectures are patched at install (see :func:`_haste_env`); ``flashrnn``
+compiles its CUDA kernels on first use (needs nvcc and ninja).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 FOLDER = os.path.join(os.path.dirname(__file__), "peers")
 STATUS = os.path.join(FOLDER, "status.json")
@@ -34,17 +36,34 @@ def download() -> None:
     print(f"saved into {FOLDER}: {sorted(f for f in os.listdir(FOLDER) if f != 'status.json')}")
 
 
-def _pip_install(spec: str, timeout_s: float) -> tuple[bool, str]:
+def _haste_env() -> dict:
+    """Haste's Makefile builds for compute_37/60/70, which nvcc 12+ rejects ("Unsupported gpu
+    architecture 'compute_37'"), with -std=c++11: override both (make reads MAKEFLAGS' variable
+    assignments as command-line ones) for this GPU's architecture."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+    return {"MAKEFLAGS": f"GPU_ARCH_FLAGS={arch} NVCC_FLAGS=-std=c++17\\ -x\\ cu\\ -Xcompiler\\ -fPIC"}
+
+
+def _pip_install(spec: str, timeout_s: float, env: Optional[dict] = None) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", FOLDER,
            "--no-build-isolation", "--no-deps", spec]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return False, f"pip install {spec} took over {timeout_s:.0f}s"
     if proc.returncode == 0:
         return True, ""
-    errors = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if "error" in ln.lower()]
-    return False, f"pip install {spec}: " + " | ".join(errors[-3:])[:400]
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines()]
+    # the compiler's or nvcc's first complaint says more than pip's closing lines
+    first = [ln for ln in lines if "fatal" in ln or "error:" in ln and "subprocess-exited" not in ln][:2]
+    last = [ln for ln in lines if ln.startswith("ERROR")][-1:]
+    return False, f"pip install {spec}: " + " | ".join(dict.fromkeys(first + last))[:500]
 
 
 def install(timeout_s: float) -> dict:
@@ -57,7 +76,7 @@ def install(timeout_s: float) -> dict:
         for dep in DEPS:
             _pip_install(dep, timeout_s)  # already present on most machines; a failure shows at import
         for spec, mod in PEERS.items():
-            ok, reason = _pip_install(spec, timeout_s)
+            ok, reason = _pip_install(spec, timeout_s, _haste_env() if mod == "haste_pytorch" else None)
             if ok:
                 probe = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
                 if probe.returncode != 0:

@@ -98,3 +98,15 @@ def test_gpu_grid_orders_targets_first():
     assert all(not (c.B <= 16 and c.H <= 512) for c in grid[first_outside:])
     assert {c.mode for c in grid} == {"fwd", "fwdbwd", "decode"} and {c.dtype for c in grid} == {"float32",
                                                                                                 "bfloat16"}
+
+
+def test_budget_and_slow_setup_skips_are_recorded():
+    from bench.cases import tiny_grid
+    from bench.measure import run_grid
+    from bench.providers import TorchNN
+
+    grid = tiny_grid()[:2]
+    rows = run_grid(grid, [TorchNN()], "cpu", 3, 0.001, max_setup_s=0.0, log=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "skipped"] and "setup took" in rows[1]["reason"]
+    rows = run_grid(grid, [TorchNN()], "cpu", 3, 0.001, budget_s=0.0, log=lambda s: None)
+    assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows) and len(rows) == 2
