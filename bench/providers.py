@@ -300,6 +300,9 @@ class OnnxRuntime(Provider):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
+            # idle workers sleep instead of spinning, as torch's do: spinning threads would steal
+            # the 2 cores from the provider timed next in the interleaved rounds
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         zeros = {n: h0.numpy() for n in names_in[1:]}
         if case.mode == "fwd":
