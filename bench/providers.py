@@ -139,6 +139,16 @@ class TorchAutocast(Provider):
         return Built(module_step(m, case, inputs, torch.float32, _autocast(inputs.x.device.type)), "aten (autocast)")
 
 
+def _quantized(quantize_dynamic: Callable, ref: nn.Module, *spec: Any) -> nn.Module:
+    """A copy of ``ref`` quantized to int8 by ``quantize_dynamic``, which swaps a model's children
+    (not the model itself): so ``ref`` goes in as the child of a holder."""
+    holder = nn.ModuleDict({"rnn": copy.deepcopy(ref)})
+    m = quantize_dynamic(holder, *spec, dtype=torch.qint8)["rnn"]
+    if type(m) is type(ref):
+        raise Unsupported(f"{quantize_dynamic.__module__}.quantize_dynamic left the {type(ref).__name__} unquantized")
+    return m
+
+
 class TorchInt8(Provider):
     name = "torch-int8"
     what = "torch.ao.quantization.quantize_dynamic (int8 weights), inference only"
@@ -148,7 +158,7 @@ class TorchInt8(Provider):
     def build(self, case: Case, ref: nn.Module, inputs: Inputs) -> Built:
         if case.family == "RNN":
             raise Unsupported("torch's quantize_dynamic does not quantize nn.RNN")
-        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ref), {nn.LSTM, nn.GRU}, dtype=torch.qint8)
+        m = _quantized(torch.ao.quantization.quantize_dynamic, ref, {nn.LSTM, nn.GRU})
         return Built(module_step(m, case, inputs, torch.float32),
                      f"quantized engine {torch.backends.quantized.engine}")
 
@@ -262,8 +272,8 @@ class RnnfastInt8(Provider):
         return None
 
     def build(self, case: Case, ref: nn.Module, inputs: Inputs) -> Built:
-        m = rnnfast.quantize_dynamic(copy.deepcopy(ref), dtype=torch.qint8)
-        return _built_recording(module_step(m, case, inputs, torch.float32))
+        m = _quantized(rnnfast.quantize_dynamic, ref)
+        return Built(module_step(m, case, inputs, torch.float32), f"{type(m).__module__}.{type(m).__name__}")
 
 
 class OnnxRuntime(Provider):
