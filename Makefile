@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench quickstart gpu-check cuda-check compile-gate clean
+.PHONY: setup test demo bench bench-quick bench-peers quickstart gpu-check cuda-check compile-gate clean
 
 setup: $(VENV)/.rnnfast-deps
 	$(PIP) --no-build-isolation --no-deps -e . > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
@@ -28,8 +28,16 @@ demo: setup
 quickstart: setup
 	$(PY) examples/quickstart.py
 
+# CPU bench (table, JSON and plots into runs/bench/; ~15 min); `--out bench/results` for a committed run
 bench: setup
 	$(PY) -m bench
+
+bench-quick: setup
+	$(PY) -m bench --quick
+
+# save FlashRNN and Haste into bench/peers/ (untracked, travels to the GPU machine, where gpu-check installs them)
+bench-peers: setup
+	$(PY) -m bench.peers download
 
 # On a GPU machine (system python with CUDA torch + triton): build, GPU tests, GPU bench,
 # results in bench/results/<date>-<gpu>.{json,md} (and $$OUT when set).

@@ -1,1 +1,1 @@
-"""rnnfast benchmarks: `python -m bench` (CPU) and `python -m bench.gpu` (GPU grid)."""
+"""rnnfast benchmarks: `python -m bench` on CPU or GPU (see bench/__main__.py)."""

@@ -101,6 +101,10 @@ done
 phase tests-triton 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_triton_backend.py \
     tests/test_triton_persistent.py &
 pids+=($!)
+# the peers (FlashRNN, Haste) install from bench/peers/ (`make bench-peers` beforehand, on a machine with
+# network); one that does not install shows in the speed report with pip's reason
+phase peers 200 $PY -m bench.peers install --timeout-s 190 &
+pids+=($!)
 # the cuda backend (bench/gpu_check_cuda.sh): toolchain, build for this GPU, its gpu tests; its speed
 # comes from the harness's `cuda` provider in phase 2
 phase cuda 200 bash bench/gpu_check_cuda.sh &
@@ -110,15 +114,13 @@ phase tests-families 200 $PY -m pytest -q -p no:cacheprovider -rs -k "triton or 
 pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 
-# ---- 2. speed: the bench harness's GPU grid against cuDNN (cells ordered so a cut-off drops the least
-# important); `python -m bench --device cuda` is the unified harness, bench.gpu the older one
+# ---- 2. speed: the bench harness's GPU grid (python -m bench --device cuda) against cuDNN and the peers
+# that installed, cells ordered so a cut-off drops the least important; results in
+# bench/results/<date>-<gpu>.{json,md} and plots
 budget=$(( 480 - 40 - 20 - $(elapsed) ))
 [ $budget -gt 170 ] && budget=170
 if [ $budget -gt 30 ]; then
-    phase speed $(( budget + 15 )) $PY -m bench --device cuda --grid gpu --budget-s "$budget" --out "$stem"
-    if [ "$(tail -n 1 "$phases" | cut -f2)" = 2 ]; then  # usage error: the harness has no such flags yet
-        phase speed-legacy $(( budget + 15 )) $PY -m bench.gpu --budget-s "$budget" --out-dir "$RESULTS"
-    fi
+    phase speed $(( budget + 15 )) $PY -m bench --device cuda --grid gpu --budget-s "$budget" --out "$RESULTS"
 else
     echo "no time left for the speed grid"
 fi
@@ -126,6 +128,5 @@ fi
 # ---- 3. the persistent kernels' per-step barrier ------------------------------------------------------
 phase barrier 40 $PY -m rnnfast.kernels.barrier --out "$stem-barrier.json"
 echo "== gpu-check done in $(elapsed)s"
-# failed: any phase with a non-zero exit, except the unified harness's usage error (rc 2) when the
-# legacy one ran instead
-[ "$(awk -F'\t' '$2 != 0 && !($1 == "speed" && $2 == 2)' "$phases" | wc -l)" -eq 0 ]
+# failed: any phase with a non-zero exit
+[ "$(awk -F'\t' '$2 != 0' "$phases" | wc -l)" -eq 0 ]

@@ -1,0 +1,114 @@
+"""Smoke test of ``python -m bench``: the tiny grid through every CPU provider, then the JSON, the
+report, the plots and ``--base`` against the committed 2026-11 results (both older schemas)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD_CPU = os.path.join(ROOT, "bench", "results", "2026-11-26-cpu-cpu.json")
+OLD_GPU = os.path.join(ROOT, "bench", "results", "2026-11-26-nvidia-h200.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench", "--grid", "tiny", "--repeats", "3", "--min-seconds", "0.002",
+           "--out", str(out), "--base", OLD_CPU]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (stem,) = {p[: -len(".json")] for p in os.listdir(out) if p.endswith(".json")}
+    with open(out / (stem + ".json")) as f:
+        data = json.load(f)
+    return out, stem, data, proc.stdout
+
+
+def test_every_cpu_provider_appears_timed_or_with_a_reason(tiny_run):
+    _, _, data, _ = tiny_run
+    assert data["schema"] == "rnnfast-bench/2"
+    providers = data["providers"]
+    for name in ("torch", "torch-autocast", "torch-int8", "onnxruntime", "rnnfast-reference", "rnnfast-cpu",
+                 "rnnfast-autocast", "rnnfast-int8"):
+        assert name in providers
+        if providers[name]["status"] != "available":
+            assert providers[name]["reason"], name
+    rows = data["results"]
+    timed = {(r["provider"], r["mode"], r["dtype"]) for r in rows if r["status"] == "ok"}
+    assert {("torch", "fwd", "float32"), ("torch", "fwdbwd", "float32"), ("torch", "decode", "float32"),
+            ("torch", "fwd", "bfloat16"), ("torch-autocast", "fwd", "bfloat16")} <= timed
+    for r in rows:
+        assert r["status"] in ("ok", "unsupported", "error", "skipped")
+        if r["status"] != "ok":
+            assert r["reason"], r
+            continue
+        assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+        assert r["tokens_per_s"] == pytest.approx(r["T"] * r["B"] / (r["p50_ms"] / 1e3))
+        if r["provider"] != "onnxruntime":
+            assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
+        # float32 providers on torch's weights match torch.nn; bfloat16 and int8 within their precision
+        if r["max_abs_err"] is not None:
+            assert r["max_abs_err"] < (1e-4 if r["dtype"] == "float32" and "int8" not in r["provider"] else 0.1), r
+    # the int8 providers really quantize (their output differs from float32)
+    assert all(r["max_abs_err"] > 0 for r in rows if "int8" in r["provider"] and r["status"] == "ok")
+    # a training step allocates what backward needs: more than nothing
+    assert any(r["peak_mem_bytes"] > 0 for r in rows if r["status"] == "ok" and r["mode"] == "fwdbwd")
+
+
+def test_report_plots_and_base(tiny_run):
+    out, stem, data, stdout = tiny_run
+    report = (out / (stem + ".md")).read_text()
+    assert "## float32, forward + backward" in report and "## bfloat16, forward" in report
+    for name, p in data["providers"].items():
+        assert name in report
+    pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
+    assert pngs == [], "the tiny grid has no sweep of 3 sizes: no plot expected"
+    assert "Change against an earlier run" in report and "2026-11 cpu" in stdout
+
+
+def test_old_results_files_load():
+    from bench import report
+
+    cpu = report.load(OLD_CPU)
+    labels = {(r["label"], r["provider"]) for r in cpu["results"]}
+    assert ("LSTM fwd T100 B64 I256 H256", "rnnfast-cpu") in labels
+    gpu = report.load(OLD_GPU)
+    assert {r["provider"] for r in gpu["results"]} >= {"torch", "rnnfast-triton"}
+    assert all(r["p50_ms"] > 0 for r in gpu["results"])
+
+
+def test_plot_draws_sweeps(tmp_path):
+    from bench import report
+
+    env = {"device_name": "cpu", "device": "cpu", "threads": 2, "torch": "x", "rnnfast": "y", "git_commit": "z",
+           "date": "d"}
+    rows = [{"provider": p, "dtype": "float32", "mode": "fwd", "family": "LSTM", "T": 10, "B": b, "I": h, "H": h,
+             "layers": 1, "status": "ok", "tokens_per_s": 1000.0 * b / h}
+            for p in ("torch", "rnnfast-cpu") for b, h in ((1, 32), (8, 32), (32, 32), (8, 16), (8, 64))]
+    paths = report.plot(env, rows, str(tmp_path / "r"))
+    assert paths == [str(tmp_path / "r-fwd-float32.png")] and os.path.getsize(paths[0]) > 10_000
+
+
+def test_gpu_grid_orders_targets_first():
+    from bench.cases import gpu_grid
+
+    grid = gpu_grid()
+    first_outside = next(i for i, c in enumerate(grid) if not (c.B <= 16 and c.H <= 512))
+    assert all(not (c.B <= 16 and c.H <= 512) for c in grid[first_outside:])
+    assert {c.mode for c in grid} == {"fwd", "fwdbwd", "decode"} and {c.dtype for c in grid} == {"float32",
+                                                                                                "bfloat16"}
+
+
+def test_budget_and_slow_setup_skips_are_recorded():
+    from bench.cases import tiny_grid
+    from bench.measure import run_grid
+    from bench.providers import TorchNN
+
+    grid = tiny_grid()[:2]
+    rows = run_grid(grid, [TorchNN()], "cpu", 3, 0.001, max_setup_s=0.0, log=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "skipped"] and "setup took" in rows[1]["reason"]
+    rows = run_grid(grid, [TorchNN()], "cpu", 3, 0.001, budget_s=0.0, log=lambda s: None)
+    assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows) and len(rows) == 2
