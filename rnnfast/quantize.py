@@ -49,7 +49,8 @@ _ISA_LEVELS = {"base": 0, "avx2": 1, "vnni": 2}
 
 
 def _ops():
-    from . import _C  # noqa: F401  (loads the extension, which registers torch.ops.rnnfast.quant_*)
+    """``torch.ops.rnnfast``, with the extension (which registers the ``quant_*`` operators) loaded."""
+    from . import _C  # noqa: F401
 
     return torch.ops.rnnfast
 

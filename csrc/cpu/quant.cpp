@@ -8,8 +8,8 @@
 // with u = q(x) + zp in [0, 255]: the int32 sums come from vpdpbusd (AVX512-VNNI, 64
 // multiply-adds per instruction) and the row sums sum_k w_k are computed once at pack
 // time. A 2-layer H512 LSTM decode step reads 4.2 MB of int8 weights instead of 16.8 MB
-// of float32. CPUs without VNNI run the same integer sums in plain C++ (compiled for
-// AVX2 and for baseline x86-64), bit-identical before the float conversion.
+// of float32. CPUs without VNNI run the same integer sums with AVX2 (vpmaddwd on int16) or in
+// plain C++, bit-identical before the float conversion.
 //
 // Weight layout, built once by quant_pack: the G*H rows are padded to G x Hp (Hp a
 // multiple of 16) and the K columns to a multiple of 4, then stored as
@@ -109,9 +109,9 @@ inline int32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-// The reference form of the block kernel: the fallback on CPUs without VNNI.
+// The block kernel in plain C++: the fallback on x86-64 CPUs without AVX2.
 template <int G, int MB>
-inline __attribute__((always_inline)) void block_generic(const BlockArgs& a) {
+void block_base(const BlockArgs& a) {
   int32_t acc[G][MB][kUnits] = {};
   for (int64_t kg = 0; kg < a.Kg; ++kg) {
     for (int q = 0; q < G; ++q) {
@@ -136,14 +136,41 @@ inline __attribute__((always_inline)) void block_generic(const BlockArgs& a) {
   }
 }
 
-template <int G, int MB>
-void block_base(const BlockArgs& a) {
-  block_generic<G, MB>(a);
-}
-
+// AVX2 has no u8 x s8 dot product without int16 saturation (vpmaddubsw), so both sides are
+// widened to int16 and vpmaddwd sums pairs exactly: a 16-byte chunk (4 rows x 4 k) gives
+// each row's (k0 k1) and (k2 k3) sums, added pairwise at the end. One gate at a time keeps
+// the 4 x MB accumulators in registers.
 template <int G, int MB>
 __attribute__((target("avx2,fma"))) void block_avx2(const BlockArgs& a) {
-  block_generic<G, MB>(a);
+  const int64_t step = G * kUnits * kDepth;
+  for (int q = 0; q < G; ++q) {
+    __m256i acc[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < 4; ++c) acc[m][c] = _mm256_setzero_si256();
+    const int8_t* wq = a.w + q * kUnits * kDepth;
+    for (int64_t kg = 0; kg < a.Kg; ++kg) {
+      __m256i x[MB];
+      for (int m = 0; m < MB; ++m) {
+        x[m] = _mm256_cvtepu8_epi16(_mm_set1_epi32(load_u32(a.u[m] + kg * kDepth)));
+      }
+      const int8_t* wb = wq + kg * step;
+      for (int c = 0; c < 4; ++c) {
+        const __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * c)));
+        for (int m = 0; m < MB; ++m) acc[m][c] = _mm256_add_epi32(acc[m][c], _mm256_madd_epi16(w16, x[m]));
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      for (int half = 0; half < 2; ++half) {  // rows 8 * half + [0, 8)
+        // hadd: [r0 r1 r4 r5 | r2 r3 r6 r7] of the two chunks; the permute restores row order
+        const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][2 * half], acc[m][2 * half + 1]), 0xD8);
+        const int64_t i = q * a.Hp + 8 * half;
+        const __m256i rs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.rs + i));
+        const __m256i v = _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_set1_epi32(a.zx[m]), rs));
+        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(a.sx[m]), _mm256_loadu_ps(a.sw + i));
+        _mm256_storeu_ps(a.out[m] + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), scale, _mm256_loadu_ps(a.bias + i)));
+      }
+    }
+  }
 }
 
 // One row: two accumulator sets over alternate k groups, so that the G dependency
