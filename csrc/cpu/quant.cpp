@@ -262,6 +262,7 @@ struct QRows {
   int32_t* zp;
   int64_t ld;
   void quantize(const float* x, int64_t n, int64_t r) const { quantize_row(x, n, ld, u + r * ld, scale + r, zp + r); }
+  QRows slice(int64_t r) const { return {u + r * ld, scale + r, zp + r, ld}; }
 };
 
 // out rows [0, rows) (stride ldo) = W q(rows) + bias, for the unit blocks [ub0, ub1)
@@ -306,9 +307,9 @@ struct Job {
   float* h_n;
   float* c_n;
   // scratch
-  QRows xq;                          // T * B rows
+  QRows xq;                          // T * B rows per thread (private_q) or T * B rows shared
   QRows hq;                          // B rows per thread (private_q) or B rows shared
-  bool private_q;
+  bool private_q;                    // every thread quantizes every row: fewer barriers on small calls
   float* gi;                         // (T * B, G * Hp)
   float* gh;                         // (B, G * Hp)
   float* ws;                         // (B, 4 * Hp), GRU
@@ -321,23 +322,24 @@ void run_layer(const Job& j, const Kernels& k, int64_t tid, int64_t nt) {
   const int64_t ub0 = j.nb * tid / nt, ub1 = j.nb * (tid + 1) / nt;
   const int64_t lo = ub0 * kUnits, nu = std::max<int64_t>(0, std::min(ub1 * kUnits, H) - lo);
   const bool lstm = j.mode == LSTM;
-  QRows hq = j.hq;
+  QRows xq = j.xq, hq = j.hq;
   if (j.private_q) {
-    hq.u += tid * B * hq.ld;
-    hq.scale += tid * B;
-    hq.zp += tid * B;
+    xq = xq.slice(tid * T * B);
+    hq = hq.slice(tid * B);
   }
-  const int64_t q0 = j.private_q ? 0 : tid, qstep = j.private_q ? 1 : nt;  // the h rows this thread quantizes
+  const int64_t q0 = j.private_q ? 0 : tid, qstep = j.private_q ? 1 : nt;  // the rows this thread quantizes
 
-  for (int64_t r = tid; r < T * B; r += nt) j.xq.quantize(j.x + r * j.I, j.I, r);
+  for (int64_t r = q0; r < T * B; r += qstep) xq.quantize(j.x + r * j.I, j.I, r);
   for (int64_t b = q0; b < B; b += qstep) hq.quantize(j.h0 + b * H, H, b);
   float* first_prev = j.hbuf + B * H;  // step s reads hbuf[(s + 1) % 2] and writes hbuf[s % 2]
   for (int64_t b = 0; b < B; ++b) {
     std::memcpy(first_prev + b * H + lo, j.h0 + b * H + lo, nu * sizeof(float));
     if (lstm) std::memcpy(j.c + b * H + lo, j.c0 + b * H + lo, nu * sizeof(float));
   }
+  if (!j.private_q) {  // else this thread reads only what it wrote
 #pragma omp barrier
-  qgemm(k, j.w_ih, j.xq, T * B, G, Hp, j.gi, GHp, ub0, ub1);
+  }
+  qgemm(k, j.w_ih, xq, T * B, G, Hp, j.gi, GHp, ub0, ub1);
 
   float* cur = nullptr;
   for (int64_t s = 0; s < T; ++s) {
@@ -469,12 +471,12 @@ std::tuple<Tensor, Tensor, Tensor> quant_rnn(int64_t mode, const Tensor& x_, con
   // threads: whole unit blocks each, and enough multiply-adds per step to pay for a barrier
   const int64_t macs = G * Hp * (std::max(I, D * H) + H) * B;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), nb, macs >> 16}));
-  const bool private_q = B * H <= 8192;
+  const bool private_q = T * B * std::max(I, D * H) <= 8192 && B * H <= 8192;
   const int64_t kx = round_up(std::max(I, D * H), kDepth), kh = round_up(H, kDepth);
-  const int64_t hq_rows = (private_q ? nt : 1) * B;
+  const int64_t copies = private_q ? nt : 1, hq_rows = copies * B, xq_rows = copies * T * B;
   // all scratch in one allocation (a decode step is short enough for allocations to show)
   std::vector<int64_t> sizes = {
-      T * B * kx, T * B * 4, T * B * 4,           // xq, its scales and zero points
+      xq_rows * kx, xq_rows * 4, xq_rows * 4,     // xq, its scales and zero points
       hq_rows * kh, hq_rows * 4, hq_rows * 4,     // hq, ...
       T * B * G * Hp * 4, B * G * Hp * 4,         // gi, gh
       (mode == GRU ? B : 0) * 4 * Hp * 4,         // ws
