@@ -372,10 +372,13 @@ def sample_cmd(args: argparse.Namespace) -> None:
     cfg = argparse.Namespace(**{**ckpt["config"], "backend": args.backend})
     model = CharLM(len(ckpt["vocab"]), cfg, args.torch_layers).to(args.device)
     model.load_state_dict(ckpt["model"])
+    if args.quantize == "int8":  # the recurrent stack only; embedding and head stay float32
+        model = rnnfast.quantize_dynamic(model.eval())
     samples, chars_per_s = make_samples(model, ckpt["vocab"], args)
     print("\n".join(samples))
-    print(f"sampling {chars_per_s:,.0f} chars/s ({layer_class(model)}, backend "
-          f"{resolved_backend(model.eval(), 1, 1)!r})")
+    backend = f"int8, kernel {rnnfast.quantize.kernel_isa()}" if args.quantize else \
+        f"backend {resolved_backend(model.eval(), 1, 1)!r}"
+    print(f"sampling {chars_per_s:,.0f} chars/s ({layer_class(model)}, {backend})")
 
 
 # ---------------------------------------------------------------- command line
@@ -419,6 +422,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     t.add_argument("--smoke", action="store_true", help="tiny model and data, for tests")
     t.set_defaults(func=train)
     s = sub.add_parser("sample", parents=[common], help="sample from OUT/ckpt.pt")
+    s.add_argument("--quantize", choices=("int8",), help="int8 recurrent layers (rnnfast.quantize_dynamic)")
     s.set_defaults(func=sample_cmd)
 
     args = p.parse_args(argv)

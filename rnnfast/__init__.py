@@ -19,6 +19,7 @@ from .backend import (
 )
 from .backend import register_lazy
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from .quantize import quantize_dynamic
 
 register_lazy("cpu", "rnnfast.cpu", "CPUBackend")
 register_lazy("triton", "rnnfast.triton_backend", "TritonBackend")
@@ -34,6 +35,7 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "convert",
+    "quantize_dynamic",
     "available_backends",
     "registered_backends",
     "register_backend",
