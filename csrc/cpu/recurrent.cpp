@@ -155,6 +155,26 @@ __attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
+// One pair of rows of bfloat16 panels: a's pair broadcast, or with Whole false (the end of an
+// odd K) a's last value and a zero, so that no row of a is read past its end.
+template <int R, int V, bool Whole>
+inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void pair_step(__m512 (&acc)[R][V],
+                                                                                  const uint16_t* a, int64_t lda,
+                                                                                  const uint16_t* b,
+                                                                                  const __mmask16* mask) {
+  __m512i w[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) w[v] = _mm512_maskz_loadu_epi32(mask[v], b + v * 32);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    uint32_t pair = a[r * lda];
+    if constexpr (Whole) std::memcpy(&pair, a + r * lda, 4);
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, (__m512bh)w[v]);
+  }
+}
+
 // The same tile over bfloat16 a and panels: each vdpbf16ps adds the products of a pair of
 // rows, a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators.
 template <int R, int V, bool TA>
@@ -166,22 +186,8 @@ __attribute__((target("avx512f,avx512bf16"))) void tile(const BF16* a, int64_t l
   tile_start<R, V>(acc, bias);
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
   const uint16_t* b16 = reinterpret_cast<const uint16_t*>(b);
-  const int64_t K2 = (K + 1) / 2;
-  for (int64_t kk = 0; kk < K2; ++kk) {
-    const bool odd_end = 2 * kk + 1 == K;  // the last pair of an odd K: its second row is zero padding
-    __m512i w[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) w[v] = _mm512_maskz_loadu_epi32(mask[v], b16 + kk * ldb + v * 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint16_t* ar = a16 + r * lda + 2 * kk;
-      uint32_t pair = ar[0];
-      if (!odd_end) std::memcpy(&pair, ar, 4);  // never read past the row's end
-      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, (__m512bh)w[v]);
-    }
-  }
+  for (int64_t kk = 0; kk < K / 2; ++kk) pair_step<R, V, true>(acc, a16 + 2 * kk, lda, b16 + kk * ldb, mask);
+  if (K % 2 == 1) pair_step<R, V, false>(acc, a16 + K - 1, lda, b16 + (K / 2) * ldb, mask);
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
