@@ -296,9 +296,10 @@ def train(args: argparse.Namespace) -> dict:
         progress = max(prog["train_s"] / budget_s, prog["step"] / args.max_steps if args.max_steps else 0.0)
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(prog["step"], progress, args.warmup)
-        logits, state = model(x, state)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            logits, state = model(x, state)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         state = map_state(Tensor.detach, state)  # truncated BPTT: carry the values, cut the graph
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -409,6 +410,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     t.add_argument("--seq-len", type=int, default=128, help="truncated-BPTT length")
     t.add_argument("--batch", type=int, default=32, help="parallel streams per batch")
     t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: forward and backward under torch.autocast in bfloat16 (float32 weights)")
     t.add_argument("--warmup", type=int, default=30, help="warmup steps")
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")

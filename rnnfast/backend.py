@@ -117,6 +117,12 @@ class Backend:
         """
         return None
 
+    def autocast_weights(self, weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+        """The weights of a call that autocast runs in ``dtype``: cast copies (autograd flows back
+        through the cast). A backend that packs and caches low-precision copies itself returns them as
+        they are."""
+        return [w.to(dtype) for w in weights]
+
     def rnn(
         self,
         spec: RNNSpec,

@@ -21,7 +21,9 @@ from torch import Tensor
 from . import _C
 from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec
 
-DTYPES = (torch.float32, torch.float64)
+# bfloat16 runs the fused loop with AVX512-BF16 products on CPUs that have them, else the
+# float32 loops on widened copies; backward runs in float32 from what the forward saved
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # The decode path (a GEMV per row over cached packed weights) beats the fused loop on
 # one or two rows (T * B); the stepwise loop's GEMM calls (float64, CPUs without
 # AVX-512) only from about T = 16 or B = 8 on.
@@ -29,9 +31,12 @@ DECODE_MAX_ROWS = 2
 DECODE_MAX_T = 16
 DECODE_MAX_B = 8
 _FUSED_LOOP = _C.has_fused_loop()
+_BF16_LOOP = _C.has_bf16_loop()
 
 
 def _takes_decode(x: Tensor) -> bool:
+    if x.dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 to beat the loops
+        return _BF16_LOOP and x.size(0) * x.size(1) <= DECODE_MAX_ROWS
     if x.dtype == torch.float32 and _FUSED_LOOP:
         return x.size(0) * x.size(1) <= DECODE_MAX_ROWS
     return x.size(0) <= DECODE_MAX_T and x.size(1) <= DECODE_MAX_B
@@ -45,20 +50,22 @@ def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
     H = w_hh.shape[0] // GATES[MODES[mode]]
     empty = x.new_empty(0)
     out = x.new_empty(T, B, h0.shape[1])
+    saved = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # what backward needs
+    none = x.new_empty(0, dtype=saved)
     if not save:
-        return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape) if mode == 0 else empty, empty, empty
+        return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape) if mode == 0 else empty, none, none
     if mode == 0:
-        ws2 = x.new_empty(2 if w_hr is not None else 1, T, B, H)
-        return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(T, B, 4 * H), ws2
-    ws1 = x.new_empty(T, B, 4 * H) if mode == 1 else empty
-    return out, h0.new_empty(h0.shape), empty, ws1, x.new_empty(0)
+        ws2 = x.new_empty(2 if w_hr is not None else 1, T, B, H, dtype=saved)
+        return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(T, B, 4 * H, dtype=saved), ws2
+    ws1 = x.new_empty(T, B, 4 * H, dtype=saved) if mode == 1 else none
+    return out, h0.new_empty(h0.shape), empty, ws1, none
 
 
 @torch.library.register_fake("rnnfast::layer_bwd")
 def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, reverse, out, ws1, ws2, g_out, g_hn,
                     g_cn):
     empty = x.new_empty(0)
-    bias = x.new_empty(w_ih.shape[0]) if has_bias else empty
+    bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty
     return (
         x.new_empty(x.shape),
         h0.new_empty(h0.shape),
@@ -66,7 +73,7 @@ def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, re
         w_ih.new_empty(w_ih.shape),
         w_hh.new_empty(w_hh.shape),
         bias,
-        x.new_empty(bias.shape),
+        bias.new_empty(bias.shape),
         w_hr.new_empty(w_hr.shape) if w_hr is not None else empty,
     )
 
@@ -107,15 +114,22 @@ def _needs_grad(x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list[Tenso
 
 
 class CPUBackend(Backend):
-    """Fused C++ kernels for CPU tensors in float32 and float64; every layer option."""
+    """Fused C++ kernels for CPU tensors in float32, float64 and bfloat16; every layer option."""
 
     name = "cpu"
+
+    def autocast_weights(self, weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+        """float32 weights as they are for bfloat16 calls: the kernels round them once into their
+        packed copies, cached until the weights change, and return float32 gradients."""
+        if dtype == torch.bfloat16 and all(w.dtype == torch.float32 for w in weights):
+            return weights
+        return super().autocast_weights(weights, dtype)
 
     def unsupported_reason(self, spec: RNNSpec, x: Tensor, packed: bool) -> Optional[str]:
         if x.device.type != "cpu":
             return f"the input is on {x.device}, the cpu backend runs on CPU tensors only"
         if x.dtype not in DTYPES:
-            return f"dtype {x.dtype} is not supported (float32 and float64 are)"
+            return f"dtype {x.dtype} is not supported (float32, float64 and bfloat16 are)"
         return None
 
     def rnn(

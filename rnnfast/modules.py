@@ -8,6 +8,7 @@ way torch does, then hands it to a backend (see :mod:`rnnfast.backend`).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -48,6 +49,35 @@ def _check_state(name: str, state: Tensor, input: Tensor) -> None:
         raise RuntimeError(f"{name} has dtype {state.dtype}, but the input has dtype {input.dtype}")
     if state.device != input.device:
         raise RuntimeError(f"{name} is on {state.device}, but the input is on {input.device}")
+
+
+def _autocast(mode: str, cell: bool, input, hx):
+    """Cast a call's input and states the way torch.nn's op is under autocast: ``(input, hx, dtype)``.
+
+    ``dtype`` is what the call computes in (``None`` when autocast is off or leaves it alone); the
+    weights follow it through :meth:`Backend.autocast_weights`. CPU autocast casts the LSTM op on
+    padded input, RNN and RNNCell to its dtype; GRU, packed LSTM, LSTMCell and GRUCell run only
+    their products in it and their state update in the state's dtype, so they return the promotion
+    of the two (float32 for float32 states). CUDA autocast casts every recurrent op.
+    """
+    x = input.data if isinstance(input, PackedSequence) else input
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
+        return input, hx, None
+    dtype = torch.get_autocast_dtype(device)
+    packed = isinstance(input, PackedSequence)
+    if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell and not packed)):
+        state = x if hx is None else (hx[1] if mode == "LSTM" else hx)  # what the update reads
+        dtype = torch.promote_types(dtype, state.dtype)
+    cast = lambda t: t.to(dtype) if t.dtype != torch.float64 else t  # noqa: E731
+    hx = None if hx is None else (tuple(cast(s) for s in hx) if mode == "LSTM" else cast(hx))
+    return input.to(dtype) if packed else cast(input), hx, dtype
+
+
+def _policy_applied(autocast_dtype: Optional[torch.dtype], device: str):
+    """Autocast off while a backend runs a call that :func:`_autocast` has cast: the backend's own
+    torch ops would otherwise cast again (mixing dtypes)."""
+    return torch.autocast(device, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
 
 
 class _RNNLayer(_BackendChoice):
@@ -113,6 +143,9 @@ class _RNNLayer(_BackendChoice):
             check_onnx_exportable(self)
             return super().forward(input, hx)
         is_lstm = self.mode == "LSTM"
+        # torch's CPU LSTM with projections keeps its cell state in c0's dtype under autocast
+        c_dtype = (hx[1] if is_lstm and hx is not None else getattr(input, "data", input)).dtype
+        input, hx, autocast_dtype = _autocast(self.mode, False, input, hx)
         packed = isinstance(input, PackedSequence)
         batched = True
         sorted_indices = unsorted_indices = batch_sizes = None
@@ -153,7 +186,11 @@ class _RNNLayer(_BackendChoice):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         spec = self._spec()
         backend = resolve(self._backend, spec, x, packed)
-        out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, self._weights())
+        weights = self._weights() if autocast_dtype is None else backend.autocast_weights(self._weights(), x.dtype)
+        with _policy_applied(autocast_dtype, x.device.type):
+            out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, weights)
+        if autocast_dtype is not None and self.proj_size > 0 and x.device.type == "cpu":
+            c_n = c_n.to(c_dtype)
 
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
@@ -214,6 +251,7 @@ class _Cell(_BackendChoice):
         if capturing():  # as for the layers
             return super().forward(input, hx)
         mode = self._mode()
+        input, hx, autocast_dtype = _autocast(mode, True, input, hx)
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -230,28 +268,24 @@ class _Cell(_BackendChoice):
         if states is None:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros) if mode == "LSTM" else (zeros,)
-        self._check_step(input, states)
+        self._check_step(input, states, autocast_dtype is not None)
 
         spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
         backend = resolve(self._backend, spec, input, False)
-        h, c = backend.cell(
-            mode,
-            input,
-            states[0],
-            states[1] if mode == "LSTM" else None,
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-        )
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        if autocast_dtype is not None:
+            present = backend.autocast_weights([w for w in weights if w is not None], input.dtype)
+            weights = present + [None] * (4 - len(present))
+        with _policy_applied(autocast_dtype, input.device.type):
+            h, c = backend.cell(mode, input, states[0], states[1] if mode == "LSTM" else None, *weights)
         if not batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if mode == "LSTM" else h
 
-    def _check_step(self, input: Tensor, states: tuple[Tensor, ...]) -> None:
+    def _check_step(self, input: Tensor, states: tuple[Tensor, ...], autocast: bool) -> None:
         """The checks torch's fused cell ops make, with the same exception types."""
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != self.weight_ih.dtype and not autocast:
             raise RuntimeError(
                 f"{type(self).__name__}: input dtype ({input.dtype}) does not match weight dtype "
                 f"({self.weight_ih.dtype})"

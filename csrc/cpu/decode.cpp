@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cache.h"
+#include "dispatch.h"
 #include "kernels.h"
 
 namespace rnnfast {
@@ -15,11 +16,14 @@ namespace {
 using at::Tensor;
 
 struct Packed {
-  std::vector<Tensor> w;     // per layer: (G*H, I_l + H), rows [W_ih | W_hh]
-  std::vector<Tensor> bias;  // per layer: (2, G*H) = [b_ih; b_hh], zeros without bias
+  std::vector<Tensor> w;     // per layer: (G*H, I_l + H), rows [W_ih | W_hh], in the call's dtype
+  std::vector<Tensor> bias;  // per layer: (2, G*H), the input and recurrent sides (split_biases), zeros if none
 };
 
-Packed pack(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias) {
+// The weights in dtype (bfloat16 rounded once from float32 weights under autocast); the biases
+// in the dtype the sums run in.
+Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias,
+            at::ScalarType dtype, at::ScalarType acc) {
   const int64_t per = has_bias ? 4 : 2;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, "rnnfast decode: expected ",
               per * num_layers, " weights, got ", weights.size());
@@ -28,28 +32,31 @@ Packed pack(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bia
   for (int64_t l = 0; l < num_layers; ++l) {
     const Tensor& w_ih = weights[l * per];
     const Tensor& w_hh = weights[l * per + 1];
-    p.w.push_back(at::cat({w_ih, w_hh}, 1).contiguous());
-    p.bias.push_back(has_bias ? at::stack({weights[l * per + 2], weights[l * per + 3]}).contiguous()
-                              : at::zeros({2, w_ih.size(0)}, w_ih.options()));
+    p.w.push_back(at::cat({w_ih, w_hh}, 1).to(dtype).contiguous());
+    const auto [b_in, b_rec] =
+        has_bias ? split_biases(mode, weights[l * per + 2], weights[l * per + 3]) : std::pair<Tensor, Tensor>();
+    const Tensor zeros = at::zeros({w_ih.size(0)}, w_ih.options());
+    p.bias.push_back(at::stack({b_in.defined() ? b_in : zeros, b_rec.defined() ? b_rec : zeros}).to(acc).contiguous());
   }
   return p;
 }
 
 WeightCache<Packed> cache;
 
-// gi = W_ih x + b_ih and gh = W_hh h + b_hh for each of B rows.
-template <typename T>
-void project(const Tensor& w, const Tensor& bias, const T* x, int64_t in, const T* h, int64_t H, int64_t B, T* gi,
-             T* gh) {
+// gi = W_ih x + bias[0] and gh = W_hh h + bias[1] for each of B rows: weights and vectors in E,
+// sums in A (float32 for bfloat16).
+template <typename E, typename A>
+void project(const Tensor& w, const Tensor& bias, const E* x, int64_t in, const E* h, int64_t H, int64_t B, A* gi,
+             A* gh) {
   const int64_t rows = w.size(0), ld = w.size(1);
-  const T* W = w.data_ptr<T>();
-  const T* bi = bias.data_ptr<T>();
-  const T* bh = bi + rows;
+  const E* W = w.data_ptr<E>();
+  const A* bi = bias.data_ptr<A>();
+  const A* bh = bi + rows;
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 17) / std::max<int64_t>(ld * B, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t b = 0; b < B; ++b) {
-      T* gib = gi + b * rows;
-      T* ghb = gh + b * rows;
+      A* gib = gi + b * rows;
+      A* ghb = gh + b * rows;
       dot_rows(W + r0 * ld, ld, r1 - r0, x + b * in, in, gib + r0, 1);
       dot_rows(W + r0 * ld + in, ld, r1 - r0, h + b * H, H, ghb + r0, 1);
       for (int64_t r = r0; r < r1; ++r) {
@@ -60,55 +67,70 @@ void project(const Tensor& w, const Tensor& bias, const T* x, int64_t in, const 
   });
 }
 
+// The stack over elements E (inputs, weights, outputs) with states and sums in A; for
+// bfloat16 a rounded copy of each layer's state (h_lo) feeds the products.
+template <typename E, typename A>
+std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, const std::vector<Tensor>& weights,
+                                                               int64_t num_layers, bool has_bias, const Tensor& x,
+                                                               const Tensor& h0, const c10::optional<Tensor>& c0) {
+  constexpr bool low = !std::is_same_v<E, A>;
+  const at::ScalarType et = x.scalar_type(), at_ = c10::CppTypeToScalarType<A>::value;
+  const Packed p = cache.get(weights, low ? 1 : 0, [&] { return pack(mode, weights, num_layers, has_bias, et, at_); });
+  const bool lstm = mode == LSTM;
+  TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
+  const int64_t T = x.size(0), B = x.size(1), H = h0.size(2), G = gate_count(mode);
+  TORCH_CHECK(p.w[0].size(1) == x.size(2) + H, "rnnfast decode: input size does not match the weights");
+  Tensor h_n = h0.to(at_).contiguous().clone();
+  Tensor c_n = lstm ? c0->to(at_).contiguous().clone() : Tensor();
+  Tensor h_lo = low ? h0.contiguous().clone() : h_n;
+  const auto opts = x.options();
+  Tensor out = at::empty({T, B, H}, opts);
+  Tensor mid = num_layers > 1 ? at::empty({T, B, H}, opts) : Tensor();
+  Tensor scratch = at::empty({3 * B * 4 * H + H}, opts.dtype(at_));
+  A* gi = scratch.data_ptr<A>();
+  A* gh = gi + B * 4 * H;
+  A* ws = gh + B * 4 * H;  // GRU gates
+  A* h_new = ws + B * 4 * H;
+  const E* in = x.data_ptr<E>();
+  int64_t in_size = x.size(2);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    // alternate between `mid` and `out` so that the last layer writes `out`
+    Tensor& dst = ((num_layers - 1 - l) % 2 == 0) ? out : mid;
+    E* o = dst.data_ptr<E>();
+    A* h = h_n.data_ptr<A>() + l * B * H;
+    E* hl = h_lo.data_ptr<E>() + l * B * H;
+    A* c = lstm ? c_n.data_ptr<A>() + l * B * H : nullptr;
+    for (int64_t t = 0; t < T; ++t) {
+      project<E, A>(p.w[l], p.bias[l], in + t * B * in_size, in_size, hl, H, B, gi, gh);
+      for (int64_t b = 0; b < B; ++b) {
+        gate_forward<A>(mode, gi + b * G * H, gh + b * G * H, h + b * H, lstm ? c + b * H : nullptr, nullptr,
+                        lstm ? gi + b * G * H : ws + b * 4 * H, h_new, H, H);
+        std::memcpy(h + b * H, h_new, H * sizeof(A));
+        round_row(o + (t * B + b) * H, h_new, H);
+        if (low) round_row(hl + b * H, h_new, H);
+      }
+    }
+    in = o;
+    in_size = H;
+  }
+  return {out, h_n.to(et), lstm ? c10::optional<Tensor>(c_n.to(et)) : c10::nullopt};
+}
+
 std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std::vector<Tensor>& weights,
                                                           int64_t num_layers, bool has_bias, const Tensor& x_,
                                                           const Tensor& h0, const c10::optional<Tensor>& c0) {
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   TORCH_CHECK(x_.dim() == 3 && h0.dim() == 3, "rnnfast decode: expected (T, B, I) input and (L, B, H) state");
-  const Packed p = cache.get(weights, 0, [&] { return pack(weights, num_layers, has_bias); });
-  const bool lstm = mode == LSTM, gru = mode == GRU;
-  TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
   const Tensor x = x_.contiguous();
-  const int64_t T = x.size(0), B = x.size(1), H = h0.size(2), G = gate_count(mode);
-  TORCH_CHECK(p.w[0].size(1) == x.size(2) + H, "rnnfast decode: input size does not match the weights");
-  Tensor h_n = h0.contiguous().clone();
-  Tensor c_n = lstm ? c0->contiguous().clone() : Tensor();
-  const auto opts = x.options();
-  Tensor out = at::empty({T, B, H}, opts);
-  Tensor mid = num_layers > 1 ? at::empty({T, B, H}, opts) : Tensor();
-  Tensor scratch = at::empty({2 + (gru ? 1 : 0), B, 4 * H}, opts);
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_decode", [&] {
-    scalar_t* gi = scratch.data_ptr<scalar_t>();
-    scalar_t* gh = gi + B * 4 * H;
-    scalar_t* ws = gh + B * 4 * H;
-    const scalar_t* in = x.data_ptr<scalar_t>();
-    int64_t in_size = x.size(2);
-    for (int64_t l = 0; l < num_layers; ++l) {
-      // alternate between `mid` and `out` so that the last layer writes `out`
-      Tensor& dst = ((num_layers - 1 - l) % 2 == 0) ? out : mid;
-      scalar_t* o = dst.data_ptr<scalar_t>();
-      scalar_t* h = h_n.data_ptr<scalar_t>() + l * B * H;
-      scalar_t* c = lstm ? c_n.data_ptr<scalar_t>() + l * B * H : nullptr;
-      for (int64_t t = 0; t < T; ++t) {
-        project<scalar_t>(p.w[l], p.bias[l], in + t * B * in_size, in_size, h, H, B, gi, gh);
-        for (int64_t b = 0; b < B; ++b) {
-          scalar_t* ob = o + (t * B + b) * H;
-          if (lstm) {
-            lstm_fwd(gi + b * G * H, gh + b * G * H, c + b * H, gi + b * G * H, c + b * H, ob, H, H);
-          } else if (gru) {
-            gru_fwd(gi + b * G * H, gh + b * G * H, h + b * H, ws + b * 4 * H, ob, H, H);
-          } else {
-            rnn_fwd(gi + b * G * H, gh + b * G * H, ob, mode == RNN_RELU, H);
-          }
-          std::memcpy(h + b * H, ob, H * sizeof(scalar_t));
-        }
-      }
-      in = o;
-      in_size = H;
-    }
-  });
-  return {out, h_n, lstm ? c10::optional<Tensor>(c_n) : c10::nullopt};
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      return decode_loop<at::BFloat16, float>(mode, weights, num_layers, has_bias, x, h0, c0);
+    case at::kDouble:
+      return decode_loop<double, double>(mode, weights, num_layers, has_bias, x, h0, c0);
+    default:
+      TORCH_CHECK(x.scalar_type() == at::kFloat, "rnnfast decode: unsupported dtype ", x.scalar_type());
+      return decode_loop<float, float>(mode, weights, num_layers, has_bias, x, h0, c0);
+  }
 }
 
 }  // namespace
@@ -119,6 +141,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnfast CPU kernels; the autograd-aware entry points are torch.ops.rnnfast.*";
   m.def("has_fused_loop", [] { return rnnfast::kHasAvx512; },
         "Whether float32 layers run the fused AVX-512 loop (else the stepwise loop).");
+  m.def("has_bf16_loop", [] { return rnnfast::kHasAvx512Bf16; },
+        "Whether bfloat16 layers run the fused loop with AVX512-BF16 products (else float32 on widened copies).");
   m.def("decode", &rnnfast::decode,
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
 }

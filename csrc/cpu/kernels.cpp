@@ -39,8 +39,8 @@ namespace rnnfast {
 
 namespace {
 
-// 0: baseline x86-64, 1: AVX2+FMA, 2: AVX-512. What the CPU has, capped by RNNFAST_CPU_ISA
-// (base, avx2) so that one machine can test every build of the kernels.
+// 0: baseline x86-64, 1: AVX2+FMA, 2: AVX-512, 3: AVX-512 with AVX512-BF16. What the CPU has,
+// capped by RNNFAST_CPU_ISA (base, avx2, avx512) so that one machine can test every build.
 int isa_level() {
   __builtin_cpu_init();  // this initialiser may run before libgcc's own
   int level = 0;
@@ -48,12 +48,13 @@ int isa_level() {
     level = 1;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-      level = 2;
+      level = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
     }
   }
   const char* cap = std::getenv("RNNFAST_CPU_ISA");
   if (cap != nullptr && std::strcmp(cap, "base") == 0) level = 0;
   if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
+  if (cap != nullptr && std::strcmp(cap, "avx512") == 0) level = std::min(level, 2);
   return level;
 }
 
@@ -63,6 +64,7 @@ const int kIsa = isa_level();
 
 const bool kHasAvx2 = kIsa >= 1;
 const bool kHasAvx512 = kIsa >= 2;
+const bool kHasAvx512Bf16 = kIsa >= 3;
 
 #define RNNFAST_DISPATCH(fn, ...) \
   (kHasAvx512 ? avx512::fn(__VA_ARGS__) : kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
@@ -138,7 +140,53 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* w, int64_t l
   }
 }
 
+// Q rows of bfloat16 dot products, each vdpbf16ps summing 32 products into 16 float32 lanes.
+template <int Q>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows_bf16(const at::BFloat16* w, int64_t ldw,
+                                                                         const at::BFloat16* v, int64_t n,
+                                                                         float* res, int64_t res_stride) {
+  __m512 acc[Q];
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 32) {
+    const __mmask32 live = n - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - k)) - 1;
+    const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(live, v + k);
+    for (int q = 0; q < Q; ++q) {
+      acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_maskz_loadu_epi16(live, w + q * ldw + k), x);
+    }
+  }
+  for (int q = 0; q < Q; ++q) res[q * res_stride] = _mm512_reduce_add_ps(acc[q]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_row_bf16(at::BFloat16* dst,
+                                                                                   const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = static_cast<__mmask16>(n - j >= 16 ? 0xffff : (1u << (n - j)) - 1);
+    const __m256bh y = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, src + j));
+    _mm256_mask_storeu_epi16(dst + j, live, (__m256i)y);
+  }
+}
+
 }  // namespace
+
+void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
+              int64_t res_stride) {
+  if (!kHasAvx512Bf16) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0;
+      for (int64_t k = 0; k < n; ++k) acc += float(w[r * ldw + k]) * float(v[k]);
+      res[r * res_stride] = acc;
+    }
+    return;
+  }
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) dot_rows_bf16<8>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
+  for (; r < rows; ++r) dot_rows_bf16<1>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
+}
+
+void round_row(at::BFloat16* dst, const float* src, int64_t n) {
+  if (kHasAvx512Bf16) return round_row_bf16(dst, src, n);
+  for (int64_t j = 0; j < n; ++j) dst[j] = at::BFloat16(src[j]);
+}
 
 void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t n, float* res, int64_t res_stride) {
   if (kHasAvx2) {

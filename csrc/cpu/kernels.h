@@ -45,6 +45,14 @@ RNNFAST_DECLARE(double)
 void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t n, float* res, int64_t res_stride);
 void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64_t n, double* res,
               int64_t res_stride);
+// The same over bfloat16 rows and vector, summed in float32 (vdpbf16ps where the CPU has it).
+void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
+              int64_t res_stride);
+
+// dst[j] = src[j] for j < n: a copy, or rounded to nearest even for bfloat16.
+inline void round_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void round_row(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }
+void round_row(at::BFloat16* dst, const float* src, int64_t n);
 
 }  // namespace rnnfast
 
@@ -68,8 +76,11 @@ struct Rows {
 // The CPU has AVX-512 (F, DQ, VL, BW) and RNNFAST_CPU_ISA does not cap it: the widest
 // build of the kernels and the fused loop run.
 extern const bool kHasAvx512;
+// ... and AVX512-BF16 (vdpbf16ps): bfloat16 layers run the fused loop in bfloat16.
+extern const bool kHasAvx512Bf16;
 
-// One layer and direction on AVX-512 CPUs in float32 without proj_size (recurrent.cpp):
+// One layer and direction on AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
+// proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights (autocast):
 // the same contract as the operators layer_fwd / layer_bwd, with the batch sizes
 // unpacked; with save false the forward keeps nothing for backward (ws1, ws2 empty).
 bool fused_loop_supported(const at::Tensor& x, bool proj);

@@ -1,8 +1,9 @@
 // One recurrent layer, one direction, over a whole (optionally packed) sequence:
 // forward and backward, registered as the operators rnnfast::layer_fwd / layer_bwd.
 //
-// float32 without proj_size on AVX-512 CPUs runs the fused loop of recurrent.cpp.
-// Everything else (float64, proj_size, narrower CPUs) runs the stepwise loop here:
+// float32 without proj_size on AVX-512 CPUs, and bfloat16 forwards on AVX512-BF16 CPUs, run
+// the fused loop of recurrent.cpp. Everything else (float64, proj_size, narrower CPUs, and
+// bfloat16 widened to float32) runs the stepwise loop here:
 // one GEMM projects the input of every step; each step adds one GEMM call for the
 // recurrent term and one fused pointwise pass. Its backward walks the steps in
 // reverse with fused gate gradients and forms the weight gradients as single GEMMs
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
 #include "kernels.h"
 
 namespace rnnfast {
@@ -43,10 +45,12 @@ std::vector<int64_t> step_sizes(const OptTensor& batch_sizes, int64_t T, int64_t
   return bs;
 }
 
-void check_tensor(const Tensor& t, const Tensor& like, const char* name, int64_t dim) {
+// A weight may be float32 with a bfloat16 input (autocast): the loops round it once, cached.
+void check_tensor(const Tensor& t, const Tensor& like, const char* name, int64_t dim, bool weight = false) {
   TORCH_CHECK(t.device().is_cpu(), "rnnfast cpu backend: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnfast cpu backend: ", name, " has dtype ", t.scalar_type(),
-              " but the input has dtype ", like.scalar_type());
+  const bool mixed = weight && like.scalar_type() == at::kBFloat16 && t.scalar_type() == at::kFloat;
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() || mixed, "rnnfast cpu backend: ", name, " has dtype ",
+              t.scalar_type(), " but the input has dtype ", like.scalar_type());
   TORCH_CHECK(t.dim() == dim, "rnnfast cpu backend: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
 }
 
@@ -68,6 +72,14 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
   }
   return prev;
 }
+
+// bfloat16 where the fused bfloat16 loop does not run (no AVX512-BF16, proj_size) and in
+// backward: the float32 loops on widened copies, results rounded back to the dtypes of the
+// tensors they belong to. What the forward saves for backward is float32 either way.
+Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
+Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.numel() > 0 ? t.to(like.scalar_type()) : t; }
+Tensor narrow_to(const Tensor& t, const OptTensor& like) { return present(like) ? narrow_to(t, *like) : t; }
 
 // A step's recurrent product runs on this thread with the GEMV kernel when the
 // batch is tiny or the product is: the GEMV reads the weight once per row, so past
@@ -97,8 +109,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   check_tensor(x_, x_, "input", 3);
   check_tensor(h0_, x_, "h0", 2);
-  check_tensor(w_ih_, x_, "weight_ih", 2);
-  check_tensor(w_hh_, x_, "weight_hh", 2);
+  check_tensor(w_ih_, x_, "weight_ih", 2, true);
+  check_tensor(w_hh_, x_, "weight_hh", 2, true);
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0_.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
@@ -111,6 +123,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
+    const auto [out, h, c, ws1, ws2] = layer_fwd(mode, widen(x), batch_sizes, widen(h0_), widen(c0_), widen(w_ih),
+                                                 widen(w_hh), widen(b_ih), widen(b_hh), widen(w_hr_), reverse, save);
+    return {narrow_to(out, x), narrow_to(h, x), narrow_to(c, x), ws1, ws2};
+  }
   if (fused_loop_supported(x, proj)) {
     return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh,
                            present(b_ih) ? b_ih->contiguous() : Tensor(), present(b_hh) ? b_hh->contiguous() : Tensor(),
@@ -119,9 +136,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512); it computes what
   // backward needs either way and returns it only with save
   const Tensor x2 = x.view({T * B, I});
-  // input projection of every step, (T, B, G*H); GRU keeps b_hh apart for r * (W_hn h + b_hn)
-  Tensor gi = matmul_nt(x2, w_ih, present(b_ih) ? OptTensor(mode == GRU ? *b_ih : *b_ih + *b_hh) : c10::nullopt);
-  gi = gi.view({T, B, G * H});
+  const auto [b_in, b_rec] =
+      split_biases(mode, present(b_ih) ? *b_ih : Tensor(), present(b_hh) ? b_hh->contiguous() : Tensor());
+  // input projection of every step, (T, B, G*H)
+  Tensor gi = matmul_nt(x2, w_ih, b_in.defined() ? OptTensor(b_in) : c10::nullopt).view({T, B, G * H});
 
   const auto opts = x.options();
   Tensor out = packed ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
@@ -132,7 +150,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                     : at::empty({0}, opts);
   const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
   const bool small = gemv_step(B, B * G * H * P);
-  const Tensor b_hh_c = present(b_hh) ? b_hh->contiguous() : Tensor();
   Tensor gh = small ? at::empty({B, G * H}, opts) : Tensor();
   const Tensor cs = lstm ? ws2[0] : Tensor();
   const Tensor hp = proj ? ws2[1] : Tensor();
@@ -144,27 +161,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
       const int64_t n = bs[t];
       if (n == 0) continue;
       if (small) {
-        const scalar_t* bias = mode == GRU && b_hh_c.defined() ? b_hh_c.data_ptr<scalar_t>() : nullptr;
+        const scalar_t* bias = b_rec.defined() ? b_rec.data_ptr<scalar_t>() : nullptr;
         small_matmul_nt(h.data_ptr<scalar_t>(), n, P, w_hh.data_ptr<scalar_t>(), G * H, bias, gh.data_ptr<scalar_t>());
       } else {
-        gh = matmul_nt(h.narrow(0, 0, n), w_hh, mode == GRU ? b_hh : c10::nullopt).contiguous();
+        gh = matmul_nt(h.narrow(0, 0, n), w_hh, b_rec.defined() ? OptTensor(b_rec) : c10::nullopt).contiguous();
       }
       const scalar_t* ghs = gh.data_ptr<scalar_t>();
       scalar_t* hs = h.data_ptr<scalar_t>();
       at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           scalar_t* h_out = proj ? hp_r(t, b) : out_r(t, b);
-          if (lstm) {
-            scalar_t* c_new = cs_r(t, b);
-            scalar_t* c_state = c.data_ptr<scalar_t>() + b * H;
-            lstm_fwd(gi_r(t, b), ghs + b * G * H, c_state, gi_r(t, b), c_new, h_out, H, H);
-            std::memcpy(c_state, c_new, H * sizeof(scalar_t));
-          } else if (mode == GRU) {
-            gru_fwd(gi_r(t, b), ghs + b * G * H, hs + b * P,
-                    ws1_r(t, b), h_out, H, H);
-          } else {
-            rnn_fwd(gi_r(t, b), ghs + b * G * H, h_out, mode == RNN_RELU, H);
-          }
+          scalar_t* c_state = lstm ? c.data_ptr<scalar_t>() + b * H : nullptr;
+          gate_forward(mode, gi_r(t, b), ghs + b * G * H, hs + b * P, c_state, lstm ? cs_r(t, b) : nullptr,
+                       lstm ? gi_r(t, b) : ws1_r(t, b), h_out, H, H);
           if (!proj) std::memcpy(hs + b * P, h_out, P * sizeof(scalar_t));
         }
       });
@@ -183,6 +192,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
     const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
+  if (x_.scalar_type() == at::kBFloat16) {
+    const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
+        layer_bwd(mode, widen(x_), batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
+                  has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn));
+    return {narrow_to(dx, x_),     narrow_to(dh, h0),    narrow_to(dc, c0),    narrow_to(dw_ih, w_ih_),
+            narrow_to(dw_hh, w_hh_), narrow_to(db_ih, w_ih_), narrow_to(db_hh, w_ih_), narrow_to(dw_hr, w_hr_)};
+  }
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
@@ -231,17 +247,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       const Tensor& d_src = proj ? dhp : dh;
       at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          if (lstm) {
-            lstm_bwd(ws1_r(t, b), cs_r(t, b), c_prev_r(t, b),
-                     d_src.data_ptr<scalar_t>() + b * H, dc.data_ptr<scalar_t>() + b * H, dgi_r(t, b),
-                     H, H);
-          } else if (gru) {
-            gru_bwd(ws1_r(t, b), h_prev_r(t, b), dh.data_ptr<scalar_t>() + b * P,
-                    dgi_r(t, b), dgh_r(t, b), H, H);
-          } else {
-            rnn_bwd(out_r(t, b), dh.data_ptr<scalar_t>() + b * P, dgi_r(t, b),
-                    mode == RNN_RELU, H);
-          }
+          gate_backward(mode, ws1_r(t, b), cs_r(t, b), c_prev_r(t, b), h_prev_r(t, b), out_r(t, b),
+                        d_src.data_ptr<scalar_t>() + b * H, lstm ? dc.data_ptr<scalar_t>() + b * H : nullptr,
+                        dgi_r(t, b), dgh_r(t, b), H, H);
         }
       });
       if (small) {

@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "cache.h"
+#include "dispatch.h"
 #include "kernels.h"
 
 namespace rnnfast {
@@ -32,13 +33,19 @@ namespace {
 
 using at::Tensor;
 
-// The B side of a product, as panels of 16 * V columns: row k of panel nb starts at
-// data + nb * pstride + k * ldb. Packed panels (pack) hold U units of each of G gates
-// side by side, zero-padded; a plain row-major (K, N) matrix (direct) is one gate of 64.
+using BF16 = at::BFloat16;
+
+// The B side of a product, as panels of 16 * V columns of element type E (float, or
+// bfloat16 for the bfloat16 loop): row k of panel nb starts at data + nb * pstride + k * ldb.
+// bfloat16 panels hold rows in pairs, (k, k + 1) of a column side by side (the operand
+// layout of vdpbf16ps), so there ldb steps from one pair to the next. Packed panels (pack)
+// hold U units of each of G gates side by side, zero-padded; a plain row-major (K, N) float
+// matrix (direct) is one gate of 64.
+template <typename E>
 struct Panels {
   Tensor w;     // the packed copy that data points into (undefined for a matrix read in place)
-  Tensor bias;  // (NB, 16 * V), packed like the columns, or undefined
-  const float* data;
+  Tensor bias;  // float (NB, 16 * V), packed like the columns, or undefined
+  const E* data;
   const float* bias_data = nullptr;
   int64_t U, V, N, K, NB, ldb, pstride;
 
@@ -49,9 +56,12 @@ struct Panels {
   }
 };
 
-// w: (G * N, K), the weights of G gates of N units each; bias: (G * N) or undefined.
-Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
-  Panels p;
+// w: (G * N, K), the weights of G gates of N units each, in float32 or bfloat16 (read as float32
+// and rounded once here); bias: (G * N) or undefined, kept in float32.
+template <typename E>
+Panels<E> pack(const Tensor& w_, const Tensor& bias, int64_t G, int64_t U) {
+  const Tensor w = w_.to(at::kFloat);
+  Panels<E> p;
   p.U = U;
   p.V = G * U / 16;
   p.N = w.size(0) / G;
@@ -61,19 +71,29 @@ Panels pack(const Tensor& w, const Tensor& bias, int64_t G, int64_t U) {
   const Tensor wg = at::constant_pad_nd(w.reshape({G, p.N, p.K}), {0, 0, 0, pad});
   p.w = wg.view({G, p.NB, U, p.K}).permute({1, 3, 0, 2}).contiguous().view({p.NB, p.K, G * U});
   if (bias.defined()) {
-    const Tensor bg = at::constant_pad_nd(bias.reshape({G, p.N}), {0, pad});
+    const Tensor bg = at::constant_pad_nd(bias.to(at::kFloat).reshape({G, p.N}), {0, pad});
     p.bias = bg.view({G, p.NB, U}).permute({1, 0, 2}).contiguous().view({p.NB, G * U});
-    p.bias_data = p.bias.data_ptr<float>();
+    p.bias_data = p.bias.template data_ptr<float>();
   }
-  p.data = p.w.data_ptr<float>();
   p.ldb = G * U;
   p.pstride = p.K * G * U;
+  if constexpr (std::is_same_v<E, BF16>) {  // rows in pairs, an odd K padded with a zero row
+    const int64_t K2 = (p.K + 1) / 2;
+    p.w = at::constant_pad_nd(p.w, {0, 0, 0, 2 * K2 - p.K})
+              .view({p.NB, K2, 2, G * U})
+              .transpose(2, 3)
+              .to(at::kBFloat16)
+              .contiguous();
+    p.ldb = 2 * G * U;
+    p.pstride = 2 * K2 * G * U;
+  }
+  p.data = p.w.template data_ptr<E>();
   return p;
 }
 
-// A (K, N) row-major matrix with row stride ldb, read in place (it must outlive the Panels).
-Panels direct(const float* data, int64_t K, int64_t N, int64_t ldb) {
-  Panels p;
+// A (K, N) row-major float matrix with row stride ldb, read in place (it must outlive the Panels).
+Panels<float> direct(const float* data, int64_t K, int64_t N, int64_t ldb) {
+  Panels<float> p;
   p.U = 64;
   p.V = 4;
   p.K = K;
@@ -85,29 +105,21 @@ Panels direct(const float* data, int64_t K, int64_t N, int64_t ldb) {
   return p;
 }
 
-// c[r, col[v] + l] (+)= sum_k a[r, k] * b[k, 16 v + l] (+ bias) for R rows; a[r, k] sits at
-// a[r * lda + k], or a[r + k * lda] with TA (a transposed). 24 accumulators in registers.
-template <int R, int V, bool TA>
-__attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
-                                             const float* bias, float* c, int64_t ldc, const int64_t* col,
-                                             const __mmask16* mask, bool add) {
-  __m512 acc[R][V];
+#define RNNFAST_TILE_INLINE inline __attribute__((always_inline, target("avx512f")))
+
+// The accumulators of a tile start from the bias (or zero) and end in c, added to it with add.
+template <int R, int V>
+RNNFAST_TILE_INLINE void tile_start(__m512 (&acc)[R][V], const float* bias) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[r][v] = bias != nullptr ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 w[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) w[v] = _mm512_maskz_loadu_ps(mask[v], b + k * ldb + v * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(TA ? a[r + k * lda] : a[r * lda + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, w[v], acc[r][v]);
-    }
-  }
+}
+
+template <int R, int V>
+RNNFAST_TILE_INLINE void tile_store(__m512 (&acc)[R][V], float* c, int64_t ldc, const int64_t* col,
+                                    const __mmask16* mask, bool add) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
@@ -121,10 +133,68 @@ __attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_
   }
 }
 
-// A tile of fewer than R rows: the remainder of a panel's rows.
+// c[r, col[v] + l] (+)= sum_k a[r, k] * b[k, 16 v + l] (+ bias) for R rows; a[r, k] sits at
+// a[r * lda + k], or a[r + k * lda] with TA (a transposed). 24 accumulators in registers.
 template <int R, int V, bool TA>
-void tail(int64_t rows, const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb, const float* bias,
-          float* c, int64_t ldc, const int64_t* col, const __mmask16* mask, bool add) {
+__attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
+                                             const float* bias, float* c, int64_t ldc, const int64_t* col,
+                                             const __mmask16* mask, bool add) {
+  __m512 acc[R][V];
+  tile_start<R, V>(acc, bias);
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) w[v] = _mm512_maskz_loadu_ps(mask[v], b + k * ldb + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(TA ? a[r + k * lda] : a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(x, w[v], acc[r][v]);
+    }
+  }
+  tile_store<R, V>(acc, c, ldc, col, mask, add);
+}
+
+// One pair of rows of bfloat16 panels: a's pair broadcast, or with Whole false (the end of an
+// odd K) a's last value and a zero, so that no row of a is read past its end.
+template <int R, int V, bool Whole>
+inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void pair_step(__m512 (&acc)[R][V],
+                                                                                  const uint16_t* a, int64_t lda,
+                                                                                  const uint16_t* b,
+                                                                                  const __mmask16* mask) {
+  __m512i w[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) w[v] = _mm512_maskz_loadu_epi32(mask[v], b + v * 32);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    uint32_t pair = a[r * lda];
+    if constexpr (Whole) std::memcpy(&pair, a + r * lda, 4);
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, (__m512bh)w[v]);
+  }
+}
+
+// The same tile over bfloat16 a and panels: each vdpbf16ps adds the products of a pair of
+// rows, a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators.
+template <int R, int V, bool TA>
+__attribute__((target("avx512f,avx512bf16"))) void tile(const BF16* a, int64_t lda, int64_t K, const BF16* b,
+                                                        int64_t ldb, const float* bias, float* c, int64_t ldc,
+                                                        const int64_t* col, const __mmask16* mask, bool add) {
+  static_assert(!TA, "bfloat16 tiles read a by rows");
+  __m512 acc[R][V];
+  tile_start<R, V>(acc, bias);
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  const uint16_t* b16 = reinterpret_cast<const uint16_t*>(b);
+  for (int64_t kk = 0; kk < K / 2; ++kk) pair_step<R, V, true>(acc, a16 + 2 * kk, lda, b16 + kk * ldb, mask);
+  if (K % 2 == 1) pair_step<R, V, false>(acc, a16 + K - 1, lda, b16 + (K / 2) * ldb, mask);
+  tile_store<R, V>(acc, c, ldc, col, mask, add);
+}
+
+// A tile of fewer than R rows: the remainder of a panel's rows.
+template <int R, int V, bool TA, typename E>
+void tail(int64_t rows, const E* a, int64_t lda, int64_t K, const E* b, int64_t ldb, const float* bias, float* c,
+          int64_t ldc, const int64_t* col, const __mmask16* mask, bool add) {
   if constexpr (R > 1) {
     if (rows == R - 1) return tile<R - 1, V, TA>(a, lda, K, b, ldb, bias, c, ldc, col, mask, add);
     tail<R - 1, V, TA>(rows, a, lda, K, b, ldb, bias, c, ldc, col, mask, add);
@@ -132,8 +202,8 @@ void tail(int64_t rows, const float* a, int64_t lda, int64_t K, const float* b, 
 }
 
 // Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias).
-template <int V, int R, bool TA>
-void product(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t lda, int64_t n, float* c,
+template <int V, int R, bool TA, typename E>
+void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c,
              int64_t ldc, bool add) {
   const int64_t rs = TA ? 1 : lda;  // from one row of a to the next
   for (int64_t nb = nb0; nb < nb1; ++nb) {
@@ -143,7 +213,7 @@ void product(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t 
       col[v] = p.column(nb, v);
       mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
     }
-    const float* b = p.data + nb * p.pstride;
+    const E* b = p.data + nb * p.pstride;
     const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
     int64_t r = 0;
     for (; r + R <= n; r += R) {
@@ -155,12 +225,16 @@ void product(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t 
 
 // c (+)= a @ B over rows [0, n) and panels [nb0, nb1); a as in tile. 24 accumulators:
 // 6 rows of 4 registers or 8 rows of 3.
-void gemm(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t lda, int64_t n, float* c, int64_t ldc,
+template <typename E>
+void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c, int64_t ldc,
           bool add, bool transposed_a = false) {
-  if (transposed_a) {
-    TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
-    product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, add);
-  } else if (p.V == 4) {
+  if constexpr (std::is_same_v<E, float>) {
+    if (transposed_a) {
+      TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
+      return product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, add);
+    }
+  }
+  if (p.V == 4) {
     product<4, 6, false>(p, nb0, nb1, a, lda, n, c, ldc, add);
   } else {
     product<3, 8, false>(p, nb0, nb1, a, lda, n, c, ldc, add);
@@ -169,12 +243,14 @@ void gemm(const Panels& p, int64_t nb0, int64_t nb1, const float* a, int64_t lda
 
 // Rows a step goes through at a time: two tiles of every panel, so that the block's
 // rows of a and its outputs stay in L1/L2 between the product and the gate update.
-int64_t block_rows(const Panels& p) { return p.V == 4 ? 12 : 16; }
+template <typename E>
+int64_t block_rows(const Panels<E>& p) { return p.V == 4 ? 12 : 16; }
 
 // The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
 struct Share {
   int64_t nb0, nb1, u0, cnt;
-  Share(const Panels& p, int64_t nt, int64_t tid) {
+  template <typename E>
+  Share(const Panels<E>& p, int64_t nt, int64_t tid) {
     nb0 = p.NB * tid / nt;
     nb1 = p.NB * (tid + 1) / nt;
     u0 = std::min(p.N, nb0 * p.U);
@@ -188,37 +264,43 @@ std::pair<int64_t, int64_t> row_share(int64_t n, int64_t nt, int64_t tid) {
   return {std::min(n, tiles * tid / nt * 6), std::min(n, tiles * (tid + 1) / nt * 6)};
 }
 
-int64_t threads_for(const Panels& p) {
+template <typename E>
+int64_t threads_for(const Panels<E>& p) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.NB));
 }
 
 // Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
 // H apart. Rows of the saved tensors are pages apart, beyond what the hardware prefetchers
 // follow, and a gate update that waits on them stalls the step.
-void prefetch(const Rows<float>& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, int64_t m, int64_t runs,
+template <typename E>
+void prefetch(const Rows<E>& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, int64_t m, int64_t runs,
               int64_t H) {
   for (int64_t b = r0; b < r1; ++b) {
     const char* row = reinterpret_cast<const char*>(t3(t, b) + j0);
     for (int64_t q = 0; q < runs; ++q) {
-      for (int64_t j = 0; j < m * 4; j += 64) _mm_prefetch(row + q * H * 4 + j, _MM_HINT_T0);
+      for (int64_t j = 0; j < m * int64_t(sizeof(E)); j += 64) _mm_prefetch(row + q * H * sizeof(E) + j, _MM_HINT_T0);
     }
   }
 }
 
 // Weights packed for the loops, kept across calls until they change; tagged by use and mode.
 enum PanelUse { kForward, kInput, kBackward };
-WeightCache<Panels> panels;
+template <typename E>
+WeightCache<Panels<E>>& panels() {
+  static WeightCache<Panels<E>> cache;
+  return cache;
+}
 
 // Scratch that outlives a call, one set per calling thread: growing only, it spares
 // each call the page faults of fresh allocations, a large share of short calls' time.
-enum Slot { kStates, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kSlots };
-Tensor workspace(Slot slot, at::IntArrayRef sizes) {
+enum Slot { kStates, kStatesLow, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kSlots };
+Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
   thread_local std::array<Tensor, kSlots> held;
   const int64_t numel = c10::multiply_integers(sizes);
   Tensor& t = held[slot];
-  if (!t.defined() || t.numel() < numel) {
+  if (!t.defined() || t.numel() < numel || t.scalar_type() != dtype) {
     c10::InferenceMode normal(false);  // a plain tensor, writable whether or not a later call runs in inference mode
-    t = at::empty({numel}, at::kFloat);
+    t = at::empty({numel}, dtype);
   }
   return t.narrow(0, 0, numel).view(sizes);
 }
@@ -288,47 +370,48 @@ struct Walk {
   int64_t first(int64_t k0, int64_t k1) const { return reverse ? T - k1 : k0; }
 };
 
-}  // namespace
-
-bool fused_loop_supported(const Tensor& x, bool proj) {
-  return kHasAvx512 && x.scalar_type() == at::kFloat && !proj;
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode, const Tensor& x,
-                                                                   const std::vector<int64_t>& bs, bool packed,
-                                                                   const Tensor& h0, const Tensor& c0,
-                                                                   const Tensor& w_ih, const Tensor& w_hh,
-                                                                   const Tensor& b_ih, const Tensor& b_hh,
-                                                                   bool reverse, bool save) {
+// The forward loop over elements E (float, or bfloat16 inputs, weights and outputs). The
+// state, the cell state, the gates and all sums stay float32; for bfloat16 a rounded copy
+// of the state (hlo) feeds the recurrent product.
+template <typename E>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, const Tensor& x,
+                                                                const std::vector<int64_t>& bs, bool packed,
+                                                                const Tensor& h0, const Tensor& c0,
+                                                                const Tensor& w_ih, const Tensor& w_hh,
+                                                                const Tensor& b_ih, const Tensor& b_hh, bool reverse,
+                                                                bool save) {
+  constexpr bool low = !std::is_same_v<E, float>;
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
   const bool lstm = mode == LSTM, gru = mode == GRU;
-  const auto opts = x.options();
+  const auto opts = x.options(), fopts = opts.dtype(at::kFloat);
   auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
   Tensor out = make({T, B, H});
-  Tensor c = lstm ? c0.contiguous().clone() : at::empty({0}, opts);
+  Tensor c = lstm ? c0.to(at::kFloat).contiguous().clone() : at::empty({0}, fopts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
-  Tensor ws1 = save && (lstm || gru) ? saved_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, opts);
-  Tensor ws2 = save && lstm ? saved_pool().empty({1, T, B, H}, packed) : at::empty({0}, opts);
-  if (B == 0) return {out, h0.clone(), c, ws1, ws2};
+  Tensor ws1 = save && (lstm || gru) ? saved_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, fopts);
+  Tensor ws2 = save && lstm ? saved_pool().empty({1, T, B, H}, packed) : at::empty({0}, fopts);
+  if (B == 0) return {out, h0.clone(), c.to(x.scalar_type()), ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
   const int64_t U = G == 1 ? 64 : 16;
-  const Panels p = panels.get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode,
-                              [&] { return pack(w_hh, gru ? b_hh : Tensor(), G, U); });
-  // GRU keeps b_hn apart for r * (W_hn h + b_hn); the others fold both biases into the input side
-  const Panels p_in = panels.get({w_ih, b_ih, b_hh}, kInput * 4 + mode, [&] {
-    return pack(w_ih, b_ih.defined() ? (gru ? b_ih : b_ih + b_hh) : Tensor(), G, U);
-  });
+  const Panels<E> p = panels<E>().get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode,
+                                      [&] { return pack<E>(w_hh, split_biases(mode, b_ih, b_hh).second, G, U); });
+  const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
+                                         [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
   const int64_t RB = block_rows(p), nt = threads_for(p), TC = chunk_steps(T, B);
   const Walk walk{T, reverse};
   Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
   hbuf.copy_(h0.unsqueeze(0).expand({2, B, H}));
+  Tensor hlo = low ? workspace(kStatesLow, {2, B, H}, x.scalar_type()) : hbuf;  // what the product reads
+  if (low) hlo.copy_(hbuf);
   Tensor gi = workspace(kGates, {TC, B, GH});    // one chunk's input pre-activations
   Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, a row's gates
 
-  const Rows<float> gi_rows(gi), out_rows(out), cs_rows(cs), ws1_rows(ws1);
+  const Rows<float> gi_rows(gi), cs_rows(cs), ws1_rows(ws1);
+  const Rows<E> out_rows(out);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
   float* const hbuf_p = hbuf.data_ptr<float>();
-  const float* const x_p = x.data_ptr<float>();
+  E* const hlo_p = hlo.data_ptr<E>();
+  const E* const x_p = x.data_ptr<E>();
 #pragma omp parallel num_threads(nt)
   {
     const Share own(p, omp_get_num_threads(), omp_get_thread_num());
@@ -343,36 +426,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
         const int64_t t = walk.step(k), n = bs[t];
         float* cur = hbuf_p + (k % 2) * B * H;
         float* nxt = hbuf_p + ((k + 1) % 2) * B * H;
-        for (int64_t b = n; b < B; ++b) std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * 4);
+        E* cur_lo = hlo_p + (k % 2) * B * H;
+        E* nxt_lo = hlo_p + ((k + 1) % 2) * B * H;
+        for (int64_t b = n; b < B; ++b) {
+          std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * sizeof(float));
+          if (low) std::memcpy(nxt_lo + b * H + j0, cur_lo + b * H + j0, m * sizeof(E));
+        }
         for (int64_t r0 = 0; r0 < n && m > 0; r0 += RB) {
           const int64_t rows = std::min(RB, n - r0);
-          gemm(p, own.nb0, own.nb1, cur + r0 * H, H, rows, gh, GH, false);
+          gemm(p, own.nb0, own.nb1, cur_lo + r0 * H, H, rows, gh, GH, false);
           for (int64_t b = r0; b < r0 + rows; ++b) {
-            float* g = gi_rows(t - t0, b) + j0;
-            const float* ghb = gh + (b - r0) * GH + j0;
-            float* h_out = out_rows(t, b) + j0;
-            if (lstm) {
-              float* c_row = c_p + b * H + j0;
-              if (save) {
-                float* c_out = cs_rows(t, b) + j0;
-                lstm_fwd(g, ghb, c_row, ws1_rows(t, b) + j0, c_out, h_out, m, H);
-                std::memcpy(c_row, c_out, m * 4);
-              } else {
-                lstm_fwd(g, ghb, c_row, row_ws + j0, c_row, h_out, m, H);
-              }
-            } else if (gru) {
-              gru_fwd(g, ghb, cur + b * H + j0, (save ? ws1_rows(t, b) : row_ws) + j0, h_out, m, H);
-            } else {
-              rnn_fwd(g, ghb, h_out, mode == RNN_RELU, m);
-            }
-            std::memcpy(nxt + b * H + j0, h_out, m * 4);
+            float* h_new = nxt + b * H + j0;
+            gate_forward(mode, gi_rows(t - t0, b) + j0, gh + (b - r0) * GH + j0, cur + b * H + j0,
+                         lstm ? c_p + b * H + j0 : nullptr, lstm && save ? cs_rows(t, b) + j0 : nullptr,
+                         (save ? ws1_rows(t, b) : row_ws) + j0, h_new, m, H);
+            round_row(out_rows(t, b) + j0, h_new, m);
+            if (low) round_row(nxt_lo + b * H + j0, h_new, m);
           }
         }
 #pragma omp barrier
       }
     }
   }
-  return {out, hbuf[T % 2].clone(), c, ws1, ws2};
+  return {out, hbuf[T % 2].to(x.scalar_type(), false, /*copy=*/true), c.to(x.scalar_type()), ws1, ws2};
+}
+
+}  // namespace
+
+bool fused_loop_supported(const Tensor& x, bool proj) {
+  if (proj) return false;
+  return x.scalar_type() == at::kFloat ? kHasAvx512 : x.scalar_type() == at::kBFloat16 && kHasAvx512Bf16;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode, const Tensor& x,
+                                                                   const std::vector<int64_t>& bs, bool packed,
+                                                                   const Tensor& h0, const Tensor& c0,
+                                                                   const Tensor& w_ih, const Tensor& w_hh,
+                                                                   const Tensor& b_ih, const Tensor& b_hh,
+                                                                   bool reverse, bool save) {
+  if (x.scalar_type() == at::kBFloat16) {
+    return forward_loop<BF16>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
+  }
+  return forward_loop<float>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_bwd(
@@ -399,8 +494,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
   const Tensor cs = lstm ? ws2[0] : Tensor();
   const Tensor w_ih_c = w_ih.contiguous();
   // dh = dgh @ W_hh: H outputs, K = G * H
-  const Panels p = panels.get({w_hh}, kBackward * 4 + mode, [&] { return pack(w_hh.t(), Tensor(), 1, 64); });
-  const Panels p_dx = direct(w_ih_c.data_ptr<float>(), GH, I, I);  // dx = dgi @ W_ih
+  const Panels<float> p =
+      panels<float>().get({w_hh}, kBackward * 4 + mode, [&] { return pack<float>(w_hh.t(), Tensor(), 1, 64); });
+  const Panels<float> p_dx = direct(w_ih_c.data_ptr<float>(), GH, I, I);  // dx = dgi @ W_ih
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B);
   const Walk walk{T, !reverse};  // backward walks the steps the other way
   // one chunk's gate gradients and the states its steps started from
@@ -447,15 +543,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
         for (int64_t j = 0; j < m; ++j) d[j] += g_out[j];
         const float* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
         std::memcpy(hp_rows(t - t0, b) + j0, hp, m * 4);
-        if (lstm) {
-          const float* cp = (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0;
-          lstm_bwd(ws1_rows(t, b) + j0, cs_rows(t, b) + j0, cp, d, dc_p + b * H + j0,
-                   dgi_rows(t - t0, b) + j0, m, H);
-        } else if (gru) {
-          gru_bwd(ws1_rows(t, b) + j0, hp, d, dgi_rows(t - t0, b) + j0, dgh_rows(t - t0, b) + j0, m, H);
-        } else {
-          rnn_bwd(out_rows(t, b) + j0, d, dgi_rows(t - t0, b) + j0, mode == RNN_RELU, m);
-        }
+        const float* cp = lstm ? (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0 : nullptr;
+        gate_backward(mode, ws1_rows(t, b) + j0, cs_rows(t, b) + j0, cp, hp, out_rows(t, b) + j0, d,
+                      lstm ? dc_p + b * H + j0 : nullptr, dgi_rows(t - t0, b) + j0, dgh_rows(t - t0, b) + j0, m, H);
         for (int64_t q = 0; q < G; ++q) {  // the bias gradients, summed as the rows go by
           const float* gi_row = dgi_rows(t - t0, b) + q * H + j0;
           const float* gh_row = dgh_rows(t - t0, b) + q * H + j0;

@@ -1,0 +1,212 @@
+"""bfloat16 and autocast on every backend usable here: the output dtypes torch.nn gives under
+``torch.autocast``, and bfloat16 numerics (outputs and gradients) no worse than torch.nn's own
+bfloat16 against the same float32 reference, for bfloat16 modules and under autocast."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnfast
+from rnnfast.backend import BackendFallbackWarning
+
+from conftest import backend_device
+from parity import TORCH_CLASSES, Case, make_inputs, run_layer
+
+BF16 = torch.bfloat16
+CELLS = {"LSTMCell": torch.nn.LSTMCell, "GRUCell": torch.nn.GRUCell, "RNNCell": torch.nn.RNNCell}
+
+
+def _dtypes(obj) -> list[torch.dtype]:
+    if isinstance(obj, torch.Tensor):
+        return [obj.dtype]
+    if hasattr(obj, "batch_sizes"):
+        return [obj.data.dtype]
+    return [d for o in obj for d in _dtypes(o)]
+
+
+def _twins(cls_name: str, backend: str, *args, **kwargs):
+    torch.manual_seed(0)
+    ref = (TORCH_CLASSES.get(cls_name) or CELLS[cls_name])(*args, **kwargs)
+    ours = getattr(rnnfast, cls_name)(*args, backend=backend, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _layer_calls(family: str, device: str):
+    """(id, module dtype, args) for the calls whose output dtypes the autocast test compares."""
+    x = torch.randn(4, 3, 5, device=device)
+    h = torch.randn(1, 3, 6, device=device)
+    hx = lambda dt: (h.to(dt), h.to(dt)) if family == "LSTM" else h.to(dt)  # noqa: E731
+    packed = pack_padded_sequence(x, [4, 3, 1])
+    return [
+        ("no-hx", torch.float32, (x,)),
+        ("hx", torch.float32, (x, hx(torch.float32))),
+        ("bf16-hx", torch.float32, (x, hx(BF16))),
+        ("bf16-input", torch.float32, (x.to(BF16),)),
+        ("packed", torch.float32, (packed,)),
+        ("unbatched", torch.float32, (x[:, 0],)),
+        ("bf16-module", BF16, (x.to(BF16),)),
+        ("float64", torch.float64, (x.double(),)),
+    ]
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_autocast_dtypes_match_torch_layers(family, backend):
+    device = backend_device(backend)
+    for name, dtype, args in _layer_calls(family, device):
+        ref, ours = _twins(family, backend, 5, 6)
+        ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+        with torch.autocast(device, dtype=BF16), warnings.catch_warnings():
+            warnings.simplefilter("ignore", BackendFallbackWarning)  # a fallback must give the same dtypes
+            want, got = ref(*args), ours(*args)
+        assert _dtypes(got) == _dtypes(want), f"{family} {name}: {_dtypes(got)} != torch's {_dtypes(want)}"
+
+
+@pytest.mark.parametrize("family", list(CELLS))
+def test_autocast_dtypes_match_torch_cells(family, backend):
+    device = backend_device(backend)
+    x, h = torch.randn(3, 5, device=device), torch.randn(3, 6, device=device)
+    hx = lambda dt: (h.to(dt), h.to(dt)) if family == "LSTMCell" else h.to(dt)  # noqa: E731
+    calls = [("no-hx", (x,)), ("hx", (x, hx(torch.float32))), ("bf16-hx", (x, hx(BF16))),
+             ("bf16-input", (x.to(BF16),)), ("unbatched", (x[0],))]
+    for name, args in calls:
+        ref, ours = (m.to(device) for m in _twins(family, backend, 5, 6))
+        with torch.autocast(device, dtype=BF16), warnings.catch_warnings():
+            warnings.simplefilter("ignore", BackendFallbackWarning)  # a fallback must give the same dtypes
+            want, got = ref(*args), ours(*args)
+        assert _dtypes(got) == _dtypes(want), f"{family} {name}: {_dtypes(got)} != torch's {_dtypes(want)}"
+
+
+def test_float16_still_falls_back_on_cpu():
+    ours = rnnfast.LSTM(5, 6, backend="cpu").half()
+    with pytest.warns(BackendFallbackWarning, match="float16"):
+        out, _ = ours(torch.randn(4, 3, 5, dtype=torch.float16))
+    assert out.dtype == torch.float16
+
+
+# bfloat16 numerics: every option, as a bfloat16 module and under autocast
+LAYER_CASES = [
+    Case("base", I=13, H=37, T=6, B=5),
+    Case("two-layers", dict(num_layers=2), I=16, H=32, T=5, B=4),
+    Case("bidirectional", dict(bidirectional=True), I=9, H=33, T=5, B=3),
+    Case("no-bias", dict(bias=False), I=8, H=20, T=4, B=3),
+    Case("packed", dict(bidirectional=True), I=7, H=21, T=6, B=5, packed="unsorted"),
+    Case("no-state", I=6, H=24, T=4, B=3, with_state=False),
+    Case("batch-first", I=6, H=24, T=4, B=3, batch_first=True),
+    Case("unbatched", I=6, H=24, T=4, B=1, unbatched=True),
+    Case("long-wide", I=64, H=96, T=30, B=14),
+]
+LSTM_ONLY = [Case("proj", dict(proj_size=7), I=6, H=24, T=4, B=3)]
+PARAMS = [pytest.param(f, c, id=f"{f}-{c.id}") for f in ("LSTM", "GRU", "RNN") for c in LAYER_CASES]
+PARAMS += [pytest.param("LSTM", c, id=f"LSTM-{c.id}") for c in LSTM_ONLY]
+# bfloat16 error allowed against float32: torch.nn's own bfloat16 error, 1.5x, plus this (relative to max |value|)
+SLACK = 4e-3
+
+
+def _numerics_here(backend: str) -> None:
+    if backend == "reference":
+        pytest.skip("reference computes bfloat16 in bfloat16 throughout (the readable spec, not a fast path); "
+                    "its dtypes are tested above")
+    if backend != "cpu":
+        pytest.skip(f"{backend}: bfloat16 on GPUs is tested in test_triton_backend.py")
+
+
+def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
+
+
+def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None:
+    """rnnfast's error against float32 torch.nn is at most 1.5x torch.nn's own in the same setting."""
+    kwargs = dict(case.kwargs, batch_first=case.batch_first)
+    ref, ours = _twins(family, backend, case.I, case.H, **kwargs)
+    D = 2 if kwargs.get("bidirectional") else 1
+    sizes = [kwargs.get("proj_size") or case.H] + ([case.H] if family == "LSTM" else [])
+    inputs = make_inputs(case, sizes, kwargs.get("num_layers", 1) * D)
+    want, want_g = run_layer(ref, case, inputs, torch.float32, "cpu")
+
+    def low(module):
+        if autocast:
+            with torch.autocast("cpu", dtype=BF16):
+                return run_layer(copy.deepcopy(module), case, inputs, torch.float32, "cpu")
+        return run_layer(copy.deepcopy(module).to(BF16), case, inputs, BF16, "cpu")
+
+    theirs, theirs_g = low(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        got, got_g = low(ours)
+    pairs = [(f"output {k}", got[k], theirs[k], want[k]) for k in range(len(want))]
+    pairs += [(f"grad {n}", got_g[n], theirs_g[n], want_g[n]) for n in want_g]
+    for name, g, t, w in pairs:
+        assert g.dtype == t.dtype, f"{name}: dtype {g.dtype}, torch.nn gives {t.dtype}"
+        ours_err, torch_err = _max_err(g, w), _max_err(t, w)
+        assert ours_err <= 1.5 * torch_err + SLACK, f"{name}: error {ours_err:.2e}, torch.nn bf16's {torch_err:.2e}"
+
+
+@pytest.mark.parametrize("family, case", PARAMS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-module", "autocast"])
+def test_bf16_layers_no_worse_than_torch(family, case, autocast, backend):
+    _numerics_here(backend)
+    _compare_lowp(family, case, backend, autocast)
+
+
+@pytest.mark.parametrize("family", list(CELLS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-module", "autocast"])
+def test_bf16_cells_no_worse_than_torch(family, autocast, backend):
+    _numerics_here(backend)
+    ref, ours = _twins(family, backend, 13, 37)
+    lstm = family == "LSTMCell"
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(4, 5, 13, generator=g)
+    s0 = [torch.randn(5, 37, generator=g) for _ in range(2 if lstm else 1)]
+
+    def run(module, dtype, ac):
+        module = copy.deepcopy(module).to(dtype)
+        x = xs.detach().to(dtype).requires_grad_()
+        states = [s.detach().to(dtype).requires_grad_() for s in s0]
+        hx, outs = (tuple(states) if lstm else states[0]), []
+        with torch.autocast("cpu", dtype=BF16, enabled=ac):
+            for t in range(xs.size(0)):
+                hx = module(x[t], hx)
+                outs.extend(hx if lstm else [hx])
+            sum((o.float() * (k + 1)).sum() for k, o in enumerate(outs)).backward()
+        return outs + [x.grad, *(s.grad for s in states), *(p.grad for p in module.parameters())]
+
+    want = run(ref, torch.float32, False)
+    low = (torch.float32, True) if autocast else (BF16, False)
+    theirs, got = run(ref, *low), run(ours, *low)
+    for k, (g_, t, w) in enumerate(zip(got, theirs, want)):
+        assert g_.dtype == t.dtype
+        ours_err, torch_err = _max_err(g_, w), _max_err(t, w)
+        assert ours_err <= 1.5 * torch_err + SLACK, f"tensor {k}: error {ours_err:.2e}, torch.nn's {torch_err:.2e}"
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+def test_bf16_without_bf16_instructions():
+    """CPUs without AVX512-BF16 run bfloat16 on widened float32 copies: the same bounds, checked
+    by capping the kernels this machine picks (RNNFAST_CPU_ISA)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from rnnfast import _C
+        from parity import Case
+        from test_lowp import _compare_lowp
+        assert not _C.has_bf16_loop()
+        for family in ("LSTM", "GRU", "RNN"):
+            for autocast in (False, True):
+                _compare_lowp(family, Case("isa", dict(bidirectional=True), I=11, H=37, T=6, B=5,
+                                           packed="unsorted"), "cpu", autocast)
+        print("ok")
+    """)
+    env = dict(os.environ, RNNFAST_CPU_ISA="avx512")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
