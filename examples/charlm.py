@@ -1,6 +1,6 @@
 """Character-level language model on Tiny Shakespeare with rnnfast layers.
 
-Embedding -> rnnfast.LSTM (or rnnfast.GRU) -> linear over the characters,
+Embedding -> rnnfast.LSTM (or rnnfast.GRU, or the Elman rnnfast.RNN) -> linear over the characters,
 trained with truncated BPTT on a time budget, then sampled one character at a
 time through the layer (T=1, B=1 calls: the decode path).
 
@@ -85,7 +85,7 @@ class CharLM(nn.Module):
     def __init__(self, vocab_size: int, cfg: argparse.Namespace, torch_layers: bool = False) -> None:
         super().__init__()
         lib = nn if torch_layers else rnnfast
-        rnn_cls = {"lstm": lib.LSTM, "gru": lib.GRU}[cfg.cell]
+        rnn_cls = {"lstm": lib.LSTM, "gru": lib.GRU, "rnn": lib.RNN}[cfg.cell]  # RNN: tanh
         extra = {} if torch_layers else {"backend": cfg.backend}
         self.embed = nn.Embedding(vocab_size, cfg.embed)
         self.rnn = rnn_cls(cfg.embed, cfg.hidden, num_layers=cfg.layers, batch_first=True,
@@ -107,14 +107,14 @@ def layer_class(model: CharLM) -> str:
 
 def resolved_backend(model: CharLM, steps: int, batch: int) -> str:
     """The backend the recurrent layer runs a ``(batch, steps)`` call on, in its current mode."""
-    if not isinstance(model.rnn, (rnnfast.LSTM, rnnfast.GRU)):
+    if not isinstance(model.rnn, (rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN)):
         return "torch.nn"
     p = next(model.parameters())
     return model.rnn.resolved_backend(torch.zeros(batch, steps, model.rnn.input_size, dtype=p.dtype, device=p.device))
 
 
 def map_state(fn: Callable[[Tensor], Tensor], state: State) -> State:
-    """Apply ``fn`` to the state tensor(s): ``h`` for GRU, ``(h, c)`` for LSTM."""
+    """Apply ``fn`` to the state tensor(s): ``h`` for GRU and RNN, ``(h, c)`` for LSTM."""
     return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
 
 
@@ -402,7 +402,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     common.add_argument("--beam", type=int, default=5, help="beam-search width (0: no beam search)")
 
     t = sub.add_parser("train", parents=[common], help="train, evaluate and sample")
-    t.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
+    t.add_argument("--cell", choices=("lstm", "gru", "rnn"), default="lstm", help="rnn: Elman, tanh")
     t.add_argument("--embed", type=int, default=64)
     t.add_argument("--hidden", type=int, default=384)
     t.add_argument("--layers", type=int, default=2)

@@ -8,10 +8,14 @@ training statistics; stride-1 windows; MSE/MAE on the normalised test set.
     python examples/forecast.py --task univariate --mode encoder-decoder --model gru-encdec --horizon 96
     python examples/forecast.py --all            # the whole table, merged into --out/metrics.json
     python examples/forecast.py --all --smoke    # tiny epochs, seconds
+    python examples/forecast.py --all --out examples/results/forecast   # refresh the committed table
+
+Outputs go to ``runs/forecast/`` unless ``--out`` says otherwise; smoke runs
+are kept apart from full ones and never write into ``examples/results/``.
 
 Models: ``segrnn`` (SegRNN-style channel-independent GRU over 48-step
 segments with parallel multi-step decoding), ``gru-direct``, ``gru-seq2value``
-(next-step model rolled out autoregressively), ``gru-encdec`` (decoder trained
+(next-step model: the next value, and rolled out autoregressively), ``gru-encdec`` (decoder trained
 with scheduled teacher forcing), and the baselines ``last-value`` and ``linear``
 (least-squares linear map over the lookback). Every recurrent core is an
 rnnfast layer or cell.
@@ -38,7 +42,8 @@ from rnnfast.backend import RNNSpec, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "ETTh1.csv"
-DEFAULT_OUT = ROOT / "examples" / "results" / "forecast"
+DEFAULT_OUT = Path("runs/forecast")
+COMMITTED = ROOT / "examples" / "results"
 HORIZONS = (96, 192, 336, 720)
 TRAIN_END, VAL_END, TEST_END = 12 * 30 * 24, 16 * 30 * 24, 20 * 30 * 24
 MODELS = {  # model -> mode
@@ -212,6 +217,11 @@ class GRUSeq2Value(nn.Module):
         out, _ = self.rnn(seq[:, :-1])
         return loss_fn(seq[:, :-1] + self.head(out), seq[:, 1:])
 
+    def next_value(self, x: Tensor) -> Tensor:
+        """The one-step forecast ``(B, 1, C)``: the seq2value model's own task."""
+        out, _ = self.rnn(x)
+        return x[:, -1:] + self.head(out[:, -1:])
+
     def forward(self, x: Tensor) -> Tensor:
         out, h = self.rnn(x)
         value = x[:, -1:] + self.head(out[:, -1:])
@@ -254,6 +264,15 @@ class GRUEncoderDecoder(nn.Module):
         return self.decode(x)
 
 
+def default_clip(name: str) -> Optional[float]:
+    """Gradient-norm clip of a model: 1.0 for the GRUs run over time steps, none for SegRNN.
+
+    SegRNN's recurrence is two segment steps long (and its published recipe does
+    not clip); the other GRUs backpropagate through 96 steps and more.
+    """
+    return None if name == "segrnn" else 1.0
+
+
 def build_model(name: str, lookback: int, horizon: int, channels: int, hidden: Optional[int], backend: str) -> nn.Module:
     """The named model (``hidden=None``: its default width)."""
     kw = {} if hidden is None else {"hidden": hidden}
@@ -288,10 +307,15 @@ def backend_name(requested: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, segment: Tensor, lookback: int, horizon: int, batch: int = 1024,
+def evaluate(model: Callable[[Tensor], Tensor], segment: Tensor, lookback: int, horizon: int, batch: int = 1024,
              limit: Optional[int] = None) -> tuple[float, float]:
-    """MSE and MAE over every stride-1 window of ``segment`` (the first ``limit`` only, in smoke runs)."""
-    model.eval()
+    """MSE and MAE over every stride-1 window of ``segment`` (the first ``limit`` only, in smoke runs).
+
+    ``model`` maps inputs ``(B, lookback, C)`` to forecasts ``(B, horizon, C)``: a module (put in eval
+    mode here) or a method of one already in eval mode.
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
     n = min(n_windows(segment, lookback, horizon), limit or math.inf)
     se = ae = 0.0
     for s in range(0, n, batch):
@@ -313,6 +337,7 @@ class TrainConfig:
     patience: int = 5
     minutes: float = 9.0
     max_batches: Optional[int] = 20  # per epoch: validate every this many batches (None: whole passes)
+    clip: Optional[float] = None  # gradient-norm clip (None: no clipping)
     eval_limit: Optional[int] = None  # validation windows (smoke runs)
     checkpoint: Optional[Path] = None
 
@@ -342,6 +367,8 @@ def train(model: nn.Module, splits: Splits, lookback: int, horizon: int, cfg: Tr
                 loss = F.l1_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
+            if cfg.clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             done += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -372,8 +399,14 @@ def train(model: nn.Module, splits: Splits, lookback: int, horizon: int, cfg: Tr
 
 
 def run_key(r: dict) -> tuple:
-    """The identity of a run in metrics.json: task, mode, model, lookback, horizon."""
-    return (r["task"], r["mode"], r["model"], r["lookback"], r["horizon"])
+    """The identity of a run in metrics.json: task, mode, model, lookback, horizon, and whether a smoke run."""
+    return (r["task"], r["mode"], r["model"], r["lookback"], r["horizon"], bool(r.get("smoke")))
+
+
+def is_committed(path: Path) -> bool:
+    """Whether ``path`` lies inside the committed ``examples/results/`` (no checkpoints or smoke runs there)."""
+    path = path.resolve()
+    return path == COMMITTED or COMMITTED in path.parents
 
 
 def run_one(task: str, model_name: str, horizon: int, args: argparse.Namespace, out: Path) -> dict:
@@ -393,13 +426,16 @@ def run_one(task: str, model_name: str, horizon: int, args: argparse.Namespace, 
         info["train_minutes"] = (time.perf_counter() - t0) / 60
     elif not isinstance(model, LastValue):
         minutes = args.minutes if args.minutes is not None else (9.0 if model_name == "segrnn" else 3.0)
+        clip = default_clip(model_name) if args.clip is None else (args.clip or None)
         cfg = TrainConfig(epochs=2 if args.smoke else args.epochs, batch=args.batch, patience=args.patience,
                           minutes=minutes, lr=args.lr, max_batches=3 if args.smoke else args.epoch_batches,
+                          clip=clip,
                           eval_limit=SMOKE_WINDOWS if args.smoke else None,
-                          checkpoint=out / "checkpoints" / f"{tag}.pt")
-        info = train(model, splits, L, horizon, cfg)
+                          checkpoint=(DEFAULT_OUT if is_committed(out) else out) / "checkpoints" / f"{tag}.pt")
+        info = {**train(model, splits, L, horizon, cfg), "clip": cfg.clip}
         info["train_minutes"] = (time.perf_counter() - t0) / 60
-    mse, mae = evaluate(model, splits.test, L, horizon, limit=SMOKE_WINDOWS if args.smoke else None)
+    limit = SMOKE_WINDOWS if args.smoke else None
+    mse, mae = evaluate(model, splits.test, L, horizon, limit=limit)
     save_samples(model, splits.test, L, horizon, out / "samples" / f"{tag}.npz")
     rec = {
         "task": task, "mode": mode, "model": model_name, "lookback": L, "horizon": horizon,
@@ -409,8 +445,12 @@ def run_one(task: str, model_name: str, horizon: int, args: argparse.Namespace, 
         "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
         "epoch_batches": args.epoch_batches, "patience": args.patience, "smoke": bool(args.smoke),
     }
-    rec.update({k: info[k] for k in ("epochs", "best_epoch", "val_mse") if k in info})
+    rec.update({k: info[k] for k in ("epochs", "best_epoch", "val_mse", "clip") if k in info})
     print(f"   test mse {mse:.4f} mae {mae:.4f} ({rec['train_minutes']:.2f} min)")
+    if isinstance(model, GRUSeq2Value):  # what it was trained for: the next value, beside the 96-step rollout
+        rec["next_value_mse"], rec["next_value_mae"] = (round(v, 5) for v in evaluate(model.next_value, splits.test, L, 1, limit=limit))
+        rec["next_value_last_value_mse"] = round(evaluate(LastValue(1), splits.test, L, 1, limit=limit)[0], 5)
+        print(f"   next value: test mse {rec['next_value_mse']:.4f} (last value {rec['next_value_last_value_mse']:.4f})")
     return rec
 
 
@@ -444,8 +484,8 @@ def write_table(records: list[dict], path: Path) -> None:
     lines = [
         "# ETTh1 test results (normalised MSE / MAE, standard split, stride-1 windows)",
         "",
-        "| task | H | model | mode | L | MSE | MAE | train min | epochs (best) | published MSE (SegRNN) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | H | model | mode | L | MSE | MAE | train min | epochs (best) | clip | published MSE (SegRNN) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         pub = PUBLISHED.get(r["horizon"]) if r["task"] == "multivariate" and r["lookback"] == 96 else None
@@ -453,8 +493,15 @@ def write_table(records: list[dict], path: Path) -> None:
         lines.append(
             f"| {r['task']} | {r['horizon']} | {r['model']}{' (smoke)' if r.get('smoke') else ''} | {r['mode']} "
             f"| {r['lookback']} | {r['mse']:.4f} | {r['mae']:.4f} | {r['train_minutes']:.2f} | {ep} "
-            f"| {'-' if pub is None else f'{pub:.3f}'} |"
+            f"| {r.get('clip') or '-'} | {'-' if pub is None else f'{pub:.3f}'} |"
         )
+    lines.append("")
+    for r in records:
+        if "next_value_mse" in r:
+            lines.append(f"{r['task']} {r['model']}{' (smoke)' if r.get('smoke') else ''}, L={r['lookback']}: "
+                         f"the next value (one step) has test MSE {r['next_value_mse']:.4f} / MAE "
+                         f"{r['next_value_mae']:.4f} (last value: MSE {r['next_value_last_value_mse']:.4f}); "
+                         f"the table's row is its {r['horizon']}-step rollout.")
     lines += [
         "",
         f"Published multivariate ETTh1 at L=96, H=96: SegRNN 0.368, {PUBLISHED_OTHERS_96} (MSE).",
@@ -528,6 +575,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, help="gradient-norm clip, 0: none (default: 1.0, none for segrnn)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epoch-batches", type=int, default=20, help="batches per epoch (validation and early stopping); 0: whole passes")
     p.add_argument("--hidden", type=int, help="recurrent width (default: 512 segrnn, 256 gru models; 16 in smoke)")
@@ -542,6 +590,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"model {args.model} runs in mode {MODELS[args.model]!r}, not {args.mode!r}")
     if args.smoke and args.hidden is None:
         args.hidden = 16
+    if args.smoke and is_committed(args.out):
+        p.error(f"--smoke results are not written into the committed {COMMITTED.relative_to(ROOT)}/; pick another --out")
     return args
 
 

@@ -78,10 +78,10 @@ def tiny_model(torch_layers: bool = False, cell: str = "lstm") -> "charlm.CharLM
 VOCAB = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak."))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_decoding_length_and_vocabulary(cell):
     model = tiny_model(cell=cell)
-    assert isinstance(model.rnn, (rnnfast.LSTM, rnnfast.GRU))
+    assert isinstance(model.rnn, (rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN))
     for text in (charlm.sample(model, VOCAB, "Fir", 37, temperature=0.7, top_k=3, seed=1),
                  charlm.sample(model, VOCAB, "F", 37, temperature=1.5),
                  charlm.beam_search(model, VOCAB, "Fir", 37, width=4)):

@@ -75,9 +75,30 @@ def test_smoke_table(tmp_path):
         else:
             assert r["layers"] and all(layer.startswith("rnnfast.modules.") for layer in r["layers"])
     assert any("rnnfast.modules.GRUCell" in r["layers"] for r in records)
+    for r in records:  # gradient clipping for the GRUs run over time, the one-step score beside the rollout
+        assert r.get("clip") == (None if r["model"] in ("segrnn", "linear", "last-value") else 1.0), r["model"]
+        assert ("next_value_mse" in r) == (r["model"] == "gru-seq2value")
     assert (tmp_path / "forecast.png").stat().st_size > 0
     table = (tmp_path / "table.md").read_text()
     assert "| multivariate | 96 | segrnn (smoke) |" in table and "0.368" in table
+    assert "univariate gru-seq2value (smoke), L=96: the next value (one step) has test MSE" in table
     # a second run merges: one record per (task, mode, model, lookback, horizon)
     again = fc.main(["--smoke", "--threads", "1", "--task", "univariate", "--model", "linear", "--out", str(tmp_path)])
     assert len(again) == len(records)
+
+
+def test_outputs_default_to_runs_and_smoke_stays_out_of_committed_results():
+    assert fc.parse_args([]).out == Path("runs/forecast")
+    with pytest.raises(SystemExit):
+        fc.parse_args(["--all", "--smoke", "--out", str(fc.COMMITTED / "forecast")])
+
+
+def test_smoke_records_never_replace_full_ones(tmp_path):
+    full = {"task": "multivariate", "mode": "direct", "model": "segrnn", "lookback": 96, "horizon": 96,
+            "mse": 0.365, "smoke": False}
+    path = tmp_path / "metrics.json"
+    fc.merge_records(path, [full])
+    merged = fc.merge_records(path, [dict(full, mse=9.0, smoke=True)])
+    assert sorted((r["mse"], r["smoke"]) for r in merged) == [(0.365, False), (9.0, True)]
+    again = fc.merge_records(path, [dict(full, mse=0.36)])  # a full run replaces the full record only
+    assert sorted((r["mse"], r["smoke"]) for r in again) == [(0.36, False), (9.0, True)]
