@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cache.h"
+#include "checks.h"
 #include "kernels.h"
 
 namespace rnnfast {
@@ -63,6 +64,7 @@ void project(const Tensor& w, const Tensor& bias, const T* x, int64_t in, const 
 std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std::vector<Tensor>& weights,
                                                           int64_t num_layers, bool has_bias, const Tensor& x_,
                                                           const Tensor& h0, const c10::optional<Tensor>& c0) {
+  check_decode(mode, weights, num_layers, has_bias, x_, h0, c0);
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   TORCH_CHECK(x_.dim() == 3 && h0.dim() == 3, "rnnfast decode: expected (T, B, I) input and (L, B, H) state");
   const Packed p = cache.get(weights, 0, [&] { return pack(weights, num_layers, has_bias); });

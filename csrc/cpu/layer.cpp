@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "kernels.h"
 
 namespace rnnfast {
@@ -94,6 +95,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                                                              const Tensor& w_hh_, const OptTensor& b_ih,
                                                              const OptTensor& b_hh, const OptTensor& w_hr_,
                                                              bool reverse, bool save) {
+  check_layer_fwd(mode, x_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
   check_tensor(x_, x_, "input", 3);
   check_tensor(h0_, x_, "h0", 2);
@@ -183,6 +185,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
     const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
+  check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
+                  grad_cn);
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
