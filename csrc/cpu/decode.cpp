@@ -22,8 +22,6 @@ struct Packed {
 
 Packed pack(const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias) {
   const int64_t per = has_bias ? 4 : 2;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, "rnnfast decode: expected ",
-              per * num_layers, " weights, got ", weights.size());
   Packed p;
   at::NoGradGuard no_grad;
   for (int64_t l = 0; l < num_layers; ++l) {
@@ -65,14 +63,10 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
                                                           int64_t num_layers, bool has_bias, const Tensor& x_,
                                                           const Tensor& h0, const c10::optional<Tensor>& c0) {
   check_decode(mode, weights, num_layers, has_bias, x_, h0, c0);
-  TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
-  TORCH_CHECK(x_.dim() == 3 && h0.dim() == 3, "rnnfast decode: expected (T, B, I) input and (L, B, H) state");
   const Packed p = cache.get(weights, 0, [&] { return pack(weights, num_layers, has_bias); });
   const bool lstm = mode == LSTM, gru = mode == GRU;
-  TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
   const Tensor x = x_.contiguous();
   const int64_t T = x.size(0), B = x.size(1), H = h0.size(2), G = gate_count(mode);
-  TORCH_CHECK(p.w[0].size(1) == x.size(2) + H, "rnnfast decode: input size does not match the weights");
   Tensor h_n = h0.contiguous().clone();
   Tensor c_n = lstm ? c0->contiguous().clone() : Tensor();
   const auto opts = x.options();
