@@ -43,7 +43,11 @@ def _check_fake(op: str, mode: int, **tensors: Optional[Tensor]) -> None:
     """A call mixing devices dispatches to the fake kernel (meta outranks CPU), never reaching the
     C++ checks: check the mode and the devices there as they would."""
     torch._check(0 <= mode < len(MODES), lambda: f"rnnfast::{op}: unknown mode {mode}")
-    device = tensors["x"].device
+    x, h0, w_hh = tensors["x"], tensors["h0"], tensors["w_hh"]
+    torch._check(x.dim() == 3 and h0.dim() == 2 and w_hh.dim() == 2, lambda: (
+        f"rnnfast::{op}: input must be 3-D, h0 and weight_hh 2-D; got {x.dim()}-D, {h0.dim()}-D, {w_hh.dim()}-D"))
+    torch._check(mode != 0 or tensors["c0"] is not None, lambda: f"rnnfast::{op}: LSTM needs c0")
+    device = x.device
     for name, t in tensors.items():
         if t is not None:
             torch._check(t.device == device,
