@@ -55,7 +55,7 @@ def test_module_db_inputs(backend, name, training):
     assert samples
     for sample in samples:
         ctor = sample.constructor_input
-        ref, ours = twins(name, backend, *ctor.args, device=device, **ctor.kwargs)
+        ref, ours = twins(name, backend, *ctor.args, **{"device": device, **ctor.kwargs})
         ref.train(training)
         ours.train(training)
         call = (sample.forward_input.args, sample.forward_input.kwargs)
@@ -87,6 +87,6 @@ def test_module_db_error_inputs(backend, name):
             with pytest.raises(err.error_type, match=err.error_regex):
                 getattr(rnnfast, name)(*ctor.args, backend=backend, **ctor.kwargs)
             continue
-        _, ours = twins(name, backend, *ctor.args, device=device, **ctor.kwargs)
+        _, ours = twins(name, backend, *ctor.args, **{"device": device, **ctor.kwargs})
         with pytest.raises(err.error_type, match=err.error_regex):
             ours(*sample.forward_input.args, **sample.forward_input.kwargs)
