@@ -148,10 +148,9 @@ def test_strided_arguments_match_contiguous(mode, P, dtype):
         strided = {k: _stride(v) if isinstance(v, torch.Tensor) and v.dim() and k not in ("out", "ws1", "ws2")
                    else v for k, v in args.items()}
         got = op(strided)
-        for k, (a, b) in enumerate(zip(got, want)):
-            # equal_nan: what the forward saves holds poison (conftest) in the rows packing leaves inactive
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, equal_nan=True,
-                                       msg=lambda m: f"{op.__name__} output {k}: {m}")
+        # the forward's out, h_n, c_n; not what it saves for backward, unwritten in rows packing leaves inactive
+        for k, (a, b) in enumerate(zip(got[:3] if op is call_fwd else got, want)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m: f"{op.__name__} output {k}: {m}")
 
 
 BWD_CASES = [
