@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench bench-quick bench-peers quickstart gpu-check cuda-check compile-gate clean
+.PHONY: setup test demo bench bench-quick bench-peers quickstart gpu-check cuda-check compile-gate fuzz sanitize clean
 
 setup: $(VENV)/.rnnfast-deps
 	$(PIP) --no-build-isolation --no-deps -e . > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
@@ -38,6 +38,32 @@ bench-quick: setup
 # save FlashRNN and Haste into bench/peers/ (untracked, travels to the GPU machine, where gpu-check installs them)
 bench-peers: setup
 	$(PY) -m bench.peers download
+
+# Long fuzzing (CI runs a bounded, fixed set): FUZZ_EXAMPLES fresh random layer and cell configurations per
+# test (4 tests per backend: layers and cells in float32 and float64) against torch.nn, then FUZZ_CALLS random
+# bad operator calls in a subprocess; each prints its count.
+FUZZ_EXAMPLES ?= 300
+FUZZ_CALLS ?= 5000
+fuzz: setup
+	RNNFAST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+	$(PY) tests/fuzz_ops.py $(FUZZ_CALLS) $$(date +%s)
+
+# The C++ extension built with AddressSanitizer and UndefinedBehaviorSanitizer (in build/sanitize, next to
+# a copy of the package, leaving the normal build alone), then the CPU backend's tests under it. python -P:
+# the package copy, not the source tree, on sys.path; libstdc++ preloaded too, or ASan cannot intercept
+# C++ throws (TORCH_CHECK); --capture=sys leaves sanitizer reports on stderr (pytest's fd capture loses them).
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
+SANITIZE_TESTS ?= tests/test_ops_errors.py tests/test_cpu_backend.py tests/test_parity.py tests/test_errors.py \
+	tests/test_fuzz.py
+sanitize: setup
+	rm -rf build/sanitize && mkdir -p build/sanitize  # build/sanitize-tmp keeps the objects: ninja rebuilds what changed
+	cp -r rnnfast build/sanitize/rnnfast && rm -f build/sanitize/rnnfast/*.so
+	cp -r kernels build/sanitize/rnnfast/kernels
+	RNNFAST_EXTRA_CFLAGS="$(SANITIZE_FLAGS)" $(PY) setup.py -q build_ext --build-lib build/sanitize \
+		--build-temp build/sanitize-tmp > build/sanitize/build.log 2>&1 || (tail -50 build/sanitize/build.log; exit 1)
+	PYTHONPATH=build/sanitize LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 RNNFAST_TEST_BACKENDS=cpu \
+		$(PY) -P -m pytest -q -p no:cacheprovider --capture=sys $(SANITIZE_TESTS)
 
 # On a GPU machine (system python with CUDA torch + triton): build, GPU tests, GPU bench,
 # results in bench/results/<date>-<gpu>.{json,md} (and $$OUT when set).

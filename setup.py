@@ -4,7 +4,8 @@ and the C++ extension ``rnnfast._C`` from ``csrc/`` with ninja.
 Environment switches: ``RNNFAST_NO_EXT=1`` skips the extension (the package then
 runs on its ``reference`` backend); ``RNNFAST_CUDA=1`` forces, ``0`` skips, the
 CUDA extension ``rnnfast._cuda`` from ``csrc/cuda/`` (default: built when torch
-has CUDA and nvcc is found).
+has CUDA and nvcc is found); ``RNNFAST_EXTRA_CFLAGS`` adds compiler and linker
+flags to the CPU extension (``make sanitize`` passes the sanitizers' there).
 """
 
 import glob
@@ -24,13 +25,14 @@ def extensions() -> list:
         return []
     # -fno-trapping-math lets GCC vectorise the branch-free gate math; vector
     # widths are chosen at run time in csrc/cpu/kernels.cpp, not with -march
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
+    extra = os.environ.get("RNNFAST_EXTRA_CFLAGS", "").split()
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", *extra]
     exts = [
         cpp_extension.CppExtension(
             "rnnfast._C",
             sources,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *extra],
         )
     ]
     if build_cuda():

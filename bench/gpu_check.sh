@@ -109,8 +109,7 @@ pids+=($!)
 # comes from the harness's `cuda` provider in phase 2
 phase cuda 200 bash bench/gpu_check_cuda.sh &
 pids+=($!)
-phase tests-families 200 $PY -m pytest -q -p no:cacheprovider -rs -k "triton or gpu" tests/test_lstm.py \
-    tests/test_gru.py tests/test_rnn.py &
+phase tests-families 200 $PY -m pytest -q -p no:cacheprovider -rs -k "triton or gpu" tests/test_parity.py &
 pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 

@@ -39,8 +39,7 @@ cuda_check() {
     $py -c "import rnnfast; print('backends:', rnnfast.available_backends())" || return 1
     echo "== cuda: gpu tests ($(( $(date +%s) - t0 ))s)"
     local rc=0
-    timeout 75 $py -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda_backend.py tests/test_lstm.py \
-        tests/test_gru.py tests/test_rnn.py > "$cstem-pytest.log" 2>&1 || rc=1
+    timeout 75 $py -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda_backend.py tests/test_parity.py > "$cstem-pytest.log" 2>&1 || rc=1
     tail -n 1 "$cstem-pytest.log"; grep -E "^(FAILED|ERROR)" "$cstem-pytest.log" | head -n 30
     echo "== cuda: done in $(( $(date +%s) - t0 ))s, rc=$rc"
     return $rc

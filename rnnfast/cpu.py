@@ -44,8 +44,24 @@ def _takes_decode(x: Tensor) -> bool:
 _ops = torch.ops.rnnfast
 
 
+def _check_fake(op: str, mode: int, **tensors: Optional[Tensor]) -> None:
+    """A call mixing devices dispatches to the fake kernel (meta outranks CPU), never reaching the
+    C++ checks: check the mode and the devices there as they would."""
+    torch._check(0 <= mode < len(MODES), lambda: f"rnnfast::{op}: unknown mode {mode}")
+    x, h0, w_hh = tensors["x"], tensors["h0"], tensors["w_hh"]
+    torch._check(x.dim() == 3 and h0.dim() == 2 and w_hh.dim() == 2, lambda: (
+        f"rnnfast::{op}: input must be 3-D, h0 and weight_hh 2-D; got {x.dim()}-D, {h0.dim()}-D, {w_hh.dim()}-D"))
+    torch._check(mode != 0 or tensors["c0"] is not None, lambda: f"rnnfast::{op}: LSTM needs c0")
+    device = x.device
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == device,
+                         lambda: f"rnnfast::{op}: {name} is on {t.device}, must be on the input's device {device}")
+
+
 @torch.library.register_fake("rnnfast::layer_fwd")
 def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, save):
+    _check_fake("layer_fwd", mode, x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // GATES[MODES[mode]]
     empty = x.new_empty(0)
@@ -64,6 +80,8 @@ def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
 @torch.library.register_fake("rnnfast::layer_bwd")
 def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, reverse, out, ws1, ws2, g_out, g_hn,
                     g_cn):
+    _check_fake("layer_bwd", mode, x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, out=out, ws1=ws1, ws2=ws2,
+                grad_out=g_out, grad_hn=g_hn, grad_cn=g_cn)
     empty = x.new_empty(0)
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty
     return (

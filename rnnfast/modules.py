@@ -156,7 +156,8 @@ class _RNNLayer(_BackendChoice):
         else:
             if input.dim() not in (2, 3):
                 kind = "RNN" if self.mode.startswith("RNN") else self.mode
-                raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+                what = "D tensor" if kind == "RNN" else "D"  # torch.nn's RNN words it differently from LSTM/GRU
+                raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}{what} instead")
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)

@@ -1,7 +1,16 @@
 """Test configuration: TF32 off, Triton under its interpreter where no GPU is
-present, and the ``backend`` fixture that runs every parity test on every
-backend usable here."""
+present, poisoned allocations, and the ``backend`` fixture that runs every parity
+test on every backend usable here.
 
+Poisoning: during the tests ``torch.empty``, ``empty_like``, ``empty_strided`` and
+``Tensor.new_empty`` return tensors filled with NaN (integers: -1, unsigned: their
+maximum), and ``RNNFAST_POISON=1`` makes the C++ extension do the same to every CPU
+allocation (``at::empty``, which Python cannot reach) and to the buffers it recycles.
+An output a kernel leaves partly unwritten then fails parity instead of passing
+on memory that happened to hold zeros. ``RNNFAST_POISON=0`` turns both off.
+"""
+
+import functools
 import os
 
 import torch
@@ -9,6 +18,33 @@ import torch
 if not torch.cuda.is_available():
     # must be set before triton is first imported: the Triton kernels then run on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# read by the extension once, when rnnfast imports it below; subprocesses inherit it
+POISON = os.environ.setdefault("RNNFAST_POISON", "1") == "1"
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with the 0xFF pattern's values: NaN for floats, -1 (unsigned: the maximum) for integers."""
+    with torch.no_grad():  # also fine on a leaf that requires grad
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+            t.fill_(-1 if t.dtype.is_signed else torch.iinfo(t.dtype).max)
+    return t
+
+
+def _poisoned(make):
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        return poison(make(*args, **kwargs))
+
+    return wrapper
+
+
+if POISON:
+    torch.empty = _poisoned(torch.empty)
+    torch.empty_like = _poisoned(torch.empty_like)
+    torch.empty_strided = _poisoned(torch.empty_strided)
+    torch.Tensor.new_empty = _poisoned(torch.Tensor.new_empty)
 
 import pytest  # noqa: E402
 
@@ -28,8 +64,12 @@ def backend_device(name: str) -> str:
 
 
 def pytest_generate_tests(metafunc):
+    """``backend``: every backend usable here, or those listed in RNNFAST_TEST_BACKENDS (comma-separated)."""
     if "backend" in metafunc.fixturenames:
         names = rnnfast.available_backends()
+        chosen = os.environ.get("RNNFAST_TEST_BACKENDS")
+        if chosen:
+            names = [n for n in names if n in chosen.split(",")]
         metafunc.parametrize("backend", names, ids=names)
 
 

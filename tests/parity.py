@@ -1,7 +1,9 @@
-"""Shared parity machinery: run a torch.nn module and its rnnfast twin on the same
-inputs and compare outputs, final states and every gradient.
+"""Shared test machinery, the one home of the suite's helpers: the case grids of
+every layer family, torch.nn/rnnfast twin modules, and the parity checks that run
+a torch.nn module and its rnnfast twin on the same inputs and compare outputs,
+final states and every gradient.
 
-A test file per layer family lists its :class:`Case` grid and calls
+``test_parity.py`` runs :data:`LAYER_CASES` / :func:`cell_cases` through
 :func:`check_layer` / :func:`check_cell`; the ``backend`` fixture (conftest)
 makes every registered backend run the same grid.
 """
@@ -20,8 +22,10 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnnfast
 from rnnfast.backend import BackendFallbackWarning, RNNSpec, get_backend
 
-TORCH_CLASSES = {"RNN": torch.nn.RNN, "LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}
-CELL_CLASSES = {"RNNCell": torch.nn.RNNCell, "LSTMCell": torch.nn.LSTMCell, "GRUCell": torch.nn.GRUCell}
+FAMILIES = ("LSTM", "GRU", "RNN")
+CELL_FAMILIES = ("LSTMCell", "GRUCell", "RNNCell")
+TORCH_CLASSES = {name: getattr(torch.nn, name) for name in FAMILIES}
+CELL_CLASSES = {name: getattr(torch.nn, name) for name in CELL_FAMILIES}
 
 # (atol, rtol) against torch.nn in the same dtype; low precision against float32 torch.nn
 TOLERANCES = {
@@ -64,6 +68,89 @@ CELL_CASES = [
 ]
 
 
+def _layer_cases(*extra: Case) -> list[Case]:
+    """The cases every layer family runs, then the family's own."""
+    return [
+        Case("base"),
+        Case("T1-B1", T=1, B=1),
+        Case("no-state", with_state=False),
+        Case("batch-first", batch_first=True),
+        Case("unbatched", unbatched=True),
+        Case("no-bias", dict(bias=False)),
+        Case("bidir", dict(bidirectional=True)),
+        Case("dropout-train", dict(num_layers=3, dropout=0.4), training=True),
+        Case("packed-sorted", packed="sorted", B=4, T=7),
+        Case("wide", I=64, H=130, T=4, B=9, quick=False),
+        *extra,
+    ]
+
+
+LAYER_CASES = {
+    "LSTM": _layer_cases(
+        Case("T63", T=63, B=2, quick=False),
+        Case("unbatched-no-state", unbatched=True, with_state=False, batch_first=True),
+        Case("layers2", dict(num_layers=2)),
+        Case("layers3-bidir", dict(num_layers=3, bidirectional=True), quick=False),
+        Case("proj", dict(proj_size=11)),
+        Case("proj-bidir-layers2", dict(proj_size=5, num_layers=2, bidirectional=True)),
+        Case("dropout-eval", dict(num_layers=2, dropout=0.4), training=False, quick=False),
+        Case("packed-unsorted", packed="unsorted", B=5, T=6),
+        Case("packed-bidir-layers2", dict(bidirectional=True, num_layers=2), packed="unsorted", B=4, T=6),
+        Case("packed-proj-dropout", dict(proj_size=7, num_layers=2, dropout=0.3), packed="unsorted", training=True,
+             quick=False),
+        Case("packed-batch-first-no-state", packed="unsorted", batch_first=True, with_state=False),
+    ),
+    "GRU": _layer_cases(
+        Case("T63", T=63, B=2, quick=False),
+        Case("layers2", dict(num_layers=2)),
+        Case("layers3-bidir-no-bias", dict(num_layers=3, bidirectional=True, bias=False), quick=False),
+        Case("packed-unsorted", packed="unsorted", B=5, T=6),
+        Case("packed-bidir-layers2", dict(bidirectional=True, num_layers=2), packed="unsorted", B=4, T=6),
+        Case("packed-batch-first-no-state", packed="unsorted", batch_first=True, with_state=False, quick=False),
+    ),
+    "RNN": _layer_cases(
+        Case("relu", dict(nonlinearity="relu")),
+        Case("T63-relu", dict(nonlinearity="relu"), T=63, B=2, quick=False),
+        Case("layers2-relu", dict(num_layers=2, nonlinearity="relu")),
+        Case("packed-unsorted-bidir-relu", dict(bidirectional=True, nonlinearity="relu"), packed="unsorted", B=5,
+             T=6),
+    ),
+}
+
+# float64 gradcheck cases: hundreds of forward calls each, so tiny sizes
+GRADCHECK_CASES = {
+    "LSTM": [Case("gc", dict(num_layers=2, bidirectional=True), I=3, H=4, T=3, B=2),
+             Case("gc-proj", dict(proj_size=2), I=3, H=4, T=3, B=2)],
+    "GRU": [Case("gc", dict(num_layers=2, bidirectional=True), I=3, H=4, T=3, B=2)],
+    "RNN": [Case("gc-tanh", dict(num_layers=2, bidirectional=True), I=3, H=4, T=3, B=2),
+            Case("gc-relu", dict(nonlinearity="relu"), I=3, H=4, T=3, B=2)],
+}
+
+
+def cell_cases(family: str) -> list[Case]:
+    """The cell cases of ``family`` (``"RNNCell"`` adds its relu variant)."""
+    extra = [Case("cell-relu", dict(nonlinearity="relu"), B=4)] if family == "RNNCell" else []
+    return CELL_CASES + extra
+
+
+def mode_of(family: str, kwargs: dict) -> str:
+    """The backend mode (one of ``rnnfast.backend.MODES``) of a layer or cell family with these arguments."""
+    base = family.removesuffix("Cell")
+    if base == "RNN":
+        return "RNN_RELU" if kwargs.get("nonlinearity") == "relu" else "RNN_TANH"
+    return base
+
+
+def twins(name: str, backend: str, *args, dtype=None, device="cpu", **kwargs):
+    """``torch.nn.<name>`` and ``rnnfast.<name>(backend=...)`` built from the same
+    arguments, with the same weights (the torch.nn module's, seeded)."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(*args, **kwargs).to(device=device, dtype=dtype)
+    ours = getattr(rnnfast, name)(*args, backend=backend, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
 def _lengths(case: Case) -> list[int]:
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(1, case.T + 1, (case.B,), generator=g).tolist()
@@ -79,12 +166,13 @@ def _assert_close(name: str, got, want, dtype) -> None:
     torch.testing.assert_close(got.to(want.dtype), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def _flat(obj) -> list[torch.Tensor]:
+def flat(obj) -> list[torch.Tensor]:
+    """The tensors of a layer's or cell's output, in order (a PackedSequence gives its data)."""
     if isinstance(obj, PackedSequence):
         return [obj.data]
     if isinstance(obj, torch.Tensor):
         return [obj]
-    return [t for o in obj for t in _flat(o)]
+    return [t for o in obj for t in flat(o)]
 
 
 def run_layer(module: torch.nn.Module, case: Case, inputs: dict, dtype, device, seed: int = 123):
@@ -102,7 +190,7 @@ def run_layer(module: torch.nn.Module, case: Case, inputs: dict, dtype, device, 
     # torch's native kernels rather than cuDNN, which refuses backward in eval mode
     with torch.backends.cudnn.flags(enabled=False):
         out = module(arg, hx)
-        tensors = _flat(out)
+        tensors = flat(out)
         g = torch.Generator().manual_seed(7)
         loss = sum((t.float() * torch.randn(t.shape, generator=g).to(device)).sum() for t in tensors)
         loss.backward()
@@ -140,16 +228,14 @@ def require_support(backend: str, spec: RNNSpec, dtype, device, packed: bool) ->
 
 def check_layer(family: str, case: Case, backend: str, dtype=torch.float32, device="cpu") -> None:
     """rnnfast.<family>(backend=...) against torch.nn.<family>: outputs, states, gradients."""
-    mode = {"RNN": "RNN_RELU" if case.kwargs.get("nonlinearity") == "relu" else "RNN_TANH"}.get(family, family)
+    mode = mode_of(family, case.kwargs)
     spec_kwargs = {k: v for k, v in case.kwargs.items() if k != "nonlinearity"}
     require_support(backend, RNNSpec(mode, case.I, case.H, training=case.training, **spec_kwargs), dtype, device,
                     case.packed is not None)
-    torch.manual_seed(0)
     kwargs = dict(case.kwargs, batch_first=case.batch_first)
     ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    ref = TORCH_CLASSES[family](case.I, case.H, **kwargs).to(device=device, dtype=ref_dtype)
-    ours = getattr(rnnfast, family)(case.I, case.H, backend=backend, **kwargs).to(device=device, dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = twins(family, backend, case.I, case.H, dtype=ref_dtype, device=device, **kwargs)
+    ours.to(dtype)
     ref.train(case.training)
     ours.train(case.training)
     D = 2 if kwargs.get("bidirectional") else 1
@@ -170,14 +256,11 @@ def check_layer(family: str, case: Case, backend: str, dtype=torch.float32, devi
 
 def check_cell(family: str, case: Case, backend: str, dtype=torch.float32, device="cpu", steps: int = 3) -> None:
     """rnnfast.<family>Cell against torch.nn's over a few chained steps, with gradients."""
-    mode = {"LSTMCell": "LSTM", "GRUCell": "GRU"}.get(family)
-    mode = mode or ("RNN_RELU" if case.kwargs.get("nonlinearity") == "relu" else "RNN_TANH")
-    require_support(backend, RNNSpec(mode, case.I, case.H, bias=case.kwargs.get("bias", True)), dtype, device, False)
-    torch.manual_seed(0)
+    spec = RNNSpec(mode_of(family, case.kwargs), case.I, case.H, bias=case.kwargs.get("bias", True))
+    require_support(backend, spec, dtype, device, False)
     ref_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    ref = CELL_CLASSES[family](case.I, case.H, **case.kwargs).to(device=device, dtype=ref_dtype)
-    ours = getattr(rnnfast, family)(case.I, case.H, backend=backend, **case.kwargs).to(device=device, dtype=dtype)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = twins(family, backend, case.I, case.H, dtype=ref_dtype, device=device, **case.kwargs)
+    ours.to(dtype)
     lstm = family == "LSTMCell"
     g = torch.Generator().manual_seed(0)
     lead = () if case.unbatched else (case.B,)
@@ -191,7 +274,7 @@ def check_cell(family: str, case: Case, backend: str, dtype=torch.float32, devic
         outs = []
         for t in range(steps):
             hx = module(x[t], hx)
-            outs.extend(_flat(hx))
+            outs.extend(flat(hx))
         gg = torch.Generator().manual_seed(7)
         sum((o.float() * torch.randn(o.shape, generator=gg).to(device)).sum() for o in outs).backward()
         grads = {"x": x.grad, **{f"state{k}": s.grad for k, s in enumerate(s0)}}
@@ -226,6 +309,6 @@ def gradcheck_layer(family: str, case: Case, backend: str) -> None:
         fresh = copy.deepcopy(mod)
         state_dict = dict(zip(names, ps))
         out = torch.func.functional_call(fresh, state_dict, (x, (h0, *states) if extra else h0))
-        return tuple(_flat(out))
+        return tuple(flat(out))
 
     assert torch.autograd.gradcheck(fn, (x, h0, *extra, *params), atol=1e-6, rtol=1e-5)

@@ -1,6 +1,6 @@
 """What is specific to the ``cpu`` backend: its inference decode path and weight
 cache, and a clear fallback when the extension is broken. (Parity with torch.nn
-runs in test_lstm/gru/rnn.py, torch.compile through its operators in test_compile.py.)"""
+runs in test_parity.py, torch.compile through its operators in test_compile.py.)"""
 
 import os
 import subprocess
@@ -14,21 +14,9 @@ from hypothesis import strategies as st
 import rnnfast
 from rnnfast.backend import get_backend
 
-from parity import Case, check_layer, make_inputs, run_layer
+from parity import TORCH_CLASSES, Case, check_layer, make_inputs, run_layer, twins
 
 pytestmark = pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
-
-TORCH = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
-
-
-def twins(family: str, *args, dtype=torch.float32, **kwargs):
-    """A torch.nn layer and its rnnfast cpu twin with the same weights."""
-    torch.manual_seed(0)
-    ref = TORCH[family](*args, **kwargs).to(dtype)
-    ours = getattr(rnnfast, family)(*args, backend="cpu", **kwargs).to(dtype)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
-
 
 def assert_same(got, want, dtype=torch.float32):
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -62,7 +50,7 @@ def decode_calls(monkeypatch):
 )
 @pytest.mark.parametrize("T, B", [(1, 1), (2, 1)], ids=["T1B1", "T2B1"])
 def test_decode_path_matches_torch(family, kwargs, T, B, dtype, decode_calls):
-    ref, ours = twins(family, 19, 40, dtype=dtype, **kwargs)
+    ref, ours = twins(family, "cpu", 19, 40, dtype=dtype, **kwargs)
     x = torch.randn(T, B, 19, dtype=dtype)
     state_ref = state_ours = None
     with torch.no_grad():
@@ -75,7 +63,7 @@ def test_decode_path_matches_torch(family, kwargs, T, B, dtype, decode_calls):
 
 
 def test_decode_path_not_taken_with_grad(decode_calls):
-    _, ours = twins("LSTM", 8, 16)
+    _, ours = twins("LSTM", "cpu", 8, 16)
     out, _ = ours(torch.randn(1, 1, 8))
     out.sum().backward()
     assert decode_calls == []
@@ -85,7 +73,7 @@ def test_decode_path_not_taken_with_grad(decode_calls):
 @pytest.mark.parametrize("T, B", [(1, 2), (20, 9)], ids=["decode", "layer"])
 def test_weight_caches_follow_weight_changes(T, B, decode_calls):
     """The decode path's packed weights and the fused loop's panels are rebuilt whenever a weight changes."""
-    ref, ours = twins("LSTM", 12, 24, num_layers=2)
+    ref, ours = twins("LSTM", "cpu", 12, 24, num_layers=2)
     x = torch.randn(T, B, 12)
 
     def check():
@@ -125,7 +113,7 @@ def assert_matches_float64(family: str, case: Case) -> None:
         module = cls(case.I, case.H, **case.kwargs, **kwargs).to(dtype)
         return run_layer(module, case, inputs, dtype, "cpu")
 
-    want, want_g = run(TORCH[family], torch.float64)
+    want, want_g = run(TORCH_CLASSES[family], torch.float64)
     got, got_g = run(getattr(rnnfast, family), torch.float32, backend="cpu")
     for name, a, b in [*zip(range(len(want)), got, want), *((k, got_g[k], want_g[k]) for k in want_g)]:
         scale = max(1.0, b.abs().max().item())
@@ -163,7 +151,7 @@ def test_fuzz_fused_loop_shapes(family_case):
 
 def test_inference_mode_then_training():
     """Scratch kept between calls works whether a call runs in inference mode or not."""
-    ref, ours = twins("LSTM", 7, 33, num_layers=2)
+    ref, ours = twins("LSTM", "cpu", 7, 33, num_layers=2)
     x = torch.randn(9, 5, 7)
     for inference in (True, False, True):
         with torch.inference_mode(inference):
@@ -207,7 +195,7 @@ def test_any_thread_count(family, threads):
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
 def test_inference_keeps_nothing_for_backward(family):
     """Without autograd the forward saves no gates or cell states, and gives the same numbers."""
-    ref, ours = twins(family, 9, 70, num_layers=2)
+    ref, ours = twins(family, "cpu", 9, 70, num_layers=2)
     x = torch.randn(45, 50, 9)
     with torch.no_grad():
         assert_same(ours(x), ref(x))

@@ -1,7 +1,7 @@
 """What is specific to the ``cuda`` backend (rnnfast._cuda): on any machine, its
 availability reason, its device/dtype checks, the decode choice and how ``auto``
 reaches it; on a GPU, the parity grid in float16/bfloat16 (float32/float64 run in
-test_lstm/gru/rnn.py like every backend), the decode path against torch.nn, its
+test_parity.py like every backend), the decode path against torch.nn, its
 weight cache, and the operators' argument checks."""
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_gru import CASES as GRU_CASES
-from test_lstm import CASES as LSTM_CASES
-from test_rnn import CASES as RNN_CASES
 
 import rnnfast
-from parity import Case, check_cell, check_layer
+from parity import LAYER_CASES, Case, check_cell, check_layer
 from rnnfast import backend as registry
 from rnnfast.backend import MODE_ID, Backend, BackendFallbackWarning, RNNSpec, get_backend
 
@@ -144,7 +141,7 @@ def test_auto_takes_cuda_where_triton_cannot(monkeypatch):
 # ---- GPU: parity in low precision, decode, cache, argument checks --------------------------------
 
 GPU_GRID = [pytest.param(family, case, id=f"{family}-{case.id}")
-            for family, cases in (("LSTM", LSTM_CASES), ("GRU", GRU_CASES), ("RNN", RNN_CASES)) for case in cases]
+            for family, cases in LAYER_CASES.items() for case in cases]
 
 
 @pytest.mark.gpu

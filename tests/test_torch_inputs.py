@@ -1,7 +1,9 @@
 """torch's own test inputs for its recurrent modules (``common_modules.module_db``),
-run through rnnfast's twins: the same outputs, and the same errors with the same messages."""
+run through rnnfast's twins: the same outputs and gradients, with no fallback to
+another backend, and the same errors with the same messages."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -10,28 +12,37 @@ from torch.nn.utils.rnn import PackedSequence
 pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (in requirements-dev.txt)")
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
 
-import rnnfast
+import rnnfast  # noqa: E402
+from rnnfast.backend import BackendFallbackWarning  # noqa: E402
 
-from conftest import backend_device
+from conftest import backend_device  # noqa: E402
+from parity import CELL_FAMILIES, FAMILIES, flat, twins  # noqa: E402
 
-NAMES = ("RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell")
-INFOS = {info.module_cls.__name__: info for info in module_db if info.module_cls in {getattr(torch.nn, n) for n in NAMES}}
+NAMES = FAMILIES + CELL_FAMILIES
+INFOS = {info.module_cls.__name__: info for info in module_db if info.module_cls.__name__ in NAMES}
 
 
-def _flat(obj):
+def _leaves(obj) -> list[torch.Tensor]:
+    """The tensors in a call's arguments that gradients reach (leaves requiring grad), in order."""
     if isinstance(obj, PackedSequence):
-        return [obj.data]
+        obj = obj.data
     if isinstance(obj, torch.Tensor):
-        return [obj]
-    return [t for o in obj for t in _flat(o)]
+        return [obj] if obj.requires_grad and obj.is_leaf else []
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _leaves(o)]
+    return []
 
 
-def _twins(name, backend, ctor):
-    torch.manual_seed(0)
-    ref = getattr(torch.nn, name)(*ctor.args, **ctor.kwargs)
-    ours = getattr(rnnfast, name)(*ctor.args, backend=backend, **ctor.kwargs)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
+def _run(module, args, kwargs):
+    """Outputs, then the gradients of a fixed random projection of them w.r.t. inputs and parameters."""
+    args = copy.deepcopy(args)
+    torch.manual_seed(1)  # same dropout masks
+    out = flat(module(*args, **kwargs))
+    g = torch.Generator().manual_seed(7)
+    loss = sum((t * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in out)
+    wrt = _leaves(args) + list(module.parameters())
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [t.detach() for t in out], grads
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -43,16 +54,23 @@ def test_module_db_inputs(backend, name, training):
                                               training=training, **kwargs)
     assert samples
     for sample in samples:
-        ref, ours = _twins(name, backend, sample.constructor_input)
-        ref, ours = ref.to(device).train(training), ours.to(device).train(training)
-        args = sample.forward_input.args
-        torch.manual_seed(1)
-        want = _flat(ref(*copy.deepcopy(args), **sample.forward_input.kwargs))
-        torch.manual_seed(1)
-        got = _flat(ours(*copy.deepcopy(args), **sample.forward_input.kwargs))
+        ctor = sample.constructor_input
+        ref, ours = twins(name, backend, *ctor.args, **{"device": device, **ctor.kwargs})
+        ref.train(training)
+        ours.train(training)
+        call = (sample.forward_input.args, sample.forward_input.kwargs)
+        want, want_g = _run(ref, *call)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BackendFallbackWarning)  # a fallback is not parity
+            got, got_g = _run(ours, *call)
         assert len(got) == len(want)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert len(got_g) == len(want_g)
+        for k, (a, b) in enumerate(zip(got_g, want_g)):
+            assert (a is None) == (b is None), f"gradient {k}: {a} vs torch's {b}"
+            if b is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"gradient {k}: {m}")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -67,8 +85,8 @@ def test_module_db_error_inputs(backend, name):
         ctor = sample.constructor_input
         if err.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
             with pytest.raises(err.error_type, match=err.error_regex):
-                getattr(rnnfast, name)(*ctor.args, **ctor.kwargs)
+                getattr(rnnfast, name)(*ctor.args, backend=backend, **ctor.kwargs)
             continue
-        _, ours = _twins(name, backend, ctor)
+        _, ours = twins(name, backend, *ctor.args, **{"device": device, **ctor.kwargs})
         with pytest.raises(err.error_type, match=err.error_regex):
-            ours.to(device)(*sample.forward_input.args, **sample.forward_input.kwargs)
+            ours(*sample.forward_input.args, **sample.forward_input.kwargs)

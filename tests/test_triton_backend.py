@@ -6,12 +6,9 @@ import os
 
 import pytest
 import torch
-from test_gru import CASES as GRU_CASES
-from test_lstm import CASES as LSTM_CASES
-from test_rnn import CASES as RNN_CASES
 
 from conftest import DEVICE
-from parity import Case, check_cell, check_layer
+from parity import LAYER_CASES, Case, check_cell, check_layer
 from rnnfast.backend import RNNSpec, get_backend
 
 triton_backend = pytest.importorskip("rnnfast.triton_backend")
@@ -181,8 +178,8 @@ def test_unsupported_dtype():
 
 # ---- GPU: the whole parity grid (slow cases included) in low precision -------------------------
 
-GPU_GRID = [pytest.param(family, case, id=f"{family}-{case.id}")
-            for family, cases in (("LSTM", LSTM_CASES), ("GRU", GRU_CASES), ("RNN", RNN_CASES)) for case in cases]
+GPU_GRID = [pytest.param(family, case, id=f"{family}-{case.id}") for family, cases in LAYER_CASES.items()
+            for case in cases]
 
 
 @pytest.mark.gpu

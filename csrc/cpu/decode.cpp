@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cache.h"
+#include "checks.h"
 #include "dispatch.h"
 #include "kernels.h"
 
@@ -25,8 +26,6 @@ struct Packed {
 Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias,
             at::ScalarType dtype, at::ScalarType acc) {
   const int64_t per = has_bias ? 4 : 2;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, "rnnfast decode: expected ",
-              per * num_layers, " weights, got ", weights.size());
   Packed p;
   at::NoGradGuard no_grad;
   for (int64_t l = 0; l < num_layers; ++l) {
@@ -119,8 +118,7 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
 std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std::vector<Tensor>& weights,
                                                           int64_t num_layers, bool has_bias, const Tensor& x_,
                                                           const Tensor& h0, const c10::optional<Tensor>& c0) {
-  TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
-  TORCH_CHECK(x_.dim() == 3 && h0.dim() == 3, "rnnfast decode: expected (T, B, I) input and (L, B, H) state");
+  check_decode(mode, weights, num_layers, has_bias, x_, h0, c0);
   const Tensor x = x_.contiguous();
   switch (x.scalar_type()) {
     case at::kBFloat16:

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "dispatch.h"
 #include "kernels.h"
 
@@ -43,15 +44,6 @@ std::vector<int64_t> step_sizes(const OptTensor& batch_sizes, int64_t T, int64_t
     }
   }
   return bs;
-}
-
-// A weight may be float32 with a bfloat16 input (autocast): the loops round it once, cached.
-void check_tensor(const Tensor& t, const Tensor& like, const char* name, int64_t dim, bool weight = false) {
-  TORCH_CHECK(t.device().is_cpu(), "rnnfast cpu backend: ", name, " must be a CPU tensor, got ", t.device());
-  const bool mixed = weight && like.scalar_type() == at::kBFloat16 && t.scalar_type() == at::kFloat;
-  TORCH_CHECK(t.scalar_type() == like.scalar_type() || mixed, "rnnfast cpu backend: ", name, " has dtype ",
-              t.scalar_type(), " but the input has dtype ", like.scalar_type());
-  TORCH_CHECK(t.dim() == dim, "rnnfast cpu backend: ", name, " must be ", dim, "-D, got ", t.dim(), "-D");
 }
 
 // State before each step: h_prev[t] is the state step t started from. Rows of a
@@ -106,20 +98,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                                                              const Tensor& w_hh_, const OptTensor& b_ih,
                                                              const OptTensor& b_hh, const OptTensor& w_hr_,
                                                              bool reverse, bool save) {
-  TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, "rnnfast: unknown mode ", mode);
-  check_tensor(x_, x_, "input", 3);
-  check_tensor(h0_, x_, "h0", 2);
-  check_tensor(w_ih_, x_, "weight_ih", 2, true);
-  check_tensor(w_hh_, x_, "weight_hh", 2, true);
+  check_layer_fwd(mode, x_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0_.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
-  TORCH_CHECK(w_ih_.size(0) == G * H && w_ih_.size(1) == I, "rnnfast: weight_ih has shape ", w_ih_.sizes(),
-              ", expected [", G * H, ", ", I, "]");
-  TORCH_CHECK(w_hh_.size(1) == P && h0_.size(0) == B, "rnnfast: h0 has shape ", h0_.sizes(), ", expected [", B,
-              ", ", w_hh_.size(1), "]");
-  TORCH_CHECK(!lstm || present(c0_), "rnnfast: LSTM needs c0");
-  TORCH_CHECK(!proj || lstm, "rnnfast: proj_size is only supported for LSTM");
   const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -192,6 +174,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
     const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
+  check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
+                  grad_cn);
   if (x_.scalar_type() == at::kBFloat16) {
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
         layer_bwd(mode, widen(x_), batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
@@ -206,7 +190,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor x = x_.contiguous(), go = grad_out.contiguous();
   const auto opts = x.options();
   const Tensor none = at::empty({0}, opts);
-  TORCH_CHECK(mode >= RNN_TANH || ws1.dim() == 3, "rnnfast: layer_bwd needs what layer_fwd saves (save=True)");
   if (fused_loop_supported(x, proj)) {
     const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
         fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,

@@ -25,6 +25,7 @@
 #include <cstring>
 
 #include "cache.h"
+#include "checks.h"
 #include "dispatch.h"
 #include "kernels.h"
 
@@ -316,7 +317,7 @@ class SavedPool {
     void* ptr = take(bytes);
     if (ptr == nullptr) ptr = c10::alloc_cpu(bytes);
     Tensor t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, at::kFloat);
-    return zero ? t.zero_() : t;
+    return zero ? t.zero_() : poison(t);
   }
 
  private:

@@ -1,0 +1,40 @@
+// Argument checks at the entry of every CPU operator, and the poisoned-memory debug switch.
+//
+// The operators are public (torch.ops.rnnfast.*, rnnfast._C.decode): a call with a wrong shape,
+// dtype, device or layout must raise a RuntimeError that names the argument, never read out
+// of bounds. Each entry point calls its check_* function first, before any work.
+//
+// RNNFAST_POISON=1 (read once, at load; the test suite sets it) fills every fresh CPU
+// allocation with 0xFF bytes (NaN in every float type, -1 in integers), so an output a
+// kernel leaves partly unwritten fails the parity tests instead of passing on zeroed pages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace rnnfast {
+
+void check_layer_fwd(int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes,
+                     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr);
+
+// Also checks what layer_fwd saved (out, ws1, ws2) against the shapes it saves them in.
+void check_layer_bwd(int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes,
+                     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, bool has_bias,
+                     const at::Tensor& out, const at::Tensor& ws1, const at::Tensor& ws2, const at::Tensor& grad_out,
+                     const at::Tensor& grad_hn, const at::Tensor& grad_cn);
+
+void check_decode(int64_t mode, const std::vector<at::Tensor>& weights, int64_t num_layers, bool has_bias,
+                  const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0);
+
+// Whether RNNFAST_POISON=1 was set when the extension loaded.
+bool poison_enabled();
+
+// Memory that does not come from a fresh allocation (a recycled buffer), poisoned like a
+// fresh one when the switch is on; returns t.
+const at::Tensor& poison(const at::Tensor& t);
+
+}  // namespace rnnfast
