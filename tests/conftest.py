@@ -14,6 +14,7 @@ import functools
 import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 if not torch.cuda.is_available():
     # must be set before triton is first imported: the Triton kernels then run on the CPU
@@ -35,7 +36,11 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 def _poisoned(make):
     @functools.wraps(make)
     def wrapper(*args, **kwargs):
-        return poison(make(*args, **kwargs))
+        t = make(*args, **kwargs)
+        # not while torch.compile traces (fake tensors): a fill there becomes part of the compiled graph
+        if torch.compiler.is_compiling() or isinstance(t, FakeTensor):
+            return t
+        return poison(t)
 
     return wrapper
 
