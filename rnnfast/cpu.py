@@ -124,6 +124,19 @@ def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
 torch.library.register_autograd("rnnfast::layer_fwd", _backward, setup_context=_setup_context)
 
 
+def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
+    """Whether a call can run as one whole-stack decode (the shape bounds aside): unidirectional,
+    unpacked, no projection, no dropout to draw, no gradient, not under torch.compile."""
+    return (
+        batch_sizes is None
+        and not spec.bidirectional
+        and spec.proj_size == 0
+        and not (spec.training and spec.dropout > 0 and spec.num_layers > 1)
+        and not needs_grad
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _needs_grad(x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list[Tensor]) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -160,15 +173,7 @@ class CPUBackend(Backend):
         weights: list[Tensor],
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Short unidirectional inference calls take the fused decode path, the rest run layer by layer."""
-        if (
-            _takes_decode(x)
-            and batch_sizes is None
-            and not spec.bidirectional
-            and spec.proj_size == 0
-            and not (spec.training and spec.dropout > 0 and spec.num_layers > 1)
-            and not _needs_grad(x, h0, c0, weights)
-            and not torch.compiler.is_compiling()
-        ):
+        if _takes_decode(x) and stack_decodes(spec, batch_sizes, _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .backend import MODE_ID, Backend, RNNSpec
-from .cpu import CPUBackend, _needs_grad
+from .cpu import CPUBackend, _needs_grad, stack_decodes
 
 try:
     from . import _cuda
@@ -44,16 +44,7 @@ DECODE_MAX_T = 16
 
 def takes_decode(spec: RNNSpec, x: Tensor, batch_sizes: Optional[Tensor], needs_grad: bool, max_b: int) -> bool:
     """Whether a call goes to the one-call decode path rather than the layer loop."""
-    return (
-        x.size(0) <= DECODE_MAX_T
-        and 0 < x.size(1) <= max_b
-        and batch_sizes is None
-        and not spec.bidirectional
-        and spec.proj_size == 0
-        and not (spec.training and spec.dropout > 0 and spec.num_layers > 1)
-        and not needs_grad
-        and not torch.compiler.is_compiling()
-    )
+    return x.size(0) <= DECODE_MAX_T and 0 < x.size(1) <= max_b and stack_decodes(spec, batch_sizes, needs_grad)
 
 
 class CUDABackend(CPUBackend):
