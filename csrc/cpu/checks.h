@@ -30,6 +30,23 @@ void check_layer_bwd(int64_t mode, const at::Tensor& x, const c10::optional<at::
 void check_decode(int64_t mode, const std::vector<at::Tensor>& weights, int64_t num_layers, bool has_bias,
                   const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0);
 
+// Active rows per step (the CPU and CUDA time loops): batch_sizes for packed input, checked
+// non-increasing and at most B, else B at every step.
+inline std::vector<int64_t> step_sizes(const c10::optional<at::Tensor>& batch_sizes, int64_t T, int64_t B) {
+  std::vector<int64_t> bs(T, B);
+  if (!batch_sizes.has_value() || !batch_sizes->defined()) return bs;
+  const at::Tensor b = batch_sizes->to(at::kCPU, at::kLong).contiguous();
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == T, "rnnfast: batch_sizes must have one entry per time step (", T,
+              "), got shape ", b.sizes());
+  const int64_t* p = b.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(p[t] >= 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
+                "rnnfast: batch_sizes must be non-increasing and at most the batch size");
+    bs[t] = p[t];
+  }
+  return bs;
+}
+
 // Whether RNNFAST_POISON=1 was set when the extension loaded.
 bool poison_enabled();
 

@@ -29,23 +29,6 @@ bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 // Rows per parallel chunk so that each chunk has enough elements to pay for a thread.
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
-// Active rows per step: batch_sizes for packed input, else B everywhere.
-std::vector<int64_t> step_sizes(const OptTensor& batch_sizes, int64_t T, int64_t B) {
-  std::vector<int64_t> bs(T, B);
-  if (present(batch_sizes)) {
-    const Tensor b = batch_sizes->to(at::kLong).contiguous();
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == T, "rnnfast: batch_sizes must have one entry per time step (", T,
-                "), got shape ", b.sizes());
-    const int64_t* p = b.data_ptr<int64_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      TORCH_CHECK(p[t] >= 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
-                  "rnnfast: batch_sizes must be non-increasing and at most the batch size");
-      bs[t] = p[t];
-    }
-  }
-  return bs;
-}
-
 // State before each step: h_prev[t] is the state step t started from. Rows of a
 // reverse packed sequence that were inactive at t + 1 still hold the initial state.
 Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<int64_t>& bs, bool reverse) {

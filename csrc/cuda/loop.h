@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../cpu/cache.h"
+#include "../cpu/checks.h"
 #include "kernels.h"
 
 namespace rnnfast::cuda {
@@ -57,22 +58,6 @@ inline void check_tensor(const Tensor& t, const Tensor& x, const char* name, int
 inline void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
   TORCH_CHECK(t.sizes() == expected, "rnnfast cuda backend: ", name, " has shape ", t.sizes(), ", expected ",
               expected);
-}
-
-// Active rows per step: batch_sizes for packed input, else B everywhere.
-inline std::vector<int64_t> step_sizes(const OptTensor& batch_sizes, int64_t T, int64_t B) {
-  std::vector<int64_t> bs(T, B);
-  if (!present(batch_sizes)) return bs;
-  const Tensor b = batch_sizes->to(at::kCPU, at::kLong).contiguous();
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == T, "rnnfast: batch_sizes must have one entry per time step (", T,
-              "), got shape ", b.sizes());
-  const int64_t* p = b.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(p[t] >= 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
-                "rnnfast: batch_sizes must be non-increasing and at most the batch size");
-    bs[t] = p[t];
-  }
-  return bs;
 }
 
 // The state each step started from, (T, B, K), from the states after each step and
