@@ -190,6 +190,15 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no cell()")
 
 
+def refuse_double_backward(backend: str) -> None:
+    """Raise in a fused backward that runs with create_graph=True: its kernels have no derivative
+    of their own, and a second derivative must never come out silently wrong."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"rnnfast {backend} backend: double backward (create_graph=True) is not supported; "
+            "use backend='reference'")
+
+
 class BackendFallbackWarning(RuntimeWarning):
     """Issued once per (backend, fallback, reason) when a requested backend cannot run a call."""
 

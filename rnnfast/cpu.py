@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec
+from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, refuse_double_backward
 
 # bfloat16 runs the fused loop with AVX512-BF16 products on CPUs that have them, else the
 # float32 loops on widened copies; backward runs in float32 from what the forward saved
@@ -82,7 +82,7 @@ def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, re
                     g_cn):
     _check_fake("layer_bwd", mode, x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, out=out, ws1=ws1, ws2=ws2,
                 grad_out=g_out, grad_hn=g_hn, grad_cn=g_cn)
-    empty = x.new_empty(0)
+    empty = x.new_empty(0, dtype=torch.float32 if x.dtype == torch.bfloat16 else x.dtype)  # as the widened loop's
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty
     return (
         x.new_empty(x.shape),
@@ -104,9 +104,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
-    if torch.is_grad_enabled():  # create_graph=True: layer_bwd has no derivative of its own
-        raise NotImplementedError(
-            "rnnfast cpu backend: double backward (create_graph=True) is not supported; use backend='reference'")
+    refuse_double_backward("cpu")
     x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2 = ctx.saved_tensors
     lstm = ctx.mode == 0
     g_out = torch.zeros_like(out) if g_out is None else g_out

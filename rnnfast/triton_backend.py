@@ -2,7 +2,8 @@
 every layer and cell, with autograd.
 
 Layers, directions and dropout are stacked by :meth:`Backend.rnn`; each layer
-direction is one :class:`RNNLayerFunction`. Forward and backward run the kernel
+direction is one call of the operator ``rnnfast::triton_layer_fwd`` (backward:
+``rnnfast::triton_layer_bwd``), opaque to torch.compile. Forward and backward run the kernel
 :func:`rnnfast.kernels.choose_kernel` picks: the persistent kernels (one launch,
 hidden slices x batch groups synchronised per step) without projection, else the
 sequence kernels (one launch) for small sizes or the step kernels (one launch per
@@ -20,12 +21,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .backend import Backend, LayerWeights, RNNSpec, get_backend
+from .backend import Backend, LayerWeights, RNNSpec, get_backend, refuse_double_backward
 
 try:
     from .kernels import FwdState, layer_outputs, rnn_bwd, rnn_fwd
+    from .kernels.rnn import active_mask
+    from .kernels.step import alloc_fwd
+    from .kernels.utils import MODE_ID, NUM_GATES
 except ImportError as err:  # triton missing
     _IMPORT_ERROR: Optional[str] = f"triton is not importable: {err}"
 else:
@@ -34,29 +37,85 @@ else:
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-class RNNLayerFunction(torch.autograd.Function):
-    """One layer direction: ``(out, h_n, c_n)`` from ``x`` ``(T, B, I)`` and the states."""
+# One layer direction as two operators, so that torch.compile treats the kernels as opaque calls
+# (dynamo would otherwise trace into Triton's launcher, or into the interpreter's numpy emulation)
+# and sees their outputs through the fake kernels. What rnn_fwd leaves absent (cs without LSTM,
+# ms without projection, gs without save) travels as an empty tensor.
 
-    @staticmethod
-    def forward(ctx, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
-                b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], mode: str,
-                batch_sizes: Optional[Tensor], reverse: bool, kernel: str):
-        save = any(ctx.needs_input_grad[:8])
-        st = rnn_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save, kernel)
-        out, h_n, c_n = layer_outputs(st, batch_sizes, reverse)
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, *st)
-        ctx.mode, ctx.batch_sizes, ctx.reverse, ctx.kernel = mode, batch_sizes, reverse, kernel
-        ctx.has_bias = b_ih is not None
-        return out, h_n, c_n
 
-    @staticmethod
-    @once_differentiable  # the backward kernels have no derivative: double backward raises
-    def backward(ctx, dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor]):
-        x, w_ih, w_hh, w_hr, *st = ctx.saved_tensors
-        st = FwdState(*st)
-        g = rnn_bwd(ctx.mode, dout, dh_n, dc_n, x, st, w_ih, w_hh, w_hr, ctx.has_bias, ctx.batch_sizes,
-                    ctx.reverse, ctx.kernel)
-        return g.dx, g.dh0, g.dc0, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, g.dw_hr, None, None, None, None
+@torch.library.custom_op("rnnfast::triton_layer_fwd", mutates_args=())
+def _layer_fwd(x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+               b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], mode: str,
+               reverse: bool, save: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    st = rnn_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save, kernel)
+    return tuple(x.new_empty(0) if t is None else t for t in st)
+
+
+@_layer_fwd.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, save, kernel):
+    gx = x.new_empty(x.shape[0], x.shape[1], w_ih.shape[0])
+    st = alloc_fwd(MODE_ID[mode], gx, h0, c0, w_hh.shape[0] // NUM_GATES[MODE_ID[mode]], w_hr is not None, reverse,
+                   save)
+    return tuple(x.new_empty(0) if t is None else t for t in st)
+
+
+@torch.library.custom_op("rnnfast::triton_layer_bwd", mutates_args=())
+def _layer_bwd(dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, hs: Tensor, cs: Optional[Tensor],
+               ms: Optional[Tensor], gs: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], has_bias: bool,
+               batch_sizes: Optional[Tensor], mode: str, reverse: bool,
+               kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = rnn_bwd(mode, dout, dh_n, dc_n, x, FwdState(hs, cs, ms, gs), w_ih, w_hh, w_hr, has_bias, batch_sizes,
+                reverse, kernel)
+    return tuple(x.new_empty(0) if t is None else t for t in g)
+
+
+@_layer_bwd.register_fake
+def _(dout, dh_n, dc_n, x, hs, cs, ms, gs, w_ih, w_hh, w_hr, has_bias, batch_sizes, mode, reverse, kernel):
+    like = lambda t, present=True: t.new_empty(t.shape) if present and t is not None else x.new_empty(0)  # noqa: E731
+    bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else x.new_empty(0)
+    return (like(x), like(dh_n), like(dc_n), like(w_ih), like(w_hh), bias, like(bias), like(w_hr))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, _save, kernel = inputs
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, *output)
+    ctx.mode, ctx.reverse, ctx.kernel, ctx.has_bias = mode, reverse, kernel, b_ih is not None
+    ctx.lstm = c0 is not None
+
+
+def _backward(ctx, dhs, dcs, _dms, _dgs):
+    """Gradients of the states by time back to (dout, dh_n, dc_n) for rnn_bwd. h_n is hs at the
+    last walked step, where out's last gradient lands too: rnn_bwd adds the two for rows still
+    running then; for packed rows that ended earlier (forward direction) h_n is their carried
+    state, and its gradient goes in as dh_n."""
+    refuse_double_backward("triton")
+    x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, ms, gs = ctx.saved_tensors
+    T, reverse = x.shape[0], ctx.reverse
+    i_n = 0 if reverse else T
+    dout = dhs[:-1] if reverse else dhs[1:]
+    dh_n = torch.zeros_like(dhs[i_n])
+    if batch_sizes is not None and not reverse and T > 0:
+        dh_n = dhs[T] * ~active_mask(batch_sizes, x.shape[1], x.device)[T - 1]
+    g = _layer_bwd(dout, dh_n, dcs[i_n] if ctx.lstm else None, x, hs, cs if ctx.lstm else None,
+                   ms if w_hr is not None else None, gs, w_ih, w_hh, w_hr, ctx.has_bias, batch_sizes, ctx.mode,
+                   reverse, ctx.kernel)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = g
+    bias = ctx.has_bias
+    return (dx, dh0, dc0 if ctx.lstm else None, dw_ih, dw_hh, db_ih if bias else None, db_hh if bias else None,
+            dw_hr if w_hr is not None else None, None, None, None, None, None)
+
+
+_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, batch_sizes: Optional[Tensor],
+          reverse: bool, kernel: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(out, h_n, c_n)`` of one layer direction on time-major ``x``."""
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *w))
+    hs, cs, ms, gs = _layer_fwd(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, mode, reverse, save,
+                                kernel)
+    return layer_outputs(FwdState(hs, cs if c0 is not None else None, ms if w.w_hr is not None else None,
+                                  gs if save else None), batch_sizes, reverse)
 
 
 class TritonBackend(Backend):
@@ -91,11 +150,10 @@ class TritonBackend(Backend):
               w: LayerWeights, reverse: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         if x.size(1) == 0:  # an empty batch has nothing to launch: the reference gives the empty results
             return get_backend("reference").layer(mode, x, batch_sizes, h0, c0, w, reverse)
-        return RNNLayerFunction.apply(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, mode, batch_sizes,
-                                      reverse, self.kernel)
+        return layer(mode, x, h0, c0, w, batch_sizes, reverse, self.kernel)
 
     def cell(self, mode: str, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        _, h_n, c_n = RNNLayerFunction.apply(x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, mode, None, False,
-                                             "step")
+        _, h_n, c_n = layer(mode, x.unsqueeze(0), h, c, LayerWeights(w_ih, w_hh, b_ih, b_hh, None), None, False,
+                            "step")
         return h_n, c_n

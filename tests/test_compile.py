@@ -8,7 +8,7 @@ from torch import nn
 
 import rnnfast
 
-from conftest import INTERPRETED, backend_device
+from conftest import backend_device
 
 
 class Tagger(nn.Module):
@@ -47,8 +47,6 @@ def tagger(backend):
 
 @pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks"])
 def test_compile_matches_eager(backend, fullgraph):
-    if backend in INTERPRETED:
-        pytest.skip("dynamo traces into the Triton interpreter's numpy emulation and fails there (GPU only)")
     if not fullgraph and backend == "reference":
         pytest.skip("graph breaks: dynamo compiles the reference's time loop once per layer frame (a minute); "
                     "the cpu backend covers the default configuration")
@@ -74,3 +72,65 @@ def test_inductor_keeps_the_cpu_operators():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(run(compiled, model, x), run(model, model, x), atol=1e-5, rtol=1e-5)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every call to an ``rnnfast::`` operator under it, with its arguments and real outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "rnnfast":
+            self.calls.append((func, args, kwargs or {}, out))
+        return out
+
+
+# the operator calls that layers make: every mode, projection, two directions, packed input,
+# float64, bfloat16 modules and autocast, with and without gradients, cells
+FAKE_CASES = {
+    "lstm": lambda: nn.LSTM(5, 7, num_layers=2),
+    "lstm-proj-bi": lambda: nn.LSTM(5, 7, proj_size=3, bidirectional=True),
+    "gru-bi": lambda: nn.GRU(5, 7, bidirectional=True),
+    "rnn-relu-nobias": lambda: nn.RNN(5, 7, nonlinearity="relu", bias=False),
+    "lstm-cell": lambda: nn.LSTMCell(5, 7),
+    "gru-cell": lambda: nn.GRUCell(5, 7),
+}
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "autocast"])
+@pytest.mark.parametrize("name", FAKE_CASES)
+def test_fake_kernels_match_the_operators(name, dtype, packed, grad):
+    """The fake kernels that torch.compile traces with give every output of the real operators'
+    calls the same shape and dtype."""
+    cell = name.endswith("cell")
+    if cell and packed:
+        pytest.skip("cells take no packed input")
+    torch.manual_seed(0)
+    model = rnnfast.convert(FAKE_CASES[name](), backend="cpu")
+    if dtype in ("float64", "bfloat16"):
+        model = model.to(getattr(torch, dtype))
+    # T = 20: past the whole-stack decode (not an operator) for float64 too
+    x = torch.randn((3, 5) if cell else (20, 3, 5), dtype=next(model.parameters()).dtype)
+    if packed:
+        x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([20, 4, 1]), enforce_sorted=False)
+    recorder = _RecordOps()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"), recorder:
+        with torch.set_grad_enabled(grad):
+            leaves = [t for t in torch.utils._pytree.tree_leaves(model(x)) if t.requires_grad]
+            if grad:
+                sum(t.float().sum() for t in leaves).backward()
+    assert recorder.calls, "no rnnfast operator ran"
+    for func, args, kwargs, real in recorder.calls:
+        with torch._subclasses.fake_tensor.FakeTensorMode() as fake_mode:
+            fake_args, fake_kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, fake_mode.from_tensor, (args, kwargs))
+            fake = func(*fake_args, **fake_kwargs)
+        for k, (got, want) in enumerate(zip(torch.utils._pytree.tree_leaves(fake),
+                                            torch.utils._pytree.tree_leaves(real), strict=True)):
+            assert (tuple(got.shape), got.dtype) == (tuple(want.shape), want.dtype), f"{func} output {k}"
