@@ -17,6 +17,7 @@ carried state), ``metrics.json``, ``loss.png`` and ``samples.txt``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -58,6 +59,15 @@ def encode(text: str, vocab: list[str]) -> Tensor:
     if missing:
         raise ValueError(f"characters not in the model's vocabulary: {missing!r}")
     return torch.tensor([index[ch] for ch in text], dtype=torch.long)
+
+
+def split_corpus(cfg: argparse.Namespace, vocab: Optional[list[str]] = None) -> tuple[list[str], Tensor, Tensor]:
+    """``(vocab, train, val)``: the corpus's first 90% for training, the rest for validation."""
+    text = load_corpus(cfg.data, cfg.data_chars)
+    vocab = vocab or sorted(set(text))
+    data = encode(text, vocab)
+    split = int(0.9 * len(data))
+    return vocab, data[:split], data[split:]
 
 
 def streams(data: Tensor, rows: int, offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -250,11 +260,7 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    text = load_corpus(args.data, args.data_chars)
-    vocab = ckpt["vocab"] if ckpt else sorted(set(text))
-    data = encode(text, vocab)
-    split = int(0.9 * len(data))
-    train_data, val_data = data[:split], data[split:]
+    vocab, train_data, val_data = split_corpus(args, ckpt["vocab"] if ckpt else None)
     val_x, val_y = (t.to(args.device) for t in streams(val_data, args.batch))
     eval_cols = max(1, min(val_x.size(1), args.eval_chars // args.batch))  # the curve's validation subset
 
@@ -367,19 +373,40 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def sample_cmd(args: argparse.Namespace) -> None:
-    """Load ``--out``'s checkpoint and print samples (and their speed)."""
+    """Load ``--out``'s checkpoint and print samples (and their speed). With ``--quantize int8``
+    also the float and int8 models side by side: validation loss and sampling speed, in
+    ``OUT/int8.json``."""
     torch.set_num_threads(args.threads)
     ckpt = torch.load(Path(args.out) / "ckpt.pt", map_location="cpu", weights_only=True)
     cfg = argparse.Namespace(**{**ckpt["config"], "backend": args.backend})
     model = CharLM(len(ckpt["vocab"]), cfg, args.torch_layers).to(args.device)
     model.load_state_dict(ckpt["model"])
-    if args.quantize == "int8":  # the recurrent stack only; embedding and head stay float32
-        model = rnnfast.quantize_dynamic(model.eval())
-    samples, chars_per_s = make_samples(model, ckpt["vocab"], args)
-    print("\n".join(samples))
-    backend = f"int8, kernel {rnnfast.quantize.kernel_isa()}" if args.quantize else \
-        f"backend {resolved_backend(model.eval(), 1, 1)!r}"
-    print(f"sampling {chars_per_s:,.0f} chars/s ({layer_class(model)}, {backend})")
+    if args.quantize != "int8":
+        samples, chars_per_s = make_samples(model, ckpt["vocab"], args)
+        print("\n".join(samples))
+        print(f"sampling {chars_per_s:,.0f} chars/s ({layer_class(model)}, "
+              f"backend {resolved_backend(model.eval(), 1, 1)!r})")
+        return
+    # the recurrent stack only; embedding and head stay float32
+    quantized = rnnfast.quantize_dynamic(copy.deepcopy(model).eval())
+    _, _, val_data = split_corpus(cfg, ckpt["vocab"])
+    val_x, val_y = streams(val_data, cfg.batch)
+    report: dict = dict(checkpoint=str(Path(args.out) / "ckpt.pt"), kernel=rnnfast.quantize.kernel_isa(),
+                        val_chars=val_y.numel(), threads=args.threads, torch=torch.__version__)
+    for name, m in (("float32", model), ("int8", quantized)):
+        samples, chars_per_s = make_samples(m, ckpt["vocab"], args)
+        report[name] = dict(val_loss=evaluate(m, val_x, val_y, cfg.seq_len), sample_chars_per_s=chars_per_s,
+                            layer_class=layer_class(m), first_sample=samples[0])
+    report["val_loss_increase"] = report["int8"]["val_loss"] - report["float32"]["val_loss"]
+    report["sampling_speedup"] = report["int8"]["sample_chars_per_s"] / report["float32"]["sample_chars_per_s"]
+    print(report["int8"]["first_sample"])
+    for name in ("float32", "int8"):
+        r = report[name]
+        print(f"{name}: validation {r['val_loss']:.4f} nats/char, sampling {r['sample_chars_per_s']:,.0f} chars/s "
+              f"({r['layer_class']})")
+    (Path(args.out) / "int8.json").write_text(json.dumps(report, indent=2))
+    print(f"int8 costs {report['val_loss_increase']:+.4f} nats/char, samples {report['sampling_speedup']:.2f}x "
+          f"as fast (kernel {report['kernel']}); written to {args.out}/int8.json")
 
 
 # ---------------------------------------------------------------- command line

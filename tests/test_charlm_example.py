@@ -69,6 +69,17 @@ def test_sample_command(smoke_run):
     assert "temperature 0.8, top-k 5" in text and "beam search, width 3" in text and "chars/s" in text
 
 
+def test_sample_int8_compares_with_float(smoke_run):
+    run("sample", "--out", str(smoke_run), "--quantize", "int8", "--sample-chars", "20", "--temperature", "1.0",
+        "--beam", "0")
+    report = json.loads((smoke_run / "int8.json").read_text())
+    assert report["int8"]["layer_class"].startswith("rnnfast.quantize.Quantized")
+    assert report["float32"]["layer_class"].startswith("rnnfast.modules.")
+    # int8 weights move the loss a little, not a lot (the smoke model is barely trained)
+    assert 0 < report["float32"]["val_loss"] < 10 and abs(report["val_loss_increase"]) < 0.1
+    assert report["val_loss_increase"] == pytest.approx(report["int8"]["val_loss"] - report["float32"]["val_loss"])
+
+
 def tiny_model(torch_layers: bool = False, cell: str = "lstm") -> "charlm.CharLM":
     cfg = argparse.Namespace(cell=cell, embed=8, hidden=16, layers=2, dropout=0.1, backend="auto")
     torch.manual_seed(0)
