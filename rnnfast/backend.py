@@ -256,6 +256,19 @@ def get_backend(name: str) -> Backend:
     return _INSTANCES[name]
 
 
+def load_backends(requested: str) -> None:
+    """Import what a module set to ``requested`` (or ``RNNFAST_BACKEND``) may run on, as the module is
+    made: under torch.compile the first call is traced, and Dynamo cannot trace an import. ``auto``:
+    the backends of :func:`auto_order` for the CPU, and for CUDA when there is a GPU."""
+    names = [os.environ.get(ENV_VAR) or requested]
+    if names[0] == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        names = [n for d in devices for n in auto_order(torch.device(d))]
+    for name in names:
+        if name in _REGISTRY:
+            get_backend(name)
+
+
 def check_backend_name(name: object, allow_auto: bool = True) -> None:
     """Raise ``ValueError`` naming ``name`` when it is no registered backend."""
     if isinstance(name, str) and (name in _REGISTRY or (allow_auto and name == "auto")):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .backend import RNNSpec, check_backend_name, resolve
+from .backend import RNNSpec, check_backend_name, load_backends, resolve
 from .export import capturing, check_onnx_exportable, refuse_script
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert"]
@@ -35,6 +35,11 @@ class _BackendChoice:
     def backend(self, name: str) -> None:
         check_backend_name(name)
         self.__dict__["_backend"] = name
+        load_backends(name)
+
+    def __setstate__(self, state: dict) -> None:  # unpickling and deepcopy skip the setter
+        super().__setstate__(state)
+        load_backends(self._backend)
 
     def _backend_repr(self) -> str:
         return "" if self._backend == "auto" else f", backend={self._backend!r}"

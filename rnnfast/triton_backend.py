@@ -2,8 +2,8 @@
 every layer and cell, with autograd.
 
 Layers, directions and dropout are stacked by :meth:`Backend.rnn`; each layer
-direction is one call of the operator ``rnnfast::triton_layer_fwd`` (backward:
-``rnnfast::triton_layer_bwd``), opaque to torch.compile. Forward and backward run the kernel
+direction is one autograd call of :func:`layer`'s kernels (under torch.compile
+the operators ``rnnfast::triton_layer_fwd`` / ``triton_layer_bwd``, opaque to Dynamo). Forward and backward run the kernel
 :func:`rnnfast.kernels.choose_kernel` picks: the persistent kernels (one launch,
 hidden slices x batch groups synchronised per step) without projection, else the
 sequence kernels (one launch) for small sizes or the step kernels (one launch per
@@ -37,21 +37,35 @@ else:
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-# One layer direction as two operators, so that torch.compile treats the kernels as opaque calls
-# (dynamo would otherwise trace into Triton's launcher, or into the interpreter's numpy emulation)
-# and sees their outputs through the fake kernels. What rnn_fwd leaves absent (cs without LSTM,
-# ms without projection, gs without save) travels as an empty tensor.
+# One layer direction: _fwd and _bwd run the kernels. Eagerly they run through _Layer (an
+# autograd.Function); under torch.compile through the operators rnnfast::triton_layer_fwd/bwd, which
+# Dynamo treats as opaque calls (it would otherwise trace into Triton's launcher, or the interpreter's
+# numpy emulation) and sees through their fake kernels. The operators cost ~40 us more per call than
+# the Function, which short GPU calls would feel. What rnn_fwd leaves absent (cs without LSTM, ms
+# without projection, gs without save) travels as an empty tensor.
 
 
-@torch.library.custom_op("rnnfast::triton_layer_fwd", mutates_args=())
-def _layer_fwd(x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-               b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], mode: str,
-               reverse: bool, save: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fwd(x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+         b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], mode: str, reverse: bool,
+         save: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     st = rnn_fwd(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, save, kernel)
     return tuple(x.new_empty(0) if t is None else t for t in st)
 
 
-@_layer_fwd.register_fake
+def _bwd(dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, hs: Tensor, cs: Optional[Tensor],
+         ms: Optional[Tensor], gs: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], has_bias: bool,
+         batch_sizes: Optional[Tensor], mode: str, reverse: bool,
+         kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = rnn_bwd(mode, dout, dh_n, dc_n, x, FwdState(hs, cs, ms, gs), w_ih, w_hh, w_hr, has_bias, batch_sizes,
+                reverse, kernel)
+    return tuple(x.new_empty(0) if t is None else t for t in g)
+
+
+_fwd_op = torch.library.custom_op("rnnfast::triton_layer_fwd", _fwd, mutates_args=())
+_bwd_op = torch.library.custom_op("rnnfast::triton_layer_bwd", _bwd, mutates_args=())
+
+
+@_fwd_op.register_fake
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, save, kernel):
     gx = x.new_empty(x.shape[0], x.shape[1], w_ih.shape[0])
     st = alloc_fwd(MODE_ID[mode], gx, h0, c0, w_hh.shape[0] // NUM_GATES[MODE_ID[mode]], w_hr is not None, reverse,
@@ -59,21 +73,11 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, save,
     return tuple(x.new_empty(0) if t is None else t for t in st)
 
 
-@torch.library.custom_op("rnnfast::triton_layer_bwd", mutates_args=())
-def _layer_bwd(dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, hs: Tensor, cs: Optional[Tensor],
-               ms: Optional[Tensor], gs: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], has_bias: bool,
-               batch_sizes: Optional[Tensor], mode: str, reverse: bool,
-               kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    g = rnn_bwd(mode, dout, dh_n, dc_n, x, FwdState(hs, cs, ms, gs), w_ih, w_hh, w_hr, has_bias, batch_sizes,
-                reverse, kernel)
-    return tuple(x.new_empty(0) if t is None else t for t in g)
-
-
-@_layer_bwd.register_fake
+@_bwd_op.register_fake
 def _(dout, dh_n, dc_n, x, hs, cs, ms, gs, w_ih, w_hh, w_hr, has_bias, batch_sizes, mode, reverse, kernel):
-    like = lambda t, present=True: t.new_empty(t.shape) if present and t is not None else x.new_empty(0)  # noqa: E731
-    bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else x.new_empty(0)
-    return (like(x), like(dh_n), like(dc_n), like(w_ih), like(w_hh), bias, like(bias), like(w_hr))
+    like = lambda t: x.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else None
+    return (like(x), like(dh_n), like(dc_n), like(w_ih), like(w_hh), like(bias), like(bias), like(w_hr))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -81,9 +85,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, *output)
     ctx.mode, ctx.reverse, ctx.kernel, ctx.has_bias = mode, reverse, kernel, b_ih is not None
     ctx.lstm = c0 is not None
+    ctx.set_materialize_grads(False)  # no zeros the size of the saved gates
 
 
-def _backward(ctx, dhs, dcs, _dms, _dgs):
+def _backward(ctx, dhs: Optional[Tensor], dcs: Optional[Tensor], bwd) -> tuple:
     """Gradients of the states by time back to (dout, dh_n, dc_n) for rnn_bwd. h_n is hs at the
     last walked step, where out's last gradient lands too: rnn_bwd adds the two for rows still
     running then; for packed rows that ended earlier (forward direction) h_n is their carried
@@ -92,28 +97,43 @@ def _backward(ctx, dhs, dcs, _dms, _dgs):
     x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, ms, gs = ctx.saved_tensors
     T, reverse = x.shape[0], ctx.reverse
     i_n = 0 if reverse else T
+    dhs = torch.zeros_like(hs) if dhs is None else dhs
     dout = dhs[:-1] if reverse else dhs[1:]
     dh_n = torch.zeros_like(dhs[i_n])
     if batch_sizes is not None and not reverse and T > 0:
         dh_n = dhs[T] * ~active_mask(batch_sizes, x.shape[1], x.device)[T - 1]
-    g = _layer_bwd(dout, dh_n, dcs[i_n] if ctx.lstm else None, x, hs, cs if ctx.lstm else None,
-                   ms if w_hr is not None else None, gs, w_ih, w_hh, w_hr, ctx.has_bias, batch_sizes, ctx.mode,
-                   reverse, ctx.kernel)
+    dc_n = None
+    if ctx.lstm:
+        dc_n = torch.zeros_like(cs[i_n]) if dcs is None else dcs[i_n]
+    g = bwd(dout, dh_n, dc_n, x, hs, cs if ctx.lstm else None, ms if w_hr is not None else None, gs, w_ih, w_hh,
+            w_hr, ctx.has_bias, batch_sizes, ctx.mode, reverse, ctx.kernel)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = g
     bias = ctx.has_bias
     return (dx, dh0, dc0 if ctx.lstm else None, dw_ih, dw_hh, db_ih if bias else None, db_hh if bias else None,
             dw_hr if w_hr is not None else None, None, None, None, None, None)
 
 
-_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(lambda ctx, dhs, dcs, _dms, _dgs: _backward(ctx, dhs, dcs, _bwd_op),
+                          setup_context=_setup_context)
+
+
+class _Layer(torch.autograd.Function):
+    """The eager twin of rnnfast::triton_layer_fwd, with the same autograd."""
+
+    forward = staticmethod(_fwd)
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dhs, dcs, _dms, _dgs):
+        return _backward(ctx, dhs, dcs, _bwd)
 
 
 def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, batch_sizes: Optional[Tensor],
           reverse: bool, kernel: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``(out, h_n, c_n)`` of one layer direction on time-major ``x``."""
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *w))
-    hs, cs, ms, gs = _layer_fwd(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, mode, reverse, save,
-                                kernel)
+    fwd = _fwd_op if torch.compiler.is_compiling() else _Layer.apply
+    hs, cs, ms, gs = fwd(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, mode, reverse, save, kernel)
     return layer_outputs(FwdState(hs, cs if c0 is not None else None, ms if w.w_hr is not None else None,
                                   gs if save else None), batch_sizes, reverse)
 

@@ -2,6 +2,10 @@
 to eager on every backend usable here, in one graph where torch.nn's compile in one
 (dynamo's ``allow_rnn``), and with graph breaks around the layers without it."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +138,21 @@ def test_fake_kernels_match_the_operators(name, dtype, packed, grad):
         for k, (got, want) in enumerate(zip(torch.utils._pytree.tree_leaves(fake),
                                             torch.utils._pytree.tree_leaves(real), strict=True)):
             assert (tuple(got.shape), got.dtype) == (tuple(want.shape), want.dtype), f"{func} output {k}"
+
+
+FRESH = """
+import sys, torch, rnnfast
+torch._dynamo.config.allow_rnn = True
+model = rnnfast.GRU(4, 6, backend=sys.argv[1])
+x = torch.randn(2, 3, 4)
+torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x)[0], model(x)[0])
+"""
+
+
+def test_compile_is_the_first_call(backend):
+    """In a fresh process the first call of a module can be a compiled one: the backends load as the
+    module is made, not inside Dynamo's trace (which cannot import)."""
+    env = {**os.environ, "RNNFAST_POISON": "0"}
+    proc = subprocess.run([sys.executable, "-c", FRESH, backend], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
