@@ -21,14 +21,16 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from .backend import Backend, LayerWeights, RNNSpec, get_backend, refuse_double_backward
+from .backend import GATES, Backend, LayerWeights, RNNSpec, get_backend, refuse_double_backward
 
 try:
     from .kernels import FwdState, layer_outputs, rnn_bwd, rnn_fwd
     from .kernels.rnn import active_mask
     from .kernels.step import alloc_fwd
-    from .kernels.utils import MODE_ID, NUM_GATES
+    from .kernels.rnn import KERNELS
+    from .kernels.utils import MODE_ID, NUM_GATES, NUM_SAVED
 except ImportError as err:  # triton missing
     _IMPORT_ERROR: Optional[str] = f"triton is not importable: {err}"
 else:
@@ -61,12 +63,80 @@ def _bwd(dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, hs: Tens
     return tuple(x.new_empty(0) if t is None else t for t in g)
 
 
-_fwd_op = torch.library.custom_op("rnnfast::triton_layer_fwd", _fwd, mutates_args=())
-_bwd_op = torch.library.custom_op("rnnfast::triton_layer_bwd", _bwd, mutates_args=())
+def _check(op: str, mode: str, kernel: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+           w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], **more: Optional[Tensor]) -> None:
+    """RuntimeError naming the argument for a direct operator call that the kernels cannot run (the
+    layers build valid calls; the kernels would read out of bounds on some bad ones)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise RuntimeError(f"rnnfast::{op}: {what}")
+
+    need(mode in GATES, f"unknown mode {mode!r} (one of {', '.join(GATES)})")
+    need(kernel in KERNELS, f"unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
+    need(x.dim() == 3 and w_ih.dim() == 2 and w_hh.dim() == 2, "input must be 3-D, weight_ih and weight_hh 2-D")
+    T, B, I = x.shape
+    need(T > 0 and B > 0, f"input has shape {list(x.shape)}: no steps or no rows to run")
+    G, K = GATES[mode], w_hh.shape[1]
+    need(w_hh.shape[0] > 0 and w_hh.shape[0] % G == 0, f"weight_hh needs a positive multiple of {G} rows")
+    H = w_hh.shape[0] // G
+    shapes = dict(weight_ih=(w_ih, (G * H, I)), weight_hh=(w_hh, (G * H, K)), h0=(h0, (B, K)), c0=(c0, (B, H)),
+                  weight_hr=(w_hr, (K, H)), **{name: (t, (G * H,) if name.startswith("bias") else (T, B, K))
+                                               for name, t in more.items()})
+    need((c0 is not None) == (mode == "LSTM"), "c0 must be given for LSTM and only for LSTM")
+    need(w_hr is None or mode == "LSTM", "weight_hr (proj_size) is only supported for LSTM")
+    need(w_hr is not None or K == H, f"weight_hh has {K} columns, must be hidden size {H} without weight_hr")
+    for name, (t, shape) in shapes.items():
+        if t is None:
+            continue
+        need(tuple(t.shape) == shape, f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        need(t.device == x.device, f"{name} is on {t.device}, must be on the input's device {x.device}")
+        need(t.dtype == x.dtype or name == "c0", f"{name} has dtype {t.dtype}, must be the input's {x.dtype}")
+    need(x.dtype in DTYPES, f"input has dtype {x.dtype}, expected one of {DTYPES}")
+    if batch_sizes is not None:
+        need(batch_sizes.dim() == 1 and batch_sizes.numel() == T and not batch_sizes.is_floating_point()
+             and batch_sizes.device.type == "cpu", "batch_sizes must be an integer CPU tensor with one entry per step")
+        if is_fake(batch_sizes):  # tracing: the values are not there
+            return
+        bs = batch_sizes.tolist()
+        need(all(B >= a >= b >= 1 for a, b in zip(bs, bs[1:] + bs[-1:])),
+             f"batch_sizes must be non-increasing, between 1 and the batch size {B}")
+
+
+def _checked_fwd(x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                 b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor], mode: str,
+                 reverse: bool, save: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check("triton_layer_fwd", mode, kernel, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, bias_ih=b_ih, bias_hh=b_hh)
+    if (b_ih is None) != (b_hh is None):
+        raise RuntimeError("rnnfast::triton_layer_fwd: bias_ih and bias_hh must both be given or both be None")
+    return _fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, save, kernel)
+
+
+def _checked_bwd(dout: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, hs: Tensor, cs: Optional[Tensor],
+                 ms: Optional[Tensor], gs: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+                 has_bias: bool, batch_sizes: Optional[Tensor], mode: str, reverse: bool,
+                 kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check("triton_layer_bwd", mode, kernel, x, dh_n, dc_n, w_ih, w_hh, w_hr, batch_sizes, grad_out=dout)
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // GATES[mode]
+    saved = [("hs", hs, (T + 1, B, w_hh.shape[1])), ("gs", gs, (T, B, NUM_SAVED[MODE_ID[mode]] * H))]
+    saved += [("cs", cs, (T + 1, B, H))] if mode == "LSTM" else []
+    saved += [("ms", ms, (T, B, H))] if w_hr is not None else []
+    for name, t, shape in saved:
+        if t is None or tuple(t.shape) != shape or t.device != x.device:
+            raise RuntimeError(f"rnnfast::triton_layer_bwd: {name} must be what triton_layer_fwd saved, "
+                               f"shape {list(shape)} on {x.device}")
+    return _bwd(dout, dh_n, dc_n, x, hs, cs, ms, gs, w_ih, w_hh, w_hr, has_bias, batch_sizes, mode, reverse, kernel)
+
+
+# the operators check their arguments (direct calls); _Layer's calls come from the layers, valid
+_fwd_op = torch.library.custom_op("rnnfast::triton_layer_fwd", _checked_fwd, mutates_args=())
+_bwd_op = torch.library.custom_op("rnnfast::triton_layer_bwd", _checked_bwd, mutates_args=())
 
 
 @_fwd_op.register_fake
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, save, kernel):
+    # a call mixing devices (meta among them) lands here, never reaching the real kernel's checks
+    _check("triton_layer_fwd", mode, kernel, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, bias_ih=b_ih, bias_hh=b_hh)
     gx = x.new_empty(x.shape[0], x.shape[1], w_ih.shape[0])
     st = alloc_fwd(MODE_ID[mode], gx, h0, c0, w_hh.shape[0] // NUM_GATES[MODE_ID[mode]], w_hr is not None, reverse,
                    save)
@@ -75,6 +145,7 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, mode, reverse, save,
 
 @_bwd_op.register_fake
 def _(dout, dh_n, dc_n, x, hs, cs, ms, gs, w_ih, w_hh, w_hr, has_bias, batch_sizes, mode, reverse, kernel):
+    _check("triton_layer_bwd", mode, kernel, x, dh_n, dc_n, w_ih, w_hh, w_hr, batch_sizes, grad_out=dout)
     like = lambda t: x.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else None
     return (like(x), like(dh_n), like(dc_n), like(w_ih), like(w_hh), like(bias), like(bias), like(w_hr))

@@ -246,3 +246,64 @@ def test_prebound_arguments():
     # per-time views stay 16-byte aligned when the time stride is a multiple of 16 bytes
     assert aligned_by_time(torch.zeros(3, 2, 4, **f32), None)
     assert not aligned_by_time(torch.zeros(3, 1, 3, **f32))
+
+
+def _op_args(mode: str = "LSTM", P: int = 0, packed: bool = False) -> dict:
+    """A valid rnnfast::triton_layer_fwd call (T 4, B 3, I 5, H 6; lengths 3, 2, 2, 1 when packed)."""
+    g = torch.Generator().manual_seed(0)
+    G, H, K = GATES[mode], 6, P or 6
+    rnd = lambda *shape: torch.randn(shape, generator=g).to(DEVICE)  # noqa: E731
+    return dict(x=rnd(4, 3, 5), h0=rnd(3, K), c0=rnd(3, H) if mode == "LSTM" else None, w_ih=rnd(G * H, 5),
+                w_hh=rnd(G * H, K), b_ih=rnd(G * H), b_hh=rnd(G * H), w_hr=rnd(P, H) if P else None,
+                batch_sizes=torch.tensor([3, 2, 2, 1]) if packed else None, mode=mode, reverse=False, save=True,
+                kernel="auto")
+
+
+OP_CASES = [
+    ("mode", "GRU", 0, lambda a: a.update(mode="gru"), "unknown mode 'gru'"),
+    ("kernel", "GRU", 0, lambda a: a.update(kernel="fast"), "unknown kernel 'fast'"),
+    ("x-2d", "LSTM", 0, lambda a: a.update(x=a["x"][0]), "input must be 3-D"),
+    ("no-rows", "GRU", 0, lambda a: a.update(x=a["x"][:, :0], h0=a["h0"][:0]), "no steps or no rows"),
+    ("w_hh-rows", "LSTM", 0, lambda a: a.update(w_hh=a["w_hh"][1:]), "positive multiple of 4"),
+    ("w_ih-cols", "GRU", 0, lambda a: a.update(w_ih=a["w_ih"][:, 1:]), r"weight_ih has shape \[18, 4\]"),
+    ("h0-shape", "RNN_TANH", 0, lambda a: a.update(h0=a["h0"][1:]), r"h0 has shape \[2, 6\], expected \[3, 6\]"),
+    ("c0-missing", "LSTM", 0, lambda a: a.update(c0=None), "c0 must be given for LSTM"),
+    ("c0-for-gru", "GRU", 0, lambda a: a.update(c0=a["h0"]), "c0 must be given for LSTM and only for LSTM"),
+    ("bias-one", "LSTM", 0, lambda a: a.update(b_hh=None), "both be given or both be None"),
+    ("bias-shape", "GRU", 0, lambda a: a.update(b_ih=a["b_ih"][1:]), "bias_ih has shape"),
+    ("proj-gru", "GRU", 0, lambda a: a.update(w_hr=torch.zeros(2, 6)), "only supported for LSTM"),
+    ("proj-shape", "LSTM", 2, lambda a: a.update(w_hr=a["w_hr"][:, 1:]), "weight_hr has shape"),
+    ("dtype", "RNN_RELU", 0, lambda a: a.update(w_hh=a["w_hh"].double()), "weight_hh has dtype torch.float64"),
+    ("int-input", "GRU", 0, lambda a: a.update(**{k: a[k].long() for k in ("x", "h0", "w_ih", "w_hh", "b_ih",
+                                                                          "b_hh")}), "input has dtype torch.int64"),
+    ("device", "GRU", 0, lambda a: a.update(h0=a["h0"].to("meta")), "h0 is on meta"),
+    ("lengths-count", "LSTM", 0, lambda a: a.update(batch_sizes=torch.tensor([3, 2, 1])), "one entry per step"),
+    ("lengths-rising", "GRU", 0, lambda a: a.update(batch_sizes=torch.tensor([2, 3, 1, 1])), "non-increasing"),
+    ("lengths-past-batch", "LSTM", 0, lambda a: a.update(batch_sizes=torch.tensor([4, 2, 2, 1])), "non-increasing"),
+    ("lengths-zero", "RNN_TANH", 0, lambda a: a.update(batch_sizes=torch.tensor([3, 2, 0, 0])), "between 1 and"),
+]
+
+
+@pytest.mark.parametrize("mode, P, edit, match", [pytest.param(*c[1:], id=c[0]) for c in OP_CASES])
+def test_operator_bad_call(mode, P, edit, match):
+    """Direct calls of rnnfast::triton_layer_fwd with bad arguments: a RuntimeError naming the argument."""
+    args = _op_args(mode, P, packed=True)
+    torch.ops.rnnfast.triton_layer_fwd(**args)  # valid as built
+    edit(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.rnnfast.triton_layer_fwd(**args)
+
+
+def test_operator_bad_backward_call():
+    """triton_layer_bwd refuses saved buffers that are not its forward's."""
+    args = _op_args("LSTM", packed=True)
+    hs, cs, ms, gs = torch.ops.rnnfast.triton_layer_fwd(**args)
+    dout = torch.randn(4, 3, 6, device=DEVICE)
+    call = dict(dout=dout, dh_n=torch.zeros_like(args["h0"]), dc_n=torch.zeros_like(args["c0"]), x=args["x"], hs=hs,
+                cs=cs, ms=None, gs=gs, w_ih=args["w_ih"], w_hh=args["w_hh"], w_hr=None, has_bias=True,
+                batch_sizes=args["batch_sizes"], mode="LSTM", reverse=False, kernel="auto")
+    torch.ops.rnnfast.triton_layer_bwd(**call)
+    with pytest.raises(RuntimeError, match="gs must be what triton_layer_fwd saved"):
+        torch.ops.rnnfast.triton_layer_bwd(**{**call, "gs": gs[1:]})
+    with pytest.raises(RuntimeError, match=r"grad_out has shape \[3, 3, 6\]"):
+        torch.ops.rnnfast.triton_layer_bwd(**{**call, "dout": dout[1:]})
