@@ -84,7 +84,7 @@ def broken(rng: random.Random, t: torch.Tensor) -> torch.Tensor:
     if edit == "transpose" and t.dim() >= 2:
         return t.transpose(0, t.dim() - 1)
     if edit == "expanded" and t.numel() > 0:
-        return t.flatten()[:1].expand(t.shape)
+        return t.reshape(-1)[:1].reshape([1] * t.dim()).expand(t.shape)  # one value, stride 0 (0-d too)
     return t.unsqueeze(-1).expand(*t.shape, 2)[..., 0]  # strided view, same values
 
 
