@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import RNNSpec, check_backend_name, load_backends, resolve
@@ -110,6 +111,9 @@ class _RNNLayer(_BackendChoice):
         Read straight from the parameter dict: cheaper per call than torch's
         ``_update_flat_weights``, which matters for one-step decoding.
         """
+        if parametrize.is_parametrized(self):  # torch's own reads: a stateful parametrization (spectral_norm's
+            self._update_flat_weights()         # power iteration) steps once per read, as often as with torch.nn
+            return list(self._flat_weights)
         params = self._parameters
         return [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]
 
@@ -274,11 +278,11 @@ class _Cell(_BackendChoice):
         if states is None:
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros) if mode == "LSTM" else (zeros,)
-        self._check_step(input, states, autocast_dtype is not None)
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once, as torch's cells do
+        self._check_step(input, states, weights[0].dtype, autocast_dtype is not None)
 
         spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
         backend = resolve(self._backend, spec, input, False)
-        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         if autocast_dtype is not None:
             present = backend.autocast_weights([w for w in weights if w is not None], input.dtype)
             weights = present + [None] * (4 - len(present))
@@ -289,13 +293,12 @@ class _Cell(_BackendChoice):
             c = None if c is None else c.squeeze(0)
         return (h, c) if mode == "LSTM" else h
 
-    def _check_step(self, input: Tensor, states: tuple[Tensor, ...], autocast: bool) -> None:
+    def _check_step(self, input: Tensor, states: tuple[Tensor, ...], weight_dtype: torch.dtype,
+                    autocast: bool) -> None:
         """The checks torch's fused cell ops make, with the same exception types."""
-        if input.dtype != self.weight_ih.dtype and not autocast:
+        if input.dtype != weight_dtype and not autocast:
             raise RuntimeError(
-                f"{type(self).__name__}: input dtype ({input.dtype}) does not match weight dtype "
-                f"({self.weight_ih.dtype})"
-            )
+                f"{type(self).__name__}: input dtype ({input.dtype}) does not match weight dtype ({weight_dtype})")
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for k, s in enumerate(states):
@@ -340,18 +343,35 @@ _SWAPS: dict[type, type] = {
 }
 
 
+_PARAMETRIZED: dict[type, type] = {}
+
+
+def _twin(cls: type) -> Optional[type]:
+    """The rnnfast class for a torch.nn class, or for the class torch.nn.utils.parametrize makes over
+    one (``Parametrized<Name>``: properties for the parametrized tensors): the same over the twin."""
+    if cls in _SWAPS:
+        return _SWAPS[cls]
+    base = cls.__bases__[0] if len(cls.__bases__) == 1 else None
+    if base not in _SWAPS or cls.__name__ != f"Parametrized{base.__name__}":
+        return None
+    if cls not in _PARAMETRIZED:
+        attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        _PARAMETRIZED[cls] = type(cls.__name__, (_SWAPS[base],), attrs)
+    return _PARAMETRIZED[cls]
+
+
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Turn every torch.nn recurrent layer and cell in ``model`` into its rnnfast twin, in place.
 
     Each module keeps its identity, parameters (same tensors, same names),
-    hooks and mode: only its class changes, so optimizers and references
-    held elsewhere stay valid. Modules already converted get ``backend``.
-    Subclasses of the torch classes (which may override ``forward``) are left
-    alone. Returns ``model``.
+    hooks, parametrizations and mode: only its class changes, so optimizers and
+    references held elsewhere stay valid. Modules already converted get
+    ``backend``. Subclasses of the torch classes (which may override ``forward``)
+    are left alone. Returns ``model``.
     """
     check_backend_name(backend)
     for module in model.modules():
-        target = _SWAPS.get(type(module))
+        target = _twin(type(module))
         if target is not None:
             module.__class__ = target
         if isinstance(module, _BackendChoice):

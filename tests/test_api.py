@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import rnnfast
+from conftest import backend_device
 from rnnfast.backend import Backend, BackendFallbackWarning, get_backend, register_backend, resolve
 
 FAMILIES = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
@@ -89,6 +91,53 @@ def test_convert_root_and_leaves_subclasses_alone():
     custom = nn.Sequential(MyLSTM(3, 4))
     rnnfast.convert(custom)
     assert type(custom[0]) is MyLSTM
+
+
+class _Half(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+# weight re-parametrizations users put on recurrent layers and cells, and how (layer, cell)
+REPARAMETRIZE = {
+    # a stateful parametrization: one power-iteration step per read of the weight in training
+    "spectral_norm": lambda m, names: [nn.utils.parametrizations.spectral_norm(m, n) for n in names],
+    "weight_norm": lambda m, names: [nn.utils.parametrizations.weight_norm(m, n) for n in names],
+    "old_weight_norm": lambda m, names: [nn.utils.weight_norm(m, n) for n in names],  # a forward pre-hook
+    "prune": lambda m, names: [prune.l1_unstructured(m, n, amount=0.4) for n in names],
+    "custom": lambda m, names: [nn.utils.parametrize.register_parametrization(m, n, _Half()) for n in names],
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm is deprecated")
+@pytest.mark.parametrize("how", REPARAMETRIZE)
+def test_reparametrized_weights(backend, how):
+    """convert() turns parametrized (and pruned, weight-normed) layers and cells into rnnfast ones, which
+    read their weights as often as torch.nn's do: three SGD steps end where torch.nn's end."""
+    device = backend_device(backend)
+
+    def build():
+        torch.manual_seed(0)
+        lstm, cell = nn.LSTM(5, 8, num_layers=2), nn.GRUCell(8, 8)
+        REPARAMETRIZE[how](lstm, ["weight_hh_l0", "weight_hh_l1"])
+        REPARAMETRIZE[how](cell, ["weight_hh"])
+        return nn.ModuleList([lstm, cell]).to(device)
+
+    ref, ours = build(), rnnfast.convert(build(), backend=backend)
+    assert isinstance(ours[0], rnnfast.LSTM) and isinstance(ours[1], rnnfast.GRUCell)
+    x = torch.randn(7, 3, 5, device=device)
+    for model in (ref, ours):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            y, _ = model[0](x)
+            (y.square().sum() + model[1](y[-1]).square().sum()).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), (_, b) in zip(ref.state_dict().items(), ours.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    if how in ("spectral_norm", "weight_norm", "custom"):  # removing the last parametrization gives rnnfast's class
+        nn.utils.parametrize.remove_parametrizations(ours[1], "weight_hh")
+        assert type(ours[1]) is rnnfast.GRUCell
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -191,8 +240,6 @@ def test_auto_picks_a_usable_backend():
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_non_contiguous_inputs_and_states(backend, name):
-    from conftest import backend_device
-
     device = backend_device(backend)
     torch.manual_seed(0)
     ref = getattr(nn, name)(5, 6, num_layers=2).to(device)
@@ -218,8 +265,6 @@ def test_resolved_backend_names_the_backend_that_runs():
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_empty_batch(backend, name):
-    from conftest import backend_device
-
     device = backend_device(backend)
     ref = getattr(nn, name)(4, 5, num_layers=2, bidirectional=True).to(device)
     ours = getattr(rnnfast, name)(4, 5, num_layers=2, bidirectional=True, backend=backend).to(device)
@@ -236,8 +281,6 @@ def test_empty_batch(backend, name):
 
 def test_double_backward_works_or_raises(backend):
     """Second derivatives: exact on the reference (autograd), a clear error on fused backends."""
-    from conftest import backend_device
-
     device = backend_device(backend)
     torch.manual_seed(0)
     ref = nn.GRU(3, 4).double().to(device)
