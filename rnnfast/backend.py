@@ -190,13 +190,41 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no cell()")
 
 
-def refuse_double_backward(backend: str) -> None:
-    """Raise in a fused backward that runs with create_graph=True: its kernels have no derivative
-    of their own, and a second derivative must never come out silently wrong."""
-    if torch.is_grad_enabled():
-        raise NotImplementedError(
-            f"rnnfast {backend} backend: double backward (create_graph=True) is not supported; "
-            "use backend='reference'")
+class _FirstOrder(torch.autograd.Function):
+    """The identity on a fused backward's gradients, tied to the tensors they were computed from;
+    its own derivative raises."""
+
+    @staticmethod
+    def forward(backend: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.backend = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"rnnfast {ctx.backend} backend: double backward (create_graph=True) is not "
+                                  "supported; use backend='reference'")
+
+
+def first_order(backend: str, backward: Callable) -> Callable:
+    """A fused backward ``backward(ctx, *grads)`` whose kernels have no derivative of their own. It runs
+    without building a graph; when autograd asks for one (create_graph=True, torch.func.grad), its
+    gradients come back tied to the saved tensors through a node whose derivative raises: a first
+    derivative works everywhere, a second one fails with a clear error, never silently wrong."""
+
+    def run(ctx, *grads):
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        present = [g for g in result if isinstance(g, Tensor)]
+        if not torch.is_grad_enabled() or not anchors or not present:
+            return result
+        tied = iter(_FirstOrder.apply(backend, len(present), *present, *anchors))
+        return tuple(next(tied) if isinstance(g, Tensor) else g for g in result)
+
+    return run
 
 
 class BackendFallbackWarning(RuntimeWarning):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, refuse_double_backward
+from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, first_order
 
 # bfloat16 runs the fused loop with AVX512-BF16 products on CPUs that have them, else the
 # float32 loops on widened copies; backward runs in float32 from what the forward saved
@@ -103,8 +103,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2)
 
 
-def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
-    refuse_double_backward("cpu")
+def _layer_bwd(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
     x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2 = ctx.saved_tensors
     lstm = ctx.mode == 0
     g_out = torch.zeros_like(out) if g_out is None else g_out
@@ -119,7 +118,24 @@ def _backward(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
             db_hh if bias else None, dw_hr if w_hr is not None else None, None, None)
 
 
+_backward = first_order("cpu", _layer_bwd)
 torch.library.register_autograd("rnnfast::layer_fwd", _backward, setup_context=_setup_context)
+
+
+class _Layer(torch.autograd.Function):
+    """layer_fwd with the same autograd as registered on the operator, for eager calls that need
+    gradients: torch.func transforms (``torch.func.grad``, as torch.nn's layers allow) reject the
+    Function torch generates for an operator, which has no ``setup_context``."""
+
+    forward = staticmethod(_ops.layer_fwd)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _layer_fwd(save: bool, *args):
+    """layer_fwd through _Layer when autograd will ask for gradients (the operator under torch.compile)."""
+    fwd = _Layer.apply if save and not torch.compiler.is_compiling() else _ops.layer_fwd
+    return fwd(*args)
 
 
 def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
@@ -186,8 +202,8 @@ class CPUBackend(Backend):
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         save = _needs_grad(x, h0, c0, [t for t in w if t is not None])
-        out, h_n, c_n, _, _ = _ops.layer_fwd(
-            MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse, save
+        out, h_n, c_n, _, _ = _layer_fwd(
+            save, MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse, save
         )
         return out, h_n, c_n if mode == "LSTM" else None
 
@@ -203,6 +219,6 @@ class CPUBackend(Backend):
         b_hh: Optional[Tensor],
     ) -> tuple[Tensor, Optional[Tensor]]:
         save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
-        _, h_n, c_n, _, _ = _ops.layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
+        _, h_n, c_n, _, _ = _layer_fwd(save, MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False, save)
         return h_n, c_n if mode == "LSTM" else None

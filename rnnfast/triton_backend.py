@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .backend import GATES, Backend, LayerWeights, RNNSpec, get_backend, refuse_double_backward
+from .backend import GATES, Backend, LayerWeights, RNNSpec, first_order, get_backend
 
 try:
     from .kernels import FwdState, layer_outputs, rnn_bwd, rnn_fwd
@@ -164,7 +164,6 @@ def _backward(ctx, dhs: Optional[Tensor], dcs: Optional[Tensor], bwd) -> tuple:
     last walked step, where out's last gradient lands too: rnn_bwd adds the two for rows still
     running then; for packed rows that ended earlier (forward direction) h_n is their carried
     state, and its gradient goes in as dh_n."""
-    refuse_double_backward("triton")
     x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, ms, gs = ctx.saved_tensors
     T, reverse = x.shape[0], ctx.reverse
     i_n = 0 if reverse else T
@@ -184,7 +183,7 @@ def _backward(ctx, dhs: Optional[Tensor], dcs: Optional[Tensor], bwd) -> tuple:
             dw_hr if w_hr is not None else None, None, None, None, None, None)
 
 
-_fwd_op.register_autograd(lambda ctx, dhs, dcs, _dms, _dgs: _backward(ctx, dhs, dcs, _bwd_op),
+_fwd_op.register_autograd(first_order("triton", lambda ctx, dhs, dcs, _dms, _dgs: _backward(ctx, dhs, dcs, _bwd_op)),
                           setup_context=_setup_context)
 
 
@@ -194,9 +193,9 @@ class _Layer(torch.autograd.Function):
     forward = staticmethod(_fwd)
     setup_context = staticmethod(_setup_context)
 
-    @staticmethod
-    def backward(ctx, dhs, dcs, _dms, _dgs):
-        return _backward(ctx, dhs, dcs, _bwd)
+    # under torch.func the saved tensors are functorch wrappers, which only the operator unwraps
+    backward = staticmethod(first_order("triton", lambda ctx, dhs, dcs, _dms, _dgs: _backward(
+        ctx, dhs, dcs, _bwd_op if torch._C._are_functorch_transforms_active() else _bwd)))
 
 
 def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, batch_sizes: Optional[Tensor],

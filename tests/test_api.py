@@ -299,3 +299,32 @@ def test_double_backward_works_or_raises(backend):
     with pytest.raises(NotImplementedError, match=f"rnnfast {backend} backend: double backward .* not supported; "
                        "use backend='reference'"):
         second(ours)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
+def test_torch_func_grad(backend, name):
+    """torch.func.grad through functional_call, as with torch.nn's layers; a second derivative
+    (torch.func.grad of it) works on reference and raises clearly on the fused backends."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(3, 4).double().to(device)
+    ours = rnnfast.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    x = x[0] if name.endswith("Cell") else x
+
+    def loss(model, params, inp):
+        out = torch.func.functional_call(model, params, (inp,))
+        return (out if isinstance(out, torch.Tensor) else out[0]).square().sum()
+
+    params = dict(ref.named_parameters())
+    want = torch.func.grad(lambda p: loss(ref, p, x))(params)
+    got = torch.func.grad(lambda p: loss(ours, p, x))(params)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=lambda m: f"{n}: {m}")
+    second = torch.func.grad(lambda inp: torch.func.grad(lambda i: loss(ours, params, i))(inp).sum())
+    if backend == "reference":
+        torch.testing.assert_close(second(x), torch.func.grad(
+            lambda inp: torch.func.grad(lambda i: loss(ref, params, i))(inp).sum())(x))
+    else:
+        with pytest.raises(NotImplementedError, match=f"rnnfast {backend} backend: double backward"):
+            second(x)
