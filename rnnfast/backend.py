@@ -11,7 +11,10 @@ A backend receives calls already checked and normalised by the layers in
   ignored);
 * ``h0`` is ``(L * D, B, H_out)`` and, for LSTM, ``c0`` is ``(L * D, B, H)``;
 * ``weights`` is the list of the module's current weights in torch's flat order
-  (``weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0[, weight_hr_l0], ...``).
+  (``weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0[, weight_hr_l0], ...``);
+* under autocast, ``x`` and ``weights`` are what :meth:`Backend.autocast` returned: on the
+  ``cpu`` backend ``x`` may be bfloat16 beside float32 states, and the outputs then take the
+  states' dtype.
 
 A backend returns ``(out, h_n, c_n)`` with ``out`` of shape ``(T, B, D * H_out)``
 (``c_n`` is ``None`` except for LSTM) and must be differentiable with respect
@@ -117,11 +120,15 @@ class Backend:
         """
         return None
 
-    def autocast_weights(self, weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-        """The weights of a call that autocast runs in ``dtype``: cast copies (autograd flows back
-        through the cast). A backend that packs and caches low-precision copies itself returns them as
-        they are."""
-        return [w.to(dtype) for w in weights]
+    def autocast(
+        self, x: Tensor, weights: list[Tensor], dtype: torch.dtype, products: Optional[torch.dtype]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The input and weights of a call that autocast runs in ``dtype``, with its products in
+        ``products`` where that is narrower (see ``modules._autocast``). Here: ``x`` as it is (already
+        in ``dtype``) and cast copies of the weights (autograd flows back through the cast), the
+        products computed in ``dtype``. A backend that packs and caches low-precision copies of the
+        weights itself returns them as they are."""
+        return x, [w.to(dtype) for w in weights]
 
     def rnn(
         self,
@@ -141,6 +148,7 @@ class Backend:
         hs, cs = [], []
         layer_in = x
         for layer in range(L):
+            layer_in = layer_in.to(x.dtype)  # a float32 output under autocast feeds bfloat16 products
             outs = []
             for d in range(D):
                 k = layer * D + d

@@ -64,8 +64,8 @@ def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
     _check_fake("layer_fwd", mode, x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     T, B = x.shape[0], x.shape[1]
     H = w_hh.shape[0] // GATES[MODES[mode]]
-    empty = x.new_empty(0)
-    out = x.new_empty(T, B, h0.shape[1])
+    empty = h0.new_empty(0)
+    out = h0.new_empty(T, B, h0.shape[1])  # outputs and states in h0's dtype (float32 beside bfloat16 under autocast)
     saved = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # what backward needs
     none = x.new_empty(0, dtype=saved)
     if not save:
@@ -163,12 +163,17 @@ class CPUBackend(Backend):
 
     name = "cpu"
 
-    def autocast_weights(self, weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-        """float32 weights as they are for bfloat16 calls: the kernels round them once into their
-        packed copies, cached until the weights change, and return float32 gradients."""
-        if dtype == torch.bfloat16 and all(w.dtype == torch.float32 for w in weights):
-            return weights
-        return super().autocast_weights(weights, dtype)
+    def autocast(
+        self, x: Tensor, weights: list[Tensor], dtype: torch.dtype, products: Optional[torch.dtype]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """float32 weights as they are for bfloat16 products: the kernels round them once into their
+        packed copies, cached until the weights change, and return float32 gradients. With float32
+        states (``products`` narrower than ``dtype``) the input goes in as bfloat16 and the outputs
+        come back float32 (layer_fwd's mixed call); without AVX512-BF16 such calls stay float32."""
+        low = products if products is not None and _BF16_LOOP else dtype
+        if low == torch.bfloat16 and all(w.dtype == torch.float32 for w in weights):
+            return x.to(low), weights
+        return super().autocast(x, weights, dtype, None)
 
     def unsupported_reason(self, spec: RNNSpec, x: Tensor, packed: bool) -> Optional[str]:
         if x.device.type != "cpu":

@@ -57,27 +57,30 @@ def _check_state(name: str, state: Tensor, input: Tensor) -> None:
         raise RuntimeError(f"{name} is on {state.device}, but the input is on {input.device}")
 
 
-def _autocast(mode: str, cell: bool, input, hx):
-    """Cast a call's input and states the way torch.nn's op is under autocast: ``(input, hx, dtype)``.
+def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
+    """Cast a call's input and states the way torch.nn's op is under autocast: ``(input, hx, dtype,
+    products)``.
 
-    ``dtype`` is what the call computes in (``None`` when autocast is off or leaves it alone); the
-    weights follow it through :meth:`Backend.autocast_weights`. CPU autocast casts the LSTM op on
-    padded input, RNN and RNNCell to its dtype; GRU, packed LSTM, LSTMCell and GRUCell run only
-    their products in it and their state update in the state's dtype, so they return the promotion
-    of the two (float32 for float32 states). CUDA autocast casts every recurrent op.
+    ``dtype`` is what the call's states and outputs are in (``None`` when autocast is off or leaves
+    it alone); the input and weights follow it, or ``products``, through :meth:`Backend.autocast`.
+    CPU autocast casts the LSTM op on padded input or with projections (``proj``), RNN and RNNCell
+    to its dtype; GRU, packed LSTM, LSTMCell and GRUCell run only their products in it and their
+    state update in the state's dtype, so they return the promotion of the two (float32 for float32
+    states): ``products`` is then autocast's dtype where it differs from ``dtype``, else ``None``.
+    CUDA autocast casts every recurrent op.
     """
     x = input.data if isinstance(input, PackedSequence) else input
     device = x.device.type
     if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
-        return input, hx, None
-    dtype = torch.get_autocast_dtype(device)
+        return input, hx, None, None
+    dtype = products = torch.get_autocast_dtype(device)
     packed = isinstance(input, PackedSequence)
-    if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell and not packed)):
+    if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell and (proj or not packed))):
         state = x if hx is None else (hx[1] if mode == "LSTM" else hx)  # what the update reads
         dtype = torch.promote_types(dtype, state.dtype)
     cast = lambda t: t.to(dtype) if t.dtype != torch.float64 else t  # noqa: E731
     hx = None if hx is None else (tuple(cast(s) for s in hx) if mode == "LSTM" else cast(hx))
-    return input.to(dtype) if packed else cast(input), hx, dtype
+    return input.to(dtype) if packed else cast(input), hx, dtype, products if products != dtype else None
 
 
 def _policy_applied(autocast_dtype: Optional[torch.dtype], device: str):
@@ -152,9 +155,9 @@ class _RNNLayer(_BackendChoice):
             check_onnx_exportable(self)
             return super().forward(input, hx)
         is_lstm = self.mode == "LSTM"
-        # torch's CPU LSTM with projections keeps its cell state in c0's dtype under autocast
+        # torch's CPU LSTM with projections (padded or packed) keeps its cell state in c0's dtype under autocast
         c_dtype = (hx[1] if is_lstm and hx is not None else getattr(input, "data", input)).dtype
-        input, hx, autocast_dtype = _autocast(self.mode, False, input, hx)
+        input, hx, autocast_dtype, products = _autocast(self.mode, False, input, hx, self.proj_size > 0)
         packed = isinstance(input, PackedSequence)
         batched = True
         sorted_indices = unsorted_indices = batch_sizes = None
@@ -196,7 +199,9 @@ class _RNNLayer(_BackendChoice):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         spec = self._spec()
         backend = resolve(self._backend, spec, x, packed)
-        weights = self._weights() if autocast_dtype is None else backend.autocast_weights(self._weights(), x.dtype)
+        weights = self._weights()
+        if autocast_dtype is not None:
+            x, weights = backend.autocast(x, weights, autocast_dtype, products)
         with _policy_applied(autocast_dtype, x.device.type):
             out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, weights)
         if autocast_dtype is not None and self.proj_size > 0 and x.device.type == "cpu":
@@ -261,7 +266,7 @@ class _Cell(_BackendChoice):
         if capturing():  # as for the layers
             return super().forward(input, hx)
         mode = self._mode()
-        input, hx, autocast_dtype = _autocast(mode, True, input, hx)
+        input, hx, autocast_dtype, products = _autocast(mode, True, input, hx)
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -284,7 +289,7 @@ class _Cell(_BackendChoice):
         spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
         backend = resolve(self._backend, spec, input, False)
         if autocast_dtype is not None:
-            present = backend.autocast_weights([w for w in weights if w is not None], input.dtype)
+            input, present = backend.autocast(input, [w for w in weights if w is not None], autocast_dtype, products)
             weights = present + [None] * (4 - len(present))
         with _policy_applied(autocast_dtype, input.device.type):
             h, c = backend.cell(mode, input, states[0], states[1] if mode == "LSTM" else None, *weights)

@@ -156,3 +156,33 @@ def test_compile_is_the_first_call(backend):
     proc = subprocess.run([sys.executable, "-c", FRESH, backend], capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class StatesModel(nn.Module):
+    """A stacked bidirectional GRU and a GRU cell on float32 states: under CPU autocast their products run
+    in bfloat16 and their updates and outputs in float32."""
+
+    def __init__(self, H: int = 10) -> None:
+        super().__init__()
+        self.gru = nn.GRU(6, H, num_layers=2, bidirectional=True)
+        self.cell = nn.GRUCell(2 * H, H)
+
+    def forward(self, x):
+        y, h = self.gru(x, x.new_zeros(4, x.size(1), self.cell.hidden_size))
+        return y, self.cell(y[-1], h[-1])
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+@torch._dynamo.config.patch(allow_rnn=True)
+def test_compile_under_cpu_autocast():
+    """The fake kernels give the dtypes the C++ ones do for bfloat16 input beside float32 states, and
+    compile matches eager."""
+    torch.manual_seed(0)
+    model = rnnfast.convert(StatesModel(), backend="cpu")
+    x = torch.randn(7, 3, 6, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = run(compiled, model, x), run(model, model, x)
+    assert [t.dtype for t in got[:2]] == [t.dtype for t in want[:2]] == [torch.float32] * 2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -41,18 +41,23 @@ def _twins(cls_name: str, backend: str, *args, **kwargs):
     return ref, ours
 
 
-def _layer_calls(family: str, device: str):
-    """(id, module dtype, args) for the calls whose output dtypes the autocast test compares."""
+def _layer_calls(family: str, device: str, lead: int, P: int):
+    """(id, module dtype, args) for the calls whose output dtypes the autocast test compares; ``lead``
+    states per batch row (layers x directions), h of size ``P``, c of size 6."""
     x = torch.randn(4, 3, 5, device=device)
-    h = torch.randn(1, 3, 6, device=device)
-    hx = lambda dt: (h.to(dt), h.to(dt)) if family == "LSTM" else h.to(dt)  # noqa: E731
+    h, c = torch.randn(lead, 3, P, device=device), torch.randn(lead, 3, 6, device=device)
+    hx = lambda dt, h=h: (h.to(dt), c[:, :h.size(1)].to(dt)) if family == "LSTM" else h.to(dt)  # noqa: E731
     packed = pack_padded_sequence(x, [4, 3, 1])
     return [
         ("no-hx", torch.float32, (x,)),
         ("hx", torch.float32, (x, hx(torch.float32))),
         ("bf16-hx", torch.float32, (x, hx(BF16))),
         ("bf16-input", torch.float32, (x.to(BF16),)),
+        ("bf16-input-hx", torch.float32, (x.to(BF16), hx(torch.float32))),
         ("packed", torch.float32, (packed,)),
+        ("packed-hx", torch.float32, (packed, hx(torch.float32))),
+        ("packed-bf16-hx", torch.float32, (packed, hx(BF16))),
+        ("batch1", torch.float32, (x[:, :1], hx(torch.float32, h[:, :1]))),
         ("unbatched", torch.float32, (x[:, 0],)),
         ("bf16-module", BF16, (x.to(BF16),)),
         ("float64", torch.float64, (x.double(),)),
@@ -60,10 +65,15 @@ def _layer_calls(family: str, device: str):
 
 
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
-def test_autocast_dtypes_match_torch_layers(family, backend):
+@pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True), dict(proj_size=4)],
+                         ids=["one-layer", "L2-bidir", "proj"])
+def test_autocast_dtypes_match_torch_layers(family, kwargs, backend):
+    if "proj_size" in kwargs and family != "LSTM":
+        pytest.skip("proj_size is LSTM's")
     device = backend_device(backend)
-    for name, dtype, args in _layer_calls(family, device):
-        ref, ours = _twins(family, backend, 5, 6)
+    lead = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    for name, dtype, args in _layer_calls(family, device, lead, kwargs.get("proj_size", 6)):
+        ref, ours = _twins(family, backend, 5, 6, **kwargs)
         ref, ours = ref.to(device, dtype), ours.to(device, dtype)
         with torch.autocast(device, dtype=BF16), warnings.catch_warnings():
             warnings.simplefilter("ignore", BackendFallbackWarning)  # a fallback must give the same dtypes
@@ -75,9 +85,10 @@ def test_autocast_dtypes_match_torch_layers(family, backend):
 def test_autocast_dtypes_match_torch_cells(family, backend):
     device = backend_device(backend)
     x, h = torch.randn(3, 5, device=device), torch.randn(3, 6, device=device)
-    hx = lambda dt: (h.to(dt), h.to(dt)) if family == "LSTMCell" else h.to(dt)  # noqa: E731
+    hx = lambda dt, h=h: (h.to(dt), h.to(dt)) if family == "LSTMCell" else h.to(dt)  # noqa: E731
     calls = [("no-hx", (x,)), ("hx", (x, hx(torch.float32))), ("bf16-hx", (x, hx(BF16))),
-             ("bf16-input", (x.to(BF16),)), ("unbatched", (x[0],))]
+             ("bf16-input", (x.to(BF16),)), ("bf16-input-hx", (x.to(BF16), hx(torch.float32))),
+             ("batch1", (x[:1], hx(torch.float32, h[:1]))), ("unbatched", (x[0],))]
     for name, args in calls:
         ref, ours = (m.to(device) for m in _twins(family, backend, 5, 6))
         with torch.autocast(device, dtype=BF16), warnings.catch_warnings():
@@ -104,8 +115,11 @@ LAYER_CASES = [
     Case("batch-first", I=6, H=24, T=4, B=3, batch_first=True),
     Case("unbatched", I=6, H=24, T=4, B=1, unbatched=True),
     Case("long-wide", I=64, H=96, T=30, B=14),
+    Case("batch1-odd", I=5, H=5, T=7, B=1),
+    Case("packed-layers2-odd", dict(num_layers=2, bidirectional=True), I=9, H=17, T=8, B=6, packed="unsorted"),
 ]
-LSTM_ONLY = [Case("proj", dict(proj_size=7), I=6, H=24, T=4, B=3)]
+LSTM_ONLY = [Case("proj", dict(proj_size=7), I=6, H=24, T=4, B=3),
+             Case("packed-proj", dict(proj_size=5, num_layers=2), I=7, H=17, T=6, B=4, packed="unsorted")]
 PARAMS = [pytest.param(f, c, id=f"{f}-{c.id}") for f in ("LSTM", "GRU", "RNN") for c in LAYER_CASES]
 PARAMS += [pytest.param("LSTM", c, id=f"LSTM-{c.id}") for c in LSTM_ONLY]
 # bfloat16 error allowed against float32: torch.nn's own bfloat16 error, 1.5x, plus this (relative to max |value|)
@@ -161,13 +175,14 @@ def test_bf16_layers_no_worse_than_torch(family, case, autocast, backend):
 
 @pytest.mark.parametrize("family", list(CELLS))
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-module", "autocast"])
-def test_bf16_cells_no_worse_than_torch(family, autocast, backend):
+@pytest.mark.parametrize("I, H, B", [(13, 37, 5), (5, 17, 1)], ids=["B5", "B1-odd"])
+def test_bf16_cells_no_worse_than_torch(family, autocast, I, H, B, backend):
     _numerics_here(backend)
-    ref, ours = _twins(family, backend, 13, 37)
+    ref, ours = _twins(family, backend, I, H)
     lstm = family == "LSTMCell"
     g = torch.Generator().manual_seed(0)
-    xs = torch.randn(4, 5, 13, generator=g)
-    s0 = [torch.randn(5, 37, generator=g) for _ in range(2 if lstm else 1)]
+    xs = torch.randn(4, B, I, generator=g)
+    s0 = [torch.randn(B, H, generator=g) for _ in range(2 if lstm else 1)]
 
     def run(module, dtype, ac):
         module = copy.deepcopy(module).to(dtype)
@@ -210,3 +225,83 @@ def test_bf16_without_bf16_instructions():
     env = dict(os.environ, RNNFAST_CPU_ISA="avx512")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def _bf16_loop() -> bool:
+    return "cpu" in rnnfast.available_backends() and rnnfast.cpu._BF16_LOOP
+
+
+needs_bf16_loop = pytest.mark.skipif(not _bf16_loop(), reason="needs the fused bfloat16 loop (AVX512-BF16)")
+
+
+@needs_bf16_loop
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+@pytest.mark.parametrize("packed, reverse", [(False, False), (True, True)], ids=["padded", "packed-reverse"])
+def test_float32_states_beside_bf16_input_run_the_bf16_loop(mode, packed, reverse):
+    """layer_fwd and decode with bfloat16 input and float32 states (autocast's call) compute what the all-bfloat16
+    call computes, the states kept float32 in both, and return it unrounded in float32."""
+    from rnnfast.backend import GATES, MODE_ID
+
+    g = torch.Generator().manual_seed(0)
+    T, B, I, H, G = 7, 5, 13, 17, GATES[mode]
+    x = torch.randn(T, B, I, generator=g).to(BF16)
+    h0, c0 = (torch.randn(B, H, generator=g).to(BF16) for _ in range(2))
+    c0 = c0 if mode == "LSTM" else None
+    w = [torch.randn(s, generator=g) * 0.3 for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))]
+    bs = torch.tensor([5, 5, 4, 3, 3, 2, 1]) if packed else None
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    for save in (False, True):
+        low = torch.ops.rnnfast.layer_fwd(MODE_ID[mode], x, bs, h0, c0, *w, None, reverse, save)
+        mixed = torch.ops.rnnfast.layer_fwd(MODE_ID[mode], x, bs, f32(h0), f32(c0), *w, None, reverse, save)
+        for k, (a, b) in enumerate(zip(low[:3], mixed[:3])):
+            if a.numel():
+                assert b.dtype == torch.float32, f"output {k}: {b.dtype}"
+                assert torch.equal(b.to(BF16), a), f"output {k} differs from the bfloat16 loop's"
+    if not packed and not reverse:  # decode: a two-layer stack, one step
+        ws = w + [torch.randn(s, generator=g) * 0.3 for s in ((G * H, H), (G * H, H), (G * H,), (G * H,))]
+        stack = lambda t: None if t is None else torch.stack([t[:2], t[:2]])  # noqa: E731
+        low = rnnfast.cpu._C.decode(MODE_ID[mode], ws, 2, True, x[:1, :2], stack(h0), stack(c0))
+        mixed = rnnfast.cpu._C.decode(MODE_ID[mode], ws, 2, True, x[:1, :2], f32(stack(h0)), f32(stack(c0)))
+        for k, (a, b) in enumerate(zip(low, mixed)):
+            if a is not None:
+                assert b.dtype == torch.float32 and torch.equal(b.to(BF16), a), f"decode output {k}"
+
+
+@needs_bf16_loop
+@pytest.mark.parametrize("family, kwargs, packed, T, B", [
+    ("GRU", dict(num_layers=2, bidirectional=True), False, 20, 9),
+    ("GRU", dict(num_layers=2), False, 1, 1),  # the decode path
+    ("LSTM", dict(bidirectional=True), True, 6, 4),
+    ("GRU", {}, True, 6, 4),
+    ("LSTMCell", {}, False, 1, 3),
+    ("GRUCell", {}, False, 1, 3),
+], ids=["gru-L2-bidir", "gru-decode", "lstm-packed", "gru-packed", "lstmcell", "grucell"])
+def test_autocast_float32_states_take_bf16_products(family, kwargs, packed, T, B, monkeypatch):
+    """Under CPU autocast, GRU, packed LSTM and the LSTM and GRU cells with float32 states run their
+    products in bfloat16 (every operator call gets bfloat16 input beside float32 states) and return
+    float32, as torch.nn does."""
+    calls = []
+    real_ops, real_decode = rnnfast.cpu._ops, rnnfast.cpu._C.decode
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real_ops, name)
+
+        def layer_fwd(self, mode, x, batch_sizes, h0, *rest):
+            calls.append((x.dtype, h0.dtype))
+            return real_ops.layer_fwd(mode, x, batch_sizes, h0, *rest)
+
+    def decode(mode, weights, layers, bias, x, h0, c0):
+        calls.append((x.dtype, h0.dtype))
+        return real_decode(mode, weights, layers, bias, x, h0, c0)
+
+    monkeypatch.setattr(rnnfast.cpu, "_ops", Spy())
+    monkeypatch.setattr(rnnfast.cpu._C, "decode", decode)
+    cell = family.endswith("Cell")
+    module = getattr(rnnfast, family)(7, 9, backend="cpu", **kwargs)
+    x = torch.randn(B, 7) if cell else torch.randn(T, B, 7)
+    arg = pack_padded_sequence(x, [T] + [T - 1] * (B - 1)) if packed else x
+    with torch.autocast("cpu", dtype=BF16), torch.set_grad_enabled(T * B > 1):
+        result = module(arg)
+    assert calls and all(c == (BF16, torch.float32) for c in calls), calls
+    assert set(_dtypes(result)) == {torch.float32}

@@ -23,10 +23,11 @@ struct Dims {
   const char* op;
   at::ScalarType dtype;
   int64_t T, B, I, G, H, P;
+  at::ScalarType state = dtype;  // h0's, once checked
 };
 
 // t is a defined CPU tensor of the operator's dtype (or float32 beside a bfloat16 input: autocast's
-// float32 weights, float32 saved values) with exactly the sizes given.
+// float32 weights and states, float32 saved values) with exactly the sizes given.
 void expect(const Dims& d, const Tensor& t, const char* name, at::IntArrayRef sizes) {
   TORCH_CHECK(t.defined(), d.op, ": ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), d.op, ": ", name, " must be a CPU tensor, got one on ", t.device());
@@ -40,6 +41,14 @@ void expect(const Dims& d, const Tensor& t, const char* name, at::IntArrayRef si
 void expect_contiguous(const Dims& d, const Tensor& t, const char* name, at::IntArrayRef sizes) {
   expect(d, t, name, sizes);
   TORCH_CHECK(t.is_contiguous(), d.op, ": ", name, " must be contiguous, as layer_fwd returns it");
+}
+
+// The states, the outputs and their gradients share h0's dtype: the input's, or float32 beside a
+// bfloat16 input (autocast's float32 states: bfloat16 products, float32 updates and outputs).
+void expect_state(const Dims& d, const Tensor& t, const char* name, at::IntArrayRef sizes) {
+  expect(d, t, name, sizes);
+  TORCH_CHECK(t.scalar_type() == d.state, d.op, ": ", name, " has dtype ", t.scalar_type(), " but h0 has dtype ",
+              d.state);
 }
 
 void check_input_dtype(const char* op, const Tensor& x) {
@@ -67,14 +76,15 @@ Dims check_layer(const char* op, int64_t mode, const Tensor& x, const OptTensor&
   TORCH_CHECK(!present(w_hr) || (w_hr->dim() == 2 && w_hr->size(0) > 0), op,
               ": weight_hr must be 2-D (proj_size, hidden_size) with proj_size > 0");
   const int64_t P = present(w_hr) ? w_hr->size(0) : H;
-  const Dims d{op, x.scalar_type(), x.size(0), x.size(1), x.size(2), G, H, P};
+  Dims d{op, x.scalar_type(), x.size(0), x.size(1), x.size(2), G, H, P};
   expect(d, w_hh, "weight_hh", {G * H, P});
   expect(d, w_ih, "weight_ih", {G * H, d.I});
   if (present(w_hr)) expect(d, *w_hr, "weight_hr", {P, H});
   expect(d, h0, "h0", {d.B, P});
+  d.state = h0.scalar_type();
   if (mode == LSTM) {
     TORCH_CHECK(present(c0), op, ": LSTM needs c0");
-    expect(d, *c0, "c0", {d.B, H});
+    expect_state(d, *c0, "c0", {d.B, H});
   }
   if (present(batch_sizes)) {
     const Tensor& b = *batch_sizes;
@@ -105,14 +115,15 @@ void check_layer_bwd(int64_t mode, const Tensor& x, const OptTensor& batch_sizes
                      const Tensor& grad_hn, const Tensor& grad_cn) {
   const Dims d = check_layer("rnnfast::layer_bwd", mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
   expect_contiguous(d, out, "out", {d.T, d.B, d.P});
+  expect_state(d, out, "out", {d.T, d.B, d.P});
   if (mode == LSTM || mode == GRU) {  // LSTM: activated gates and cell states; GRU: r, z, n and W_hn h + b_hn
     TORCH_CHECK(ws1.dim() == 3, d.op, ": ws1 must be what layer_fwd saves with save=True, got shape ", ws1.sizes());
     expect_contiguous(d, ws1, "ws1", {d.T, d.B, 4 * d.H});
   }
   if (mode == LSTM) expect_contiguous(d, ws2, "ws2", {present(w_hr) ? 2 : 1, d.T, d.B, d.H});
-  expect(d, grad_out, "grad_out", {d.T, d.B, d.P});
-  expect(d, grad_hn, "grad_hn", {d.B, d.P});
-  if (mode == LSTM) expect(d, grad_cn, "grad_cn", {d.B, d.H});
+  expect_state(d, grad_out, "grad_out", {d.T, d.B, d.P});
+  expect_state(d, grad_hn, "grad_hn", {d.B, d.P});
+  if (mode == LSTM) expect_state(d, grad_cn, "grad_cn", {d.B, d.H});
 }
 
 void check_decode(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias,
@@ -130,12 +141,13 @@ void check_decode(int64_t mode, const std::vector<Tensor>& weights, int64_t num_
               " weights (", per, " per layer), got ", weights.size());
   TORCH_CHECK(h0.defined() && h0.dim() == 3, op, ": h0 must be 3-D (num_layers, B, hidden_size)");
   const int64_t G = gate_count(mode), H = h0.size(2);
-  const Dims d{op, x.scalar_type(), x.size(0), x.size(1), x.size(2), G, H, H};
+  Dims d{op, x.scalar_type(), x.size(0), x.size(1), x.size(2), G, H, H};
   TORCH_CHECK(H > 0, op, ": hidden_size (h0.size(2)) must be positive");
   expect(d, h0, "h0", {num_layers, d.B, H});
+  d.state = h0.scalar_type();
   if (mode == LSTM) {
     TORCH_CHECK(present(c0), op, ": LSTM needs c0");
-    expect(d, *c0, "c0", {num_layers, d.B, H});
+    expect_state(d, *c0, "c0", {num_layers, d.B, H});
   }
   for (int64_t l = 0; l < num_layers; ++l) {
     const std::string n = std::to_string(l);

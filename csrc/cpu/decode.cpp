@@ -66,9 +66,11 @@ void project(const Tensor& w, const Tensor& bias, const E* x, int64_t in, const 
   });
 }
 
-// The stack over elements E (inputs, weights, outputs) with states and sums in A; for
-// bfloat16 a rounded copy of each layer's state (h_lo) feeds the products.
-template <typename E, typename A>
+// The stack over elements E (inputs, weights, the outputs between layers) with states and
+// sums in A, and the last layer's outputs and the returned states in h0's dtype O (E, or
+// float beside bfloat16: autocast's float32 states); for bfloat16 a rounded copy of each
+// layer's state (h_lo) feeds the products.
+template <typename E, typename A, typename O>
 std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, const std::vector<Tensor>& weights,
                                                                int64_t num_layers, bool has_bias, const Tensor& x,
                                                                const Tensor& h0, const c10::optional<Tensor>& c0) {
@@ -81,11 +83,11 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
   TORCH_CHECK(p.w[0].size(1) == x.size(2) + H, "rnnfast decode: input size does not match the weights");
   Tensor h_n = h0.to(at_).contiguous().clone();
   Tensor c_n = lstm ? c0->to(at_).contiguous().clone() : Tensor();
-  Tensor h_lo = low ? h0.contiguous().clone() : h_n;
-  const auto opts = x.options();
-  Tensor out = at::empty({T, B, H}, opts);
-  Tensor mid = num_layers > 1 ? at::empty({T, B, H}, opts) : Tensor();
-  Tensor scratch = at::empty({3 * B * 4 * H + H}, opts.dtype(at_));
+  Tensor h_lo = low ? h0.to(et).contiguous().clone() : h_n;
+  Tensor out = at::empty({T, B, H}, h0.options());
+  // the outputs of the layers below the last, in turn (one reads the other)
+  Tensor mid = num_layers > 1 ? at::empty({std::min<int64_t>(num_layers - 1, 2), T, B, H}, x.options()) : Tensor();
+  Tensor scratch = at::empty({3 * B * 4 * H + H}, x.options().dtype(at_));
   A* gi = scratch.data_ptr<A>();
   A* gh = gi + B * 4 * H;
   A* ws = gh + B * 4 * H;  // GRU gates
@@ -93,9 +95,9 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
   const E* in = x.data_ptr<E>();
   int64_t in_size = x.size(2);
   for (int64_t l = 0; l < num_layers; ++l) {
-    // alternate between `mid` and `out` so that the last layer writes `out`
-    Tensor& dst = ((num_layers - 1 - l) % 2 == 0) ? out : mid;
-    E* o = dst.data_ptr<E>();
+    const bool last = l + 1 == num_layers;
+    E* o = last ? nullptr : mid.data_ptr<E>() + (l % 2) * T * B * H;
+    O* o_last = last ? out.data_ptr<O>() : nullptr;
     A* h = h_n.data_ptr<A>() + l * B * H;
     E* hl = h_lo.data_ptr<E>() + l * B * H;
     A* c = lstm ? c_n.data_ptr<A>() + l * B * H : nullptr;
@@ -105,14 +107,19 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
         gate_forward<A>(mode, gi + b * G * H, gh + b * G * H, h + b * H, lstm ? c + b * H : nullptr, nullptr,
                         lstm ? gi + b * G * H : ws + b * 4 * H, h_new, H, H);
         std::memcpy(h + b * H, h_new, H * sizeof(A));
-        round_row(o + (t * B + b) * H, h_new, H);
+        if (last) {
+          round_row(o_last + (t * B + b) * H, h_new, H);
+        } else {
+          round_row(o + (t * B + b) * H, h_new, H);
+        }
         if (low) round_row(hl + b * H, h_new, H);
       }
     }
     in = o;
     in_size = H;
   }
-  return {out, h_n.to(et), lstm ? c10::optional<Tensor>(c_n.to(et)) : c10::nullopt};
+  const at::ScalarType ot = h0.scalar_type();
+  return {out, h_n.to(ot), lstm ? c10::optional<Tensor>(c_n.to(ot)) : c10::nullopt};
 }
 
 std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std::vector<Tensor>& weights,
@@ -122,12 +129,15 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
   const Tensor x = x_.contiguous();
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      return decode_loop<at::BFloat16, float>(mode, weights, num_layers, has_bias, x, h0, c0);
+      if (h0.scalar_type() == at::kFloat) {  // autocast's float32 states
+        return decode_loop<at::BFloat16, float, float>(mode, weights, num_layers, has_bias, x, h0, c0);
+      }
+      return decode_loop<at::BFloat16, float, at::BFloat16>(mode, weights, num_layers, has_bias, x, h0, c0);
     case at::kDouble:
-      return decode_loop<double, double>(mode, weights, num_layers, has_bias, x, h0, c0);
+      return decode_loop<double, double, double>(mode, weights, num_layers, has_bias, x, h0, c0);
     default:
       TORCH_CHECK(x.scalar_type() == at::kFloat, "rnnfast decode: unsupported dtype ", x.scalar_type());
-      return decode_loop<float, float>(mode, weights, num_layers, has_bias, x, h0, c0);
+      return decode_loop<float, float, float>(mode, weights, num_layers, has_bias, x, h0, c0);
   }
 }
 

@@ -80,9 +80,10 @@ extern const bool kHasAvx512;
 extern const bool kHasAvx512Bf16;
 
 // One layer and direction on AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
-// proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights (autocast):
-// the same contract as the operators layer_fwd / layer_bwd, with the batch sizes
-// unpacked; with save false the forward keeps nothing for backward (ws1, ws2 empty).
+// proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights and states
+// (autocast; the outputs take h0's dtype): the same contract as the operators layer_fwd /
+// layer_bwd, with the batch sizes unpacked; with save false the forward keeps nothing for
+// backward (ws1, ws2 empty).
 bool fused_loop_supported(const at::Tensor& x, bool proj);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_layer_fwd(
     int64_t mode, const at::Tensor& x, const std::vector<int64_t>& bs, bool packed, const at::Tensor& h0,

@@ -2,7 +2,9 @@
 // forward and backward, registered as the operators rnnfast::layer_fwd / layer_bwd.
 //
 // float32 without proj_size on AVX-512 CPUs, and bfloat16 forwards on AVX512-BF16 CPUs, run
-// the fused loop of recurrent.cpp. Everything else (float64, proj_size, narrower CPUs, and
+// the fused loop of recurrent.cpp. The outputs and states take h0's dtype: bfloat16 input
+// with float32 states (autocast's GRU, packed LSTM, LSTMCell, GRUCell) runs its products in
+// bfloat16 and returns float32. Everything else (float64, proj_size, narrower CPUs, and
 // bfloat16 widened to float32) runs the stepwise loop here:
 // one GEMM projects the input of every step; each step adds one GEMM call for the
 // recurrent term and one fused pointwise pass. Its backward walks the steps in
@@ -91,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
     const auto [out, h, c, ws1, ws2] = layer_fwd(mode, widen(x), batch_sizes, widen(h0_), widen(c0_), widen(w_ih),
                                                  widen(w_hh), widen(b_ih), widen(b_hh), widen(w_hr_), reverse, save);
-    return {narrow_to(out, x), narrow_to(h, x), narrow_to(c, x), ws1, ws2};
+    return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
   }
   if (fused_loop_supported(x, proj)) {
     return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh,

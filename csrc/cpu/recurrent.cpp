@@ -371,10 +371,11 @@ struct Walk {
   int64_t first(int64_t k0, int64_t k1) const { return reverse ? T - k1 : k0; }
 };
 
-// The forward loop over elements E (float, or bfloat16 inputs, weights and outputs). The
-// state, the cell state, the gates and all sums stay float32; for bfloat16 a rounded copy
-// of the state (hlo) feeds the recurrent product.
-template <typename E>
+// The forward loop over inputs and weights E (float or bfloat16) and outputs and returned
+// states O, h0's type: E, or float beside bfloat16 (autocast's float32 states). The state,
+// the cell state, the gates and all sums stay float32; for bfloat16 a rounded copy of the
+// state (hlo) feeds the recurrent product.
+template <typename E, typename O>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, const Tensor& x,
                                                                 const std::vector<int64_t>& bs, bool packed,
                                                                 const Tensor& h0, const Tensor& c0,
@@ -384,14 +385,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   constexpr bool low = !std::is_same_v<E, float>;
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
   const bool lstm = mode == LSTM, gru = mode == GRU;
-  const auto opts = x.options(), fopts = opts.dtype(at::kFloat);
-  auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
-  Tensor out = make({T, B, H});
+  const auto fopts = x.options().dtype(at::kFloat), oopts = h0.options();
+  Tensor out = packed ? at::zeros({T, B, H}, oopts) : at::empty({T, B, H}, oopts);
   Tensor c = lstm ? c0.to(at::kFloat).contiguous().clone() : at::empty({0}, fopts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
   Tensor ws1 = save && (lstm || gru) ? saved_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, fopts);
   Tensor ws2 = save && lstm ? saved_pool().empty({1, T, B, H}, packed) : at::empty({0}, fopts);
-  if (B == 0) return {out, h0.clone(), c.to(x.scalar_type()), ws1, ws2};
+  if (B == 0) return {out, h0.clone(), c.to(h0.scalar_type()), ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
   const int64_t U = G == 1 ? 64 : 16;
   const Panels<E> p = panels<E>().get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode,
@@ -408,7 +408,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   Tensor scratch = workspace(kScratch, {nt, RB * GH + 4 * H});  // per thread: recurrent pre-activations, a row's gates
 
   const Rows<float> gi_rows(gi), cs_rows(cs), ws1_rows(ws1);
-  const Rows<E> out_rows(out);
+  const Rows<O> out_rows(out);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
   float* const hbuf_p = hbuf.data_ptr<float>();
   E* const hlo_p = hlo.data_ptr<E>();
@@ -449,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
       }
     }
   }
-  return {out, hbuf[T % 2].to(x.scalar_type(), false, /*copy=*/true), c.to(x.scalar_type()), ws1, ws2};
+  return {out, hbuf[T % 2].to(h0.scalar_type(), false, /*copy=*/true), c.to(h0.scalar_type()), ws1, ws2};
 }
 
 }  // namespace
@@ -465,10 +465,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
                                                                    const Tensor& w_ih, const Tensor& w_hh,
                                                                    const Tensor& b_ih, const Tensor& b_hh,
                                                                    bool reverse, bool save) {
-  if (x.scalar_type() == at::kBFloat16) {
-    return forward_loop<BF16>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
+  if (x.scalar_type() == at::kBFloat16 && h0.scalar_type() == at::kFloat) {  // autocast's float32 states
+    return forward_loop<BF16, float>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
   }
-  return forward_loop<float>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
+  if (x.scalar_type() == at::kBFloat16) {
+    return forward_loop<BF16, BF16>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
+  }
+  return forward_loop<float, float>(mode, x, bs, packed, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, save);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_bwd(
