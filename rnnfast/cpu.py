@@ -127,7 +127,10 @@ class _Layer(torch.autograd.Function):
     gradients: torch.func transforms (``torch.func.grad``, as torch.nn's layers allow) reject the
     Function torch generates for an operator, which has no ``setup_context``."""
 
-    forward = staticmethod(_ops.layer_fwd)
+    @staticmethod
+    def forward(*args):
+        return _ops.layer_fwd(*args)
+
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
