@@ -579,6 +579,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   E* const dx_p = dx.data_ptr<E>();
   float* const dw_ih_p = dw_ih_t.data_ptr<float>();
   float* const dw_hh_p = dw_hh_t.data_ptr<float>();
+  float* const scratch_p = low ? scratch.data_ptr<float>() : nullptr;
   E* const pairs_x = low ? pairs.data_ptr<E>() : nullptr;
   E* const pairs_h = low ? pairs_x + pair_rows * I : nullptr;
   E* const pairs_gi = low ? pairs_h + pair_rows * H : nullptr;
@@ -588,7 +589,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const Share own(p, nt, tid);
     const int64_t j0 = own.u0, m = own.cnt;
-    float* const row_gi = low ? scratch.data_ptr<float>() + tid * per_thread : nullptr;
+    float* const row_gi = low ? scratch_p + tid * per_thread : nullptr;
     float* const row_gh = low ? row_gi + GH : nullptr;
     float* const row_h = low ? row_gh + GH : nullptr;
     float* const dx_block = low ? row_h + H : nullptr;
