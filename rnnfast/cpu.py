@@ -21,8 +21,8 @@ from torch import Tensor
 from . import _C
 from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, first_order
 
-# bfloat16 runs the fused loop with AVX512-BF16 products on CPUs that have them, else the
-# float32 loops on widened copies; backward runs in float32 from what the forward saved
+# bfloat16 runs the fused loops, forward and backward, with AVX512-BF16 products on CPUs that
+# have them, else the float32 loops on widened copies; what the forward saves is float32 either way
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # The decode path (a GEMV per row over cached packed weights) beats the fused loop on
 # one or two rows (T * B); the stepwise loop's GEMM calls (float64, CPUs without

@@ -117,11 +117,22 @@ LAYER_CASES = [
     Case("long-wide", I=64, H=96, T=30, B=14),
     Case("batch1-odd", I=5, H=5, T=7, B=1),
     Case("packed-layers2-odd", dict(num_layers=2, bidirectional=True), I=9, H=17, T=8, B=6, packed="unsorted"),
+    # odd sizes: units that fill no whole register, odd rows and gate widths (the bfloat16
+    # products take rows and columns in pairs), batch 1 as a batch
+    Case("odd-H5", I=5, H=5, T=7, B=3),
+    Case("odd-H17-B1", I=17, H=17, T=9, B=1),
+    Case("odd-H65-stack", dict(num_layers=2, bidirectional=True), I=33, H=65, T=8, B=6, packed="unsorted"),
+    # several chunks of steps (about 1024 rows each), each with an odd number of rows
+    Case("chunks", I=19, H=65, T=40, B=31),
 ]
 LSTM_ONLY = [Case("proj", dict(proj_size=7), I=6, H=24, T=4, B=3),
              Case("packed-proj", dict(proj_size=5, num_layers=2), I=7, H=17, T=6, B=4, packed="unsorted")]
+RNN_ONLY = [Case("relu", dict(nonlinearity="relu"), I=17, H=65, T=9, B=5),
+            Case("relu-packed", dict(nonlinearity="relu", bidirectional=True, num_layers=2), I=7, H=21, T=6, B=5,
+                 packed="unsorted")]
 PARAMS = [pytest.param(f, c, id=f"{f}-{c.id}") for f in ("LSTM", "GRU", "RNN") for c in LAYER_CASES]
 PARAMS += [pytest.param("LSTM", c, id=f"LSTM-{c.id}") for c in LSTM_ONLY]
+PARAMS += [pytest.param("RNN", c, id=f"RNN-{c.id}") for c in RNN_ONLY]
 # bfloat16 error allowed against float32: torch.nn's own bfloat16 error, 1.5x, plus this (relative to max |value|)
 SLACK = 4e-3
 
@@ -171,6 +182,49 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
 def test_bf16_layers_no_worse_than_torch(family, case, autocast, backend):
     _numerics_here(backend)
     _compare_lowp(family, case, backend, autocast)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-module", "autocast"])
+def test_bf16_gradients_exact_on_small_integers(packed, autocast, backend):
+    """A relu RNN on small integers (one +-1 per row of weight_ih, a permutation as weight_hh) computes
+    every value exactly in bfloat16 and every sum exactly in float32: the bfloat16 gradients then equal
+    float64's, rounded once, so a row or a pair of rows dropped or mispaired shows, however few. Odd
+    sizes; T * B spans several chunks of steps, each with an odd number of rows."""
+    _numerics_here(backend)
+    T, B, I, H = 40, 31, 19, 65
+    g = torch.Generator().manual_seed(0)
+    ints = lambda *shape: torch.randint(-1, 2, shape, generator=g).double()  # noqa: E731
+    ref = torch.nn.RNN(I, H, nonlinearity="relu", bidirectional=True).double()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.startswith("weight_ih"):
+                cols = torch.randint(0, I, (H, 1), generator=g)
+                p.copy_(torch.zeros(H, I, dtype=torch.float64).scatter_(1, cols, ints(H, 1)))
+            elif name.startswith("weight_hh"):
+                p.copy_(torch.eye(H)[torch.randperm(H, generator=g)])
+            else:
+                p.copy_(ints(H))
+    ours = rnnfast.RNN(I, H, nonlinearity="relu", bidirectional=True, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    ours = ours.float() if autocast else ours.to(BF16)
+    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
+    lengths[0] = T
+    x, h0, go = ints(T, B, I), ints(2, B, H), ints(T, B, 2 * H)
+
+    def run(module, dtype, ac):
+        xx, hh = (t.to(dtype, copy=True).requires_grad_() for t in (x, h0))
+        with torch.autocast("cpu", dtype=BF16, enabled=ac):
+            out, _ = module(pack_padded_sequence(xx, lengths, enforce_sorted=False) if packed else xx, hh)
+        out = out.data if packed else out
+        want = (pack_padded_sequence(go, lengths, enforce_sorted=False).data if packed else go).to(out.dtype)
+        out.backward(want)
+        return [out, xx.grad, hh.grad] + [p.grad for p in module.parameters()]
+
+    want = run(ref, torch.float64, False)
+    got = run(ours, torch.float32 if autocast else BF16, autocast)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b.to(a.dtype)), f"tensor {k}: {(a.double() - b).abs().max().item()} off"
 
 
 @pytest.mark.parametrize("family", list(CELLS))

@@ -1,11 +1,11 @@
 // One recurrent layer, one direction, over a whole (optionally packed) sequence:
 // forward and backward, registered as the operators rnnfast::layer_fwd / layer_bwd.
 //
-// float32 without proj_size on AVX-512 CPUs, and bfloat16 forwards on AVX512-BF16 CPUs, run
-// the fused loop of recurrent.cpp. The outputs and states take h0's dtype: bfloat16 input
-// with float32 states (autocast's GRU, packed LSTM, LSTMCell, GRUCell) runs its products in
-// bfloat16 and returns float32. Everything else (float64, proj_size, narrower CPUs, and
-// bfloat16 widened to float32) runs the stepwise loop here:
+// float32 without proj_size on AVX-512 CPUs, and bfloat16 without proj_size on AVX512-BF16
+// CPUs, run the fused loops of recurrent.cpp. The outputs and states take h0's dtype: bfloat16
+// input with float32 states (autocast's GRU, packed LSTM, LSTMCell, GRUCell) runs its products
+// in bfloat16 and returns float32. Everything else (float64, proj_size, narrower CPUs;
+// bfloat16 there widened to float32) runs the stepwise loop here:
 // one GEMM projects the input of every step; each step adds one GEMM call for the
 // recurrent term and one fused pointwise pass. Its backward walks the steps in
 // reverse with fused gate gradients and forms the weight gradients as single GEMMs
@@ -50,9 +50,9 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
   return prev;
 }
 
-// bfloat16 where the fused bfloat16 loop does not run (no AVX512-BF16, proj_size) and in
-// backward: the float32 loops on widened copies, results rounded back to the dtypes of the
-// tensors they belong to. What the forward saves for backward is float32 either way.
+// bfloat16 where the fused bfloat16 loops do not run (no AVX512-BF16, proj_size): the float32
+// loops on widened copies, results rounded back to the dtypes of the tensors they belong to.
+// What the forward saves for backward is float32 either way.
 Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
 Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.numel() > 0 ? t.to(like.scalar_type()) : t; }
@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
   check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
                   grad_cn);
-  if (x_.scalar_type() == at::kBFloat16) {
+  if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
         layer_bwd(mode, widen(x_), batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
                   has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn));

@@ -1,5 +1,5 @@
-// One layer and direction on AVX-512 CPUs in float32, forward and backward, as one
-// OpenMP parallel region each.
+// One layer and direction on AVX-512 CPUs in float32 (or bfloat16 on AVX512-BF16 CPUs),
+// forward and backward, as one OpenMP parallel region each.
 //
 // Every product is one register-blocked tile kernel (6 rows x 64 columns, 24 zmm
 // accumulators) over weights packed once into panels and cached until they change.
@@ -40,8 +40,8 @@ using BF16 = at::BFloat16;
 // bfloat16 for the bfloat16 loop): row k of panel nb starts at data + nb * pstride + k * ldb.
 // bfloat16 panels hold rows in pairs, (k, k + 1) of a column side by side (the operand
 // layout of vdpbf16ps), so there ldb steps from one pair to the next. Packed panels (pack)
-// hold U units of each of G gates side by side, zero-padded; a plain row-major (K, N) float
-// matrix (direct) is one gate of 64.
+// hold U units of each of G gates side by side, zero-padded; a plain row-major (K, N) matrix
+// (direct) is one gate of 64.
 template <typename E>
 struct Panels {
   Tensor w;     // the packed copy that data points into (undefined for a matrix read in place)
@@ -92,18 +92,49 @@ Panels<E> pack(const Tensor& w_, const Tensor& bias, int64_t G, int64_t U) {
   return p;
 }
 
-// A (K, N) row-major float matrix with row stride ldb, read in place (it must outlive the Panels).
-Panels<float> direct(const float* data, int64_t K, int64_t N, int64_t ldb) {
-  Panels<float> p;
+// A (K, N) row-major matrix with row stride ld, read in place (it must outlive the Panels); in
+// bfloat16 its rows come in pairs, as interleave_pairs writes them.
+template <typename E>
+Panels<E> direct(const E* data, int64_t K, int64_t N, int64_t ld) {
+  constexpr int64_t pair = std::is_same_v<E, BF16> ? 2 : 1;
+  Panels<E> p;
   p.U = 64;
   p.V = 4;
   p.K = K;
   p.N = N;
   p.NB = (N + 63) / 64;
   p.data = data;
-  p.ldb = ldb;
-  p.pstride = 64;
+  p.ldb = pair * ld;
+  p.pstride = pair * 64;
   return p;
+}
+
+// Rows [r0, r1) of a row-major bfloat16 matrix with N columns (row stride lds), r0 even, in pairs:
+// row r to dst[(r - r % 2) * N + 2 * j + r % 2], the layout of bfloat16 panels (and of a transposed
+// a, see tile). An odd r1 gets a zero partner row: a zero times a poisoned NaN would not vanish.
+__attribute__((target("avx512f,avx512bw"))) void interleave_pairs(const BF16* src, int64_t lds, int64_t r0,
+                                                                  int64_t r1, int64_t N, BF16* dst) {
+  alignas(64) static const std::array<uint16_t, 64> order = [] {  // a0 b0 a1 b1 ...: words of (a, b)
+    std::array<uint16_t, 64> o{};
+    for (int q = 0; q < 64; ++q) o[q] = static_cast<uint16_t>((q % 2) * 32 + q / 2);
+    return o;
+  }();
+  const __m512i lo = _mm512_load_si512(order.data()), hi = _mm512_load_si512(order.data() + 32);
+  for (int64_t r = r0; r < r1; r += 2) {
+    const BF16* a = src + r * lds;
+    const BF16* b = src + (r + 1) * lds;
+    BF16* d = dst + r * N;
+    for (int64_t j = 0; j < N; j += 32) {
+      const int64_t n = std::min<int64_t>(32, N - j);
+      const __mmask32 live = static_cast<__mmask32>((uint64_t(1) << n) - 1);
+      const __m512i va = _mm512_maskz_loadu_epi16(live, a + j);
+      const __m512i vb = r + 1 < r1 ? _mm512_maskz_loadu_epi16(live, b + j) : _mm512_setzero_si512();
+      const uint64_t both = (uint64_t(1) << (2 * n - 1) << 1) - 1;  // 2n words
+      _mm512_mask_storeu_epi16(d + 2 * j, static_cast<__mmask32>(both), _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_mask_storeu_epi16(d + 2 * j + 32, static_cast<__mmask32>(both >> 32),
+                               _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
 }
 
 #define RNNFAST_TILE_INLINE inline __attribute__((always_inline, target("avx512f")))
@@ -177,18 +208,20 @@ inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void pair_st
 }
 
 // The same tile over bfloat16 a and panels: each vdpbf16ps adds the products of a pair of
-// rows, a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators.
+// rows, a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators. With TA, a is
+// transposed in pairs (interleave_pairs of its columns, lda wide): a[r, k] at
+// a[(k - k % 2) * lda + 2 * r + k % 2], each pair of a row side by side as by rows.
 template <int R, int V, bool TA>
 __attribute__((target("avx512f,avx512bf16"))) void tile(const BF16* a, int64_t lda, int64_t K, const BF16* b,
                                                         int64_t ldb, const float* bias, float* c, int64_t ldc,
                                                         const int64_t* col, const __mmask16* mask, bool add) {
-  static_assert(!TA, "bfloat16 tiles read a by rows");
   __m512 acc[R][V];
   tile_start<R, V>(acc, bias);
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
   const uint16_t* b16 = reinterpret_cast<const uint16_t*>(b);
-  for (int64_t kk = 0; kk < K / 2; ++kk) pair_step<R, V, true>(acc, a16 + 2 * kk, lda, b16 + kk * ldb, mask);
-  if (K % 2 == 1) pair_step<R, V, false>(acc, a16 + K - 1, lda, b16 + (K / 2) * ldb, mask);
+  const int64_t rs = TA ? 2 : lda, ks = TA ? 2 * lda : 2;  // a's steps from row to row, pair to pair
+  for (int64_t kk = 0; kk < K / 2; ++kk) pair_step<R, V, true>(acc, a16 + kk * ks, rs, b16 + kk * ldb, mask);
+  if (K % 2 == 1) pair_step<R, V, false>(acc, a16 + (K / 2) * ks, rs, b16 + (K / 2) * ldb, mask);
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
@@ -206,7 +239,7 @@ void tail(int64_t rows, const E* a, int64_t lda, int64_t K, const E* b, int64_t 
 template <int V, int R, bool TA, typename E>
 void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c,
              int64_t ldc, bool add) {
-  const int64_t rs = TA ? 1 : lda;  // from one row of a to the next
+  const int64_t rs = !TA ? lda : std::is_same_v<E, BF16> ? 2 : 1;  // from one row of a to the next (see tile)
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     int64_t col[V];
     __mmask16 mask[V];
@@ -229,11 +262,9 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
 template <typename E>
 void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c, int64_t ldc,
           bool add, bool transposed_a = false) {
-  if constexpr (std::is_same_v<E, float>) {
-    if (transposed_a) {
-      TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
-      return product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, add);
-    }
+  if (transposed_a) {
+    TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
+    return product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, add);
   }
   if (p.V == 4) {
     product<4, 6, false>(p, nb0, nb1, a, lda, n, c, ldc, add);
@@ -285,7 +316,7 @@ void prefetch(const Rows<E>& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, 
 }
 
 // Weights packed for the loops, kept across calls until they change; tagged by use and mode.
-enum PanelUse { kForward, kInput, kBackward };
+enum PanelUse { kForward, kInput, kBackward, kBackwardInput };
 template <typename E>
 WeightCache<Panels<E>>& panels() {
   static WeightCache<Panels<E>> cache;
@@ -294,7 +325,7 @@ WeightCache<Panels<E>>& panels() {
 
 // Scratch that outlives a call, one set per calling thread: growing only, it spares
 // each call the page faults of fresh allocations, a large share of short calls' time.
-enum Slot { kStates, kStatesLow, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kSlots };
+enum Slot { kStates, kStatesLow, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kPairs, kSlots };
 Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
   thread_local std::array<Tensor, kSlots> held;
   const int64_t numel = c10::multiply_integers(sizes);
@@ -452,6 +483,222 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   return {out, hbuf[T % 2].to(h0.scalar_type(), false, /*copy=*/true), c.to(h0.scalar_type()), ws1, ws2};
 }
 
+// A row of E as float32: read in place, or widened into tmp.
+const float* widened(const float* src, float*, int64_t) { return src; }
+const float* widened(const BF16* src, float* tmp, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) tmp[j] = static_cast<float>(src[j]);
+  return tmp;
+}
+
+// Where a row's gate gradients are formed: in place in float32, else in float32 scratch
+// (rounded into place once the bias gradients have them).
+float* formed(float* row, float*) { return row; }
+float* formed(BF16*, float* tmp) { return tmp; }
+
+// c = a @ B over rows [0, n) and every panel, in E: float32 straight into c, bfloat16 through
+// tmp (kRoundRows rows of N floats), rounded a block of rows at a time while in cache.
+constexpr int64_t kRoundRows = 96;
+template <typename E>
+void gemm_into(const Panels<E>& p, const E* a, int64_t lda, int64_t n, E* c, int64_t ldc, float* tmp) {
+  if constexpr (std::is_same_v<E, float>) {
+    gemm(p, 0, p.NB, a, lda, n, c, ldc, false);
+  } else {
+    for (int64_t r0 = 0; r0 < n; r0 += kRoundRows) {
+      const int64_t rows = std::min(kRoundRows, n - r0);
+      gemm(p, 0, p.NB, a + r0 * lda, lda, rows, tmp, p.N, false);
+      for (int64_t r = 0; r < rows; ++r) round_row(c + (r0 + r) * ldc, tmp + r * p.N, p.N);
+    }
+  }
+}
+
+// The backward loop over elements E (float, or bfloat16 x, out, weights and output gradients),
+// the forward's counterpart: the saved gates (ws1, ws2), dh, dc and all sums stay float32; for
+// bfloat16 each row's gate gradients are also rounded into the chunk's buffers that the products
+// read, and the weight gradients read their operands in pairs of rows (interleave_pairs).
+// Gradients come in the dtypes of the tensors they belong to.
+template <typename E>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop(
+    int64_t mode, const Tensor& x, const std::vector<int64_t>& bs, bool packed, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, bool has_bias, bool reverse, const Tensor& out_, const Tensor& ws1,
+    const Tensor& ws2, const Tensor& go_, const Tensor& grad_hn, const Tensor& grad_cn) {
+  constexpr bool low = !std::is_same_v<E, float>;
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
+  const bool lstm = mode == LSTM, gru = mode == GRU;
+  const auto opts = x.options(), fopts = opts.dtype(at::kFloat);
+  const Tensor none = at::empty({0}, opts);
+  Tensor dx = at::empty({T, B, I}, opts);
+  Tensor dh = grad_hn.to(at::kFloat, false, /*copy=*/true).contiguous();
+  Tensor dc = lstm ? grad_cn.to(at::kFloat, false, /*copy=*/true).contiguous() : none;
+  Tensor dw_ih_t = at::zeros({I, GH}, fopts), dw_hh_t = at::zeros({H, GH}, fopts);
+  Tensor db_i = at::zeros({GH}, fopts), db_h = gru ? at::zeros({GH}, fopts) : db_i;
+  auto grads = [&]() -> std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> {
+    const auto wt = w_ih.scalar_type();
+    const Tensor db_ih = has_bias ? db_i.to(wt) : none;
+    const Tensor db_hh = !has_bias ? none : gru ? db_h.to(wt) : db_ih.clone();
+    return {dx, dh.to(h0.scalar_type()), lstm ? dc.to(c0.scalar_type()) : none, dw_ih_t.t().contiguous().to(wt),
+            dw_hh_t.t().contiguous().to(w_hh.scalar_type()), db_ih, db_hh};
+  };
+  if (B == 0) return grads();
+  // in E: float32 beside bfloat16 x only where autocast or a direct call passes it
+  const Tensor out = out_.to(x.scalar_type()), go = go_.to(x.scalar_type());
+  const Tensor h0_e = h0.to(x.scalar_type()).contiguous(), c0_f = lstm ? c0.to(at::kFloat).contiguous() : c0;
+  const Tensor cs = lstm ? ws2[0] : Tensor();
+  const Tensor w_ih_c = w_ih.contiguous();
+  // dh = dgh @ W_hh: H outputs, K = G * H
+  const Panels<E> p =
+      panels<E>().get({w_hh}, kBackward * 4 + mode, [&] { return pack<E>(w_hh.t(), Tensor(), 1, 64); });
+  const Panels<E> p_dx = [&] {  // dx = dgi @ W_ih: float32 reads W_ih in place, bfloat16 packs it once
+    if constexpr (low) {
+      return panels<E>().get({w_ih}, kBackwardInput * 4 + mode, [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); });
+    } else {
+      return direct(w_ih_c.data_ptr<float>(), GH, I, I);
+    }
+  }();
+  const int64_t RB = block_rows(p), TC = chunk_steps(T, B), nt_max = threads_for(p);
+  const Walk walk{T, !reverse};  // backward walks the steps the other way
+  // one chunk's gate gradients and the states its steps started from
+  const auto dtype = x.scalar_type();
+  Tensor dgi = workspace(kGateGrads, {TC, B, GH}, dtype), dgh = gru ? workspace(kGateGradsH, {TC, B, GH}, dtype) : dgi;
+  Tensor h_prev = workspace(kPrevStates, {TC, B, H}, dtype);
+  // bfloat16: per thread a row's gate gradients (2 GH) and widened state (H), and a block of dx;
+  // per chunk the weight gradients' operands in pairs of rows (x, h_prev, dgi, dgh for GRU)
+  const int64_t per_thread = 2 * GH + H + kRoundRows * I, pair_rows = (TC * B + 1) / 2 * 2;
+  Tensor scratch = low ? workspace(kScratch, {nt_max, per_thread}) : Tensor();
+  Tensor pairs = low ? workspace(kPairs, {pair_rows * (I + H + GH * (gru ? 2 : 1))}, dtype) : Tensor();
+  auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
+
+  const Rows<E> go_rows(go), out_rows(out), dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
+  const Rows<float> cs_rows(cs), ws1_rows(ws1);
+  float* const dh_p = dh.data_ptr<float>();
+  float* const dc_p = lstm ? dc.data_ptr<float>() : nullptr;
+  float* const db_i_p = db_i.data_ptr<float>();
+  float* const db_h_p = db_h.data_ptr<float>();
+  const E* const h0_p = h0_e.data_ptr<E>();
+  const float* const c0_p = lstm ? c0_f.data_ptr<float>() : nullptr;
+  const E* const x_p = x.data_ptr<E>();
+  E* const dx_p = dx.data_ptr<E>();
+  float* const dw_ih_p = dw_ih_t.data_ptr<float>();
+  float* const dw_hh_p = dw_hh_t.data_ptr<float>();
+  float* const scratch_p = low ? scratch.data_ptr<float>() : nullptr;
+  E* const pairs_x = low ? pairs.data_ptr<E>() : nullptr;
+  E* const pairs_h = low ? pairs_x + pair_rows * I : nullptr;
+  E* const pairs_gi = low ? pairs_h + pair_rows * H : nullptr;
+  E* const pairs_gh = low && gru ? pairs_gi + pair_rows * GH : pairs_gi;
+#pragma omp parallel num_threads(nt_max)
+  {
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const Share own(p, nt, tid);
+    const int64_t j0 = own.u0, m = own.cnt;
+    float* const row_gi = low ? scratch_p + tid * per_thread : nullptr;
+    float* const row_gh = low ? row_gi + GH : nullptr;
+    float* const row_h = low ? row_gh + GH : nullptr;
+    float* const dx_block = low ? row_h + H : nullptr;
+    int64_t t0 = 0;  // the chunk's first step
+    // what pointwise(k, r0, r1) will read, fetched while a GEMM block runs
+    auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
+      if (k >= T || r0 >= r1) return;
+      const int64_t t = walk.step(k), np = std::min(r1, prev_rows(k)), tp = k + 1 < T ? walk.step(k + 1) : 0;
+      prefetch(go_rows, t, r0, r1, j0, m, 1, H);
+      if (lstm || gru) {
+        prefetch(ws1_rows, t, r0, r1, j0, m, 4, H);
+      } else {
+        prefetch(out_rows, t, r0, r1, j0, m, 1, H);
+      }
+      if (lstm) prefetch(cs_rows, t, r0, r1, j0, m, 1, H);
+      if (r0 < np) {
+        prefetch(out_rows, tp, r0, np, j0, m, 1, H);
+        if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H);
+      }
+    };
+    // gate gradients of walked step k, rows [r0, r1), this thread's units
+    auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
+      const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
+      for (int64_t b = r0; b < r1 && m > 0; ++b) {
+        float* d = dh_p + b * H + j0;
+        const E* g_out = go_rows(t, b) + j0;
+        for (int64_t j = 0; j < m; ++j) d[j] += static_cast<float>(g_out[j]);
+        const E* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
+        std::memcpy(hp_rows(t - t0, b) + j0, hp, m * sizeof(E));
+        const float* cp = lstm ? (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0 : nullptr;
+        float* const gi = formed(dgi_rows(t - t0, b), row_gi);
+        float* const gh = formed(dgh_rows(t - t0, b), gru ? row_gh : row_gi);
+        // what the mode reads of the states: h_prev (GRU) or h (RNN)
+        const float* hp_f = gru ? widened(hp, row_h, m) : nullptr;
+        const float* h_f = !lstm && !gru ? widened(out_rows(t, b) + j0, row_h, m) : nullptr;
+        gate_backward(mode, ws1_rows(t, b) + j0, cs_rows(t, b) + j0, cp, hp_f, h_f, d,
+                      lstm ? dc_p + b * H + j0 : nullptr, gi + j0, gh + j0, m, H);
+        for (int64_t q = 0; q < G; ++q) {  // the bias gradients, summed as the rows go by
+          const float* gi_row = gi + q * H + j0;
+          const float* gh_row = gh + q * H + j0;
+          float* sum_i = db_i_p + q * H + j0;
+          float* sum_h = db_h_p + q * H + j0;
+          for (int64_t j = 0; j < m; ++j) sum_i[j] += gi_row[j];
+          if (gru) {
+            for (int64_t j = 0; j < m; ++j) sum_h[j] += gh_row[j];
+          }
+          if constexpr (low) {
+            round_row(dgi_rows(t - t0, b) + q * H + j0, gi_row, m);
+            if (gru) round_row(dgh_rows(t - t0, b) + q * H + j0, gh_row, m);
+          }
+        }
+      }
+    };
+    for (int64_t k0 = 0; k0 < T; k0 += TC) {
+      const int64_t k1 = std::min(T, k0 + TC), rows = (k1 - k0) * B;
+      t0 = walk.first(k0, k1);
+      if (packed) {  // rows a step does not run: zero gradients and states (the workspace holds old ones)
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t q = 0; q < G; ++q) {
+            std::memset(dgi_rows.data + r * GH + q * H + j0, 0, m * sizeof(E));
+            std::memset(dgh_rows.data + r * GH + q * H + j0, 0, m * sizeof(E));
+          }
+          std::memset(hp_rows.data + r * H + j0, 0, m * sizeof(E));
+        }
+      }
+      pointwise(k0, 0, bs[walk.step(k0)]);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t t = walk.step(k), n = bs[t], n_next = k + 1 < k1 ? prev_rows(k) : 0;
+#pragma omp barrier
+        // dh of the rows active at t, block by block, each block's rows going straight
+        // on to the gate gradients of the next walked step of this chunk
+        for (int64_t r0 = 0; r0 < n; r0 += RB) {
+          const int64_t rb = std::min(RB, n - r0);
+          fetch(k + 1, r0, std::min(r0 + rb, n_next));
+          gemm(p, own.nb0, own.nb1, dgh_rows(t - t0, r0), GH, rb, dh_p + r0 * H, H, gru);
+          pointwise(k + 1, r0, std::min(r0 + rb, n_next));
+        }
+        if (n_next > n) pointwise(k + 1, n, n_next);
+      }
+#pragma omp barrier
+      // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
+      const auto [x0, x1] = row_share(rows, nt, tid);
+      const E* const x_chunk = x_p + t0 * B * I;
+      gemm_into(p_dx, dgi_rows.data + x0 * GH, GH, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+      if constexpr (low) {  // the weight gradients' operands in pairs of rows
+        interleave_pairs(x_chunk, I, x0, x1, I, pairs_x);
+        interleave_pairs(hp_rows.data, H, x0, x1, H, pairs_h);
+        interleave_pairs(dgi_rows.data, GH, x0, x1, GH, pairs_gi);
+        if (gru) interleave_pairs(dgh_rows.data, GH, x0, x1, GH, pairs_gh);
+#pragma omp barrier
+      }
+      const E* const a_x = low ? pairs_x : x_chunk;
+      const E* const a_h = low ? pairs_h : hp_rows.data;
+      const E* const b_gi = low ? pairs_gi : dgi_rows.data;
+      const E* const b_gh = low ? pairs_gh : dgh_rows.data;
+      // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
+      // both operands in L2; the strided operand is the narrower one
+      const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
+      for (int64_t k = 0; k < rows; k += kSumRows) {
+        const int64_t kb = std::min(kSumRows, rows - k);
+        gemm(direct(b_gi + k * GH, kb, GH, GH), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
+        gemm(direct(b_gh + k * GH, kb, GH, GH), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
+      }
+#pragma omp barrier
+    }
+  }
+  return grads();
+}
+
 }  // namespace
 
 bool fused_loop_supported(const Tensor& x, bool proj) {
@@ -478,136 +725,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_b
     int64_t mode, const Tensor& x, const std::vector<int64_t>& bs, bool packed, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, bool has_bias, bool reverse, const Tensor& out, const Tensor& ws1,
     const Tensor& ws2, const Tensor& go, const Tensor& grad_hn, const Tensor& grad_cn) {
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
-  const bool lstm = mode == LSTM, gru = mode == GRU;
-  const auto opts = x.options();
-  const Tensor none = at::empty({0}, opts);
-  Tensor dx = at::empty({T, B, I}, opts);
-  Tensor dh = grad_hn.contiguous().clone();
-  Tensor dc = lstm ? grad_cn.contiguous().clone() : none;
-  Tensor dw_ih_t = at::zeros({I, GH}, opts), dw_hh_t = at::zeros({H, GH}, opts);
-  Tensor db_i = at::zeros({GH}, opts), db_h = gru ? at::zeros({GH}, opts) : db_i;
-  auto bias_grads = [&]() -> std::pair<Tensor, Tensor> {
-    if (!has_bias) return {none, none};
-    return {db_i, gru ? db_h : db_i.clone()};
-  };
-  if (B == 0) {
-    const auto [db_ih, db_hh] = bias_grads();
-    return {dx, dh, dc, dw_ih_t.t().contiguous(), dw_hh_t.t().contiguous(), db_ih, db_hh};
+  if (x.scalar_type() == at::kBFloat16) {
+    return backward_loop<BF16>(mode, x, bs, packed, h0, c0, w_ih, w_hh, has_bias, reverse, out, ws1, ws2, go,
+                               grad_hn, grad_cn);
   }
-  const Tensor cs = lstm ? ws2[0] : Tensor();
-  const Tensor w_ih_c = w_ih.contiguous();
-  // dh = dgh @ W_hh: H outputs, K = G * H
-  const Panels<float> p =
-      panels<float>().get({w_hh}, kBackward * 4 + mode, [&] { return pack<float>(w_hh.t(), Tensor(), 1, 64); });
-  const Panels<float> p_dx = direct(w_ih_c.data_ptr<float>(), GH, I, I);  // dx = dgi @ W_ih
-  const int64_t RB = block_rows(p), TC = chunk_steps(T, B);
-  const Walk walk{T, !reverse};  // backward walks the steps the other way
-  // one chunk's gate gradients and the states its steps started from
-  Tensor dgi = workspace(kGateGrads, {TC, B, GH}), dgh = gru ? workspace(kGateGradsH, {TC, B, GH}) : dgi;
-  Tensor h_prev = workspace(kPrevStates, {TC, B, H});
-  auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
-
-  const Rows<float> go_rows(go), out_rows(out), cs_rows(cs), ws1_rows(ws1);
-  const Rows<float> dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
-  float* const dh_p = dh.data_ptr<float>();
-  float* const dc_p = lstm ? dc.data_ptr<float>() : nullptr;
-  float* const db_i_p = db_i.data_ptr<float>();
-  float* const db_h_p = db_h.data_ptr<float>();
-  const float* const h0_p = h0.data_ptr<float>();
-  const float* const c0_p = lstm ? c0.data_ptr<float>() : nullptr;
-  const float* const x_p = x.data_ptr<float>();
-  float* const dx_p = dx.data_ptr<float>();
-  float* const dw_ih_p = dw_ih_t.data_ptr<float>();
-  float* const dw_hh_p = dw_hh_t.data_ptr<float>();
-#pragma omp parallel num_threads(threads_for(p))
-  {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const Share own(p, nt, tid);
-    const int64_t j0 = own.u0, m = own.cnt;
-    int64_t t0 = 0;  // the chunk's first step
-    // what pointwise(k, r0, r1) will read, fetched while a GEMM block runs
-    auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
-      if (k >= T || r0 >= r1) return;
-      const int64_t t = walk.step(k), np = std::min(r1, prev_rows(k)), tp = k + 1 < T ? walk.step(k + 1) : 0;
-      prefetch(go_rows, t, r0, r1, j0, m, 1, H);
-      prefetch(lstm || gru ? ws1_rows : out_rows, t, r0, r1, j0, m, lstm || gru ? 4 : 1, H);
-      if (lstm) prefetch(cs_rows, t, r0, r1, j0, m, 1, H);
-      if (r0 < np) {
-        prefetch(out_rows, tp, r0, np, j0, m, 1, H);
-        if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H);
-      }
-    };
-    // gate gradients of walked step k, rows [r0, r1), this thread's units
-    auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
-      const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
-      for (int64_t b = r0; b < r1 && m > 0; ++b) {
-        float* d = dh_p + b * H + j0;
-        const float* g_out = go_rows(t, b) + j0;
-        for (int64_t j = 0; j < m; ++j) d[j] += g_out[j];
-        const float* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
-        std::memcpy(hp_rows(t - t0, b) + j0, hp, m * 4);
-        const float* cp = lstm ? (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0 : nullptr;
-        gate_backward(mode, ws1_rows(t, b) + j0, cs_rows(t, b) + j0, cp, hp, out_rows(t, b) + j0, d,
-                      lstm ? dc_p + b * H + j0 : nullptr, dgi_rows(t - t0, b) + j0, dgh_rows(t - t0, b) + j0, m, H);
-        for (int64_t q = 0; q < G; ++q) {  // the bias gradients, summed as the rows go by
-          const float* gi_row = dgi_rows(t - t0, b) + q * H + j0;
-          const float* gh_row = dgh_rows(t - t0, b) + q * H + j0;
-          float* sum_i = db_i_p + q * H + j0;
-          float* sum_h = db_h_p + q * H + j0;
-          for (int64_t j = 0; j < m; ++j) sum_i[j] += gi_row[j];
-          if (gru) {
-            for (int64_t j = 0; j < m; ++j) sum_h[j] += gh_row[j];
-          }
-        }
-      }
-    };
-    for (int64_t k0 = 0; k0 < T; k0 += TC) {
-      const int64_t k1 = std::min(T, k0 + TC), rows = (k1 - k0) * B;
-      t0 = walk.first(k0, k1);
-      if (packed) {  // rows a step does not run: zero gradients and states (the workspace holds old ones)
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t q = 0; q < G; ++q) {
-            std::memset(dgi_rows.data + r * GH + q * H + j0, 0, m * 4);
-            std::memset(dgh_rows.data + r * GH + q * H + j0, 0, m * 4);
-          }
-          std::memset(hp_rows.data + r * H + j0, 0, m * 4);
-        }
-      }
-      pointwise(k0, 0, bs[walk.step(k0)]);
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t t = walk.step(k), n = bs[t], n_next = k + 1 < k1 ? prev_rows(k) : 0;
-#pragma omp barrier
-        // dh of the rows active at t, block by block, each block's rows going straight
-        // on to the gate gradients of the next walked step of this chunk
-        for (int64_t r0 = 0; r0 < n; r0 += RB) {
-          const int64_t rb = std::min(RB, n - r0);
-          fetch(k + 1, r0, std::min(r0 + rb, n_next));
-          gemm(p, own.nb0, own.nb1, dgh_rows(t - t0, r0), GH, rb, dh_p + r0 * H, H, gru);
-          pointwise(k + 1, r0, std::min(r0 + rb, n_next));
-        }
-        if (n_next > n) pointwise(k + 1, n, n_next);
-      }
-#pragma omp barrier
-      // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
-      const auto [x0, x1] = row_share(rows, nt, tid);
-      gemm(p_dx, 0, p_dx.NB, dgi_rows.data + x0 * GH, GH, x1 - x0, dx_p + (t0 * B + x0) * I,
-           I, false);
-      // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
-      // both operands in L2; the strided operand is the narrower one
-      const Share cols(direct(dgi_rows.data, rows, GH, GH), nt, tid);
-      for (int64_t k = 0; k < rows; k += kSumRows) {
-        const int64_t kb = std::min(kSumRows, rows - k);
-        gemm(direct(dgi_rows.data + k * GH, kb, GH, GH), cols.nb0, cols.nb1, x_p + (t0 * B + k) * I, I, I,
-             dw_ih_p, GH, true, true);
-        gemm(direct(dgh_rows.data + k * GH, kb, GH, GH), cols.nb0, cols.nb1, hp_rows.data + k * H, H, H,
-             dw_hh_p, GH, true, true);
-      }
-#pragma omp barrier
-    }
-  }
-  const auto [db_ih, db_hh] = bias_grads();
-  return {dx, dh, dc, dw_ih_t.t().contiguous(), dw_hh_t.t().contiguous(), db_ih, db_hh};
+  return backward_loop<float>(mode, x, bs, packed, h0, c0, w_ih, w_hh, has_bias, reverse, out, ws1, ws2, go, grad_hn,
+                              grad_cn);
 }
 
 }  // namespace rnnfast
