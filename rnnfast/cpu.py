@@ -82,7 +82,7 @@ def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, re
                     g_cn):
     _check_fake("layer_bwd", mode, x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, out=out, ws1=ws1, ws2=ws2,
                 grad_out=g_out, grad_hn=g_hn, grad_cn=g_cn)
-    empty = x.new_empty(0, dtype=torch.float32 if x.dtype == torch.bfloat16 else x.dtype)  # as the widened loop's
+    empty = x.new_empty(0)
     bias = w_ih.new_empty(w_ih.shape[0]) if has_bias else empty
     return (
         x.new_empty(x.shape),

@@ -55,7 +55,7 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
 // What the forward saves for backward is float32 either way.
 Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
-Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.numel() > 0 ? t.to(like.scalar_type()) : t; }
+Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); }
 Tensor narrow_to(const Tensor& t, const OptTensor& like) { return present(like) ? narrow_to(t, *like) : t; }
 
 // A step's recurrent product runs on this thread with the GEMV kernel when the
@@ -165,8 +165,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
         layer_bwd(mode, widen(x_), batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
                   has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn));
-    return {narrow_to(dx, x_),     narrow_to(dh, h0),    narrow_to(dc, c0),    narrow_to(dw_ih, w_ih_),
-            narrow_to(dw_hh, w_hh_), narrow_to(db_ih, w_ih_), narrow_to(db_hh, w_ih_), narrow_to(dw_hr, w_hr_)};
+    // absent gradients as the fused loop returns them: empty, in x's dtype
+    const Tensor none = at::empty({0}, x_.options());
+    auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
+      return there && present(like) ? narrow_to(t, *like) : none;
+    };
+    return {narrow_to(dx, x_),       narrow_to(dh, h0),
+            back(dc, c0),            narrow_to(dw_ih, w_ih_),
+            narrow_to(dw_hh, w_hh_), back(db_ih, w_ih_, has_bias),
+            back(db_hh, w_ih_, has_bias), back(dw_hr, w_hr_)};
   }
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
