@@ -13,7 +13,6 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import RNNSpec, check_backend_name, load_backends, resolve
@@ -114,8 +113,11 @@ class _RNNLayer(_BackendChoice):
         Read straight from the parameter dict: cheaper per call than torch's
         ``_update_flat_weights``, which matters for one-step decoding.
         """
-        if parametrize.is_parametrized(self):  # torch's own reads: a stateful parametrization (spectral_norm's
-            self._update_flat_weights()         # power iteration) steps once per read, as often as with torch.nn
+        # parametrized (torch.nn.utils.parametrize.is_parametrized without its getattr miss, every call):
+        # torch's own reads, so that a stateful parametrization (spectral_norm's power iteration) steps
+        # once per read, as often as with torch.nn
+        if "parametrizations" in self._modules:
+            self._update_flat_weights()
             return list(self._flat_weights)
         params = self._parameters
         return [params[n] if n in params else getattr(self, n) for n in self._flat_weights_names]
