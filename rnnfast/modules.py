@@ -306,14 +306,19 @@ class _Cell(_BackendChoice):
         if input.dtype != weight_dtype and not autocast:
             raise RuntimeError(
                 f"{type(self).__name__}: input dtype ({input.dtype}) does not match weight dtype ({weight_dtype})")
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
-        for k, s in enumerate(states):
-            if s.size(0) != input.size(0):
-                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {s.size(0)}")
-            if s.size(1) != self.hidden_size:
-                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, expected {self.hidden_size}")
-            _check_state(f"hidden{k}", s, input)
+        check_cell_sizes(self, input, states)
+
+
+def check_cell_sizes(cell: nn.Module, input: Tensor, states: tuple[Tensor, ...]) -> None:
+    """torch's fused cell ops' size and device checks of a batched step, with their exception types."""
+    if input.size(1) != cell.input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {cell.input_size}")
+    for k, s in enumerate(states):
+        if s.size(0) != input.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size {s.size(0)}")
+        if s.size(1) != cell.hidden_size:
+            raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, expected {cell.hidden_size}")
+        _check_state(f"hidden{k}", s, input)
 
 
 class RNNCell(_Cell, nn.RNNCell):

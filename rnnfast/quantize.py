@@ -267,15 +267,7 @@ class _QuantizedCell(_Quantized):
         elif not batched:
             states = tuple(s.unsqueeze(0) for s in states)
         _check_inference(self, input, *states)
-        if x.size(1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}")
-        for k, s in enumerate(states):
-            if s.size(0) != x.size(0):
-                raise RuntimeError(f"Input batch size {x.size(0)} doesn't match hidden{k} batch size {s.size(0)}")
-            if s.size(1) != self.hidden_size:
-                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, "
-                                   f"expected {self.hidden_size}")
-            _modules._check_state(f"hidden{k}", s, x)
+        _modules.check_cell_sizes(self, x, states)
         _, h, c = self._run(x.unsqueeze(0), None, states[0].unsqueeze(0), states[1].unsqueeze(0) if lstm else None)
         h, c = h[0], c[0] if lstm else None
         if not batched:
