@@ -135,9 +135,10 @@ class _Layer(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _layer_fwd(save: bool, *args):
-    """layer_fwd through _Layer when autograd will ask for gradients (the operator under torch.compile)."""
-    fwd = _Layer.apply if save and not torch.compiler.is_compiling() else _ops.layer_fwd
+def _layer_fwd(*args):
+    """layer_fwd through _Layer when autograd will ask for gradients (its last argument, ``save``),
+    else, and under torch.compile, the operator itself."""
+    fwd = _Layer.apply if args[-1] and not torch.compiler.is_compiling() else _ops.layer_fwd
     return fwd(*args)
 
 
@@ -211,7 +212,7 @@ class CPUBackend(Backend):
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         save = _needs_grad(x, h0, c0, [t for t in w if t is not None])
         out, h_n, c_n, _, _ = _layer_fwd(
-            save, MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse, save
+            MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse, save
         )
         return out, h_n, c_n if mode == "LSTM" else None
 
@@ -227,6 +228,6 @@ class CPUBackend(Backend):
         b_hh: Optional[Tensor],
     ) -> tuple[Tensor, Optional[Tensor]]:
         save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
-        _, h_n, c_n, _, _ = _layer_fwd(save, MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
-                                           False, save)
+        _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
+                                       False, save)
         return h_n, c_n if mode == "LSTM" else None
