@@ -43,6 +43,15 @@ class Case:
         return self.T * self.B
 
     @property
+    def flops(self) -> float:
+        """The GEMM work of one call: 2 G H (I + H) per row and step of the first layer (G: 4 gates
+        for LSTM, 3 for GRU, 1 for RNN), 2 G H (2 H) per later layer; a forward + backward is 3 times
+        the forward (dx and dh, then the weight gradients). The gate math is left out."""
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[self.family]
+        per_row = 2 * gates * self.H * ((self.I + self.H) + (self.layers - 1) * 2 * self.H)
+        return self.T * self.B * per_row * (3 if self.mode == "fwdbwd" else 1)
+
+    @property
     def cost(self) -> float:
         """Relative work (the recurrent GEMMs, plus launches at small sizes) for ordering and budgets."""
         return self.T * self.layers * (max(self.B, 16) * self.H * (self.H + self.I) + 2e5) * (

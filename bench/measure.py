@@ -147,10 +147,27 @@ def run_case(case: Case, providers: list[Provider], device: str, repeats: int, m
         mem, how = peak_memory(built[name].step, device) if name != "onnxruntime" else \
             (None, "not measured (ONNX Runtime's own allocator)")
         row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80, tokens_per_s=case.tokens / (p50 / 1e3),
+                   gflop_per_s=case.flops / (p50 / 1e3) / 1e9,
                    peak_mem_bytes=mem, mem_method=how, rounds=rounds[name], calls_per_round=calls[name])
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+ROOF_SHAPE = (4096, 1024, 1024)  # M, K, N: large enough to run at the library's best rate
+
+
+def gemm_roof(dtype: str, device: str, repeats: int = 7) -> float:
+    """GFLOP/s of one large ``torch.matmul`` at ``dtype`` (the best of ``repeats`` batches): the rate
+    a layer's GEMMs could reach here at best, against which each provider's GFLOP/s is set."""
+    m, k, n = ROOF_SHAPE
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device, getattr(torch, dtype))
+    b = torch.randn(k, n, generator=g).to(device, getattr(torch, dtype))
+    per_call = time_batch(lambda: a @ b, 2, device)  # warm-up, and the size of a ~0.1 s batch
+    calls = max(1, math.ceil(0.1 / per_call))
+    secs = min(time_batch(lambda: a @ b, calls, device) for _ in range(repeats))
+    return 2 * m * k * n / secs / 1e9
 
 
 def estimate_s(case: Case, done: list[tuple[Case, float]]) -> float:

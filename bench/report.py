@@ -174,6 +174,9 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
             for label in labels:
                 base_row = cell.get((label, "torch"))
                 out.append(f"| {label} | " + " | ".join(fmt(cell.get((label, n)), base_row) for n in names) + " |")
+        roof = env.get("gemm_roof_gflop_per_s", {}).get(dtype)
+        if roof and mode != "decode":
+            out += _roof_table(roof, env.get("gemm_roof_shape"), labels, names, cell)
         ran = {n: sorted({f"{r['ran_on']} ({r['out_dtype']} out)" for r in sec
                           if r["provider"] == n and r["status"] == "ok"}) for n in names}
         out += ["", "Ran on: " + "; ".join(f"{n}: {', '.join(v)}" for n, v in ran.items() if v) + "."]
@@ -183,6 +186,25 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
     if base:
         out += ["", "## Change against an earlier run", "", base]
     return "\n".join(out) + "\n"
+
+
+def _roof_table(roof: float, shape: Optional[list], labels: list[str], names: list[str], cell: dict) -> list[str]:
+    """GEMM GFLOP/s of each provider as a share of the roof, and how much faster than torch.nn a
+    provider could be at most if its GEMMs ran at the roof and the rest cost nothing (roof / torch)."""
+    m, k, n = shape or ("?", "?", "?")
+    out = ["", f"GEMM work per second, GFLOP/s (share of the roof: {roof:.0f} GFLOP/s, one "
+           f"{m}x{k} @ {k}x{n} torch.matmul at this dtype, measured in this run; int8 providers count "
+           "the float work they replace). Last column: roof / torch, the most any provider can gain on "
+           "torch.nn while it runs the same GEMMs:", "",
+           "| config | " + " | ".join(names) + " | roof / torch |", "|---" * (len(names) + 2) + "|"]
+    for label in labels:
+        rates = [cell.get((label, name)) for name in names]
+        cells = [f"{r['gflop_per_s']:.3g} ({r['gflop_per_s'] / roof:.0%})" if r and r.get("gflop_per_s") else ""
+                 for r in rates]
+        torch_row = cell.get((label, "torch"))
+        head = f"{roof / torch_row['gflop_per_s']:.2f}×" if torch_row and torch_row.get("gflop_per_s") else ""
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {head} |")
+    return out
 
 
 def _time_cell(r: Optional[dict], base: Optional[dict]) -> str:

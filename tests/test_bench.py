@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from bench.cases import Case
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_CPU = os.path.join(ROOT, "bench", "results", "2026-11-26-cpu-cpu.json")
 OLD_GPU = os.path.join(ROOT, "bench", "results", "2026-11-26-nvidia-h200.json")
@@ -47,6 +49,8 @@ def test_every_cpu_provider_appears_timed_or_with_a_reason(tiny_run):
             continue
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
         assert r["tokens_per_s"] == pytest.approx(r["T"] * r["B"] / (r["p50_ms"] / 1e3))
+        case = Case(*(r[k] for k in ("family", "mode", "T", "B", "I", "H", "layers", "dtype")))
+        assert r["gflop_per_s"] == pytest.approx(case.flops / (r["p50_ms"] / 1e3) / 1e9)
         if r["provider"] != "onnxruntime":
             assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
         # float32 providers on torch's weights match torch.nn; bfloat16 and int8 within their precision
@@ -112,3 +116,19 @@ def test_budget_and_slow_setup_skips_are_recorded():
     assert [r["status"] for r in rows] == ["ok", "skipped"] and "setup took" in rows[1]["reason"]
     rows = run_grid(grid, [TorchNN()], "cpu", 3, 0.001, budget_s=0.0, log=lambda s: None)
     assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows) and len(rows) == 2
+
+
+def test_gemm_roof_is_measured_and_reported(tiny_run):
+    out, stem, data, _ = tiny_run
+    roofs = data["environment"]["gemm_roof_gflop_per_s"]
+    assert set(roofs) == {"float32", "bfloat16"} and all(v > 1 for v in roofs.values())
+    md = open(out / (stem + ".md")).read()
+    assert md.count("| roof / torch |") == 3  # float32 fwd and fwdbwd, bfloat16 fwd; not decode
+    assert f"share of the roof: {roofs['float32']:.0f} GFLOP/s" in md
+
+
+def test_flops_count_the_gemms_of_every_layer():
+    lstm = Case("LSTM", "fwd", 10, 4, 32, 64, 2)
+    assert lstm.flops == 10 * 4 * 2 * 4 * 64 * ((32 + 64) + 2 * 64)
+    assert Case("GRU", "fwdbwd", 10, 4, 32, 64).flops == 3 * 10 * 4 * 2 * 3 * 64 * (32 + 64)
+    assert Case("RNN", "decode", 1, 1, 8, 8).flops == 2 * 8 * 16
