@@ -20,7 +20,7 @@ import torch
 
 from . import report
 from .cases import DTYPES, GRIDS, MODES
-from .measure import ROOF_SHAPE, gemm_roof, run_grid
+from .measure import gemm_roof, run_grid
 from .providers import default_providers
 
 
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     base = report.load(args.base) if args.base else None
 
     env = report.environment(args.device, args.threads, grid_name)
-    env["gemm_roof_gflop_per_s"] = {d: gemm_roof(d, args.device) for d in dict.fromkeys(c.dtype for c in grid)}
-    env["gemm_roof_shape"] = list(ROOF_SHAPE)
+    roofs = {d: gemm_roof(d, args.device) for d in dict.fromkeys(c.dtype for c in grid)}
+    env["roof_gflop_per_s"] = {d: rate for d, (rate, _) in roofs.items()}
+    env["roof_method"] = {d: how for d, (_, how) in roofs.items()}
     table = report.provider_table(providers)
     stem = report.results_stem(args.out, env, grid_name)
     print(f"bench: {len(grid)} cases on {env['device_name']} ({args.device}), {args.threads} threads; providers: "
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_grid(grid, providers, args.device, repeats, min_seconds, args.budget_s, on_case=write,
                     log=lambda s: print(s, flush=True))
     # the roof again after the grid, keeping the higher: the host's slow phases must not lower it
-    roofs = env["gemm_roof_gflop_per_s"]
-    env["gemm_roof_gflop_per_s"] = {d: max(v, gemm_roof(d, args.device)) for d, v in roofs.items()}
+    env["roof_gflop_per_s"] = {d: max(v, gemm_roof(d, args.device)[0]) for d, v in env["roof_gflop_per_s"].items()}
     write(rows)
     print()
     print(open(stem + ".md").read())

@@ -174,9 +174,9 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
             for label in labels:
                 base_row = cell.get((label, "torch"))
                 out.append(f"| {label} | " + " | ".join(fmt(cell.get((label, n)), base_row) for n in names) + " |")
-        roof = env.get("gemm_roof_gflop_per_s", {}).get(dtype)
+        roof = env.get("roof_gflop_per_s", {}).get(dtype)
         if roof and mode != "decode":
-            out += _roof_table(roof, env.get("gemm_roof_shape"), labels, names, cell)
+            out += _roof_table(roof, env["roof_method"][dtype], labels, names, cell)
         ran = {n: sorted({f"{r['ran_on']} ({r['out_dtype']} out)" for r in sec
                           if r["provider"] == n and r["status"] == "ok"}) for n in names}
         out += ["", "Ran on: " + "; ".join(f"{n}: {', '.join(v)}" for n, v in ran.items() if v) + "."]
@@ -188,14 +188,12 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
     return "\n".join(out) + "\n"
 
 
-def _roof_table(roof: float, shape: Optional[list], labels: list[str], names: list[str], cell: dict) -> list[str]:
+def _roof_table(roof: float, method: str, labels: list[str], names: list[str], cell: dict) -> list[str]:
     """GEMM GFLOP/s of each provider as a share of the roof, and how much faster than torch.nn a
     provider could be at most if its GEMMs ran at the roof and the rest cost nothing (roof / torch)."""
-    m, k, n = shape or ("?", "?", "?")
-    out = ["", f"GEMM work per second, GFLOP/s (share of the roof: {roof:.0f} GFLOP/s, one "
-           f"{m}x{k} @ {k}x{n} torch.matmul at this dtype, measured in this run; int8 providers count "
-           "the float work they replace). Last column: roof / torch, the most any provider can gain on "
-           "torch.nn while it runs the same GEMMs:", "",
+    out = ["", f"GEMM work per second, GFLOP/s (share of the roof: {roof:.0f} GFLOP/s, {method}, measured "
+           "in this run; int8 providers count the float work they replace). Last column: roof / torch, "
+           "the most any provider can gain on torch.nn while it does the same float work:", "",
            "| config | " + " | ".join(names) + " | roof / torch |", "|---" * (len(names) + 2) + "|"]
     for label in labels:
         rates = [cell.get((label, name)) for name in names]

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import rnnfast
 from bench.cases import Case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,11 +121,13 @@ def test_budget_and_slow_setup_skips_are_recorded():
 
 def test_gemm_roof_is_measured_and_reported(tiny_run):
     out, stem, data, _ = tiny_run
-    roofs = data["environment"]["gemm_roof_gflop_per_s"]
+    roofs = data["environment"]["roof_gflop_per_s"]
     assert set(roofs) == {"float32", "bfloat16"} and all(v > 1 for v in roofs.values())
     md = open(out / (stem + ".md")).read()
     assert md.count("| roof / torch |") == 3  # float32 fwd and fwdbwd, bfloat16 fwd; not decode
     assert f"share of the roof: {roofs['float32']:.0f} GFLOP/s" in md
+    for dtype, how in data["environment"]["roof_method"].items():  # the higher of the two, named
+        assert "torch.matmul" in how and (how.startswith("one ") or rnnfast._C.product_isa(dtype) in how), how
 
 
 def test_flops_count_the_gemms_of_every_layer():
@@ -132,3 +135,15 @@ def test_flops_count_the_gemms_of_every_layer():
     assert lstm.flops == 10 * 4 * 2 * 4 * 64 * ((32 + 64) + 2 * 64)
     assert Case("GRU", "fwdbwd", 10, 4, 32, 64).flops == 3 * 10 * 4 * 2 * 3 * 64 * (32 + 64)
     assert Case("RNN", "decode", 1, 1, 8, 8).flops == 2 * 8 * 16
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="the cpu extension is not built")
+def test_peak_gflops():
+    from rnnfast import _C
+
+    for dtype, needs in (("float32", _C.has_fused_loop()), ("bfloat16", _C.has_bf16_loop())):
+        peak = _C.peak_gflops(dtype, 0.02)
+        assert peak > 1 if needs else peak == 0
+        assert bool(_C.product_isa(dtype)) == needs
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        _C.peak_gflops("float16")

@@ -124,7 +124,7 @@ def assert_matches_float64(family: str, case: Case) -> None:
 @pytest.mark.parametrize("packed", [None, "unsorted"], ids=["padded", "packed"])
 def test_long_sequences_cross_time_chunks(family, packed):
     """The fused loop projects inputs and sums weight gradients a chunk of steps at a time
-    (about 1024 rows): states and gradients carry across chunk boundaries both ways."""
+    (about 256 rows): states and gradients carry across chunk boundaries both ways."""
     assert_matches_float64(family, Case("chunks", dict(num_layers=2, bidirectional=True), I=9, H=70, T=45, B=50,
                                         packed=packed))
 

@@ -122,7 +122,7 @@ LAYER_CASES = [
     Case("odd-H5", I=5, H=5, T=7, B=3),
     Case("odd-H17-B1", I=17, H=17, T=9, B=1),
     Case("odd-H65-stack", dict(num_layers=2, bidirectional=True), I=33, H=65, T=8, B=6, packed="unsorted"),
-    # several chunks of steps (about 1024 rows each), each with an odd number of rows
+    # several chunks of steps (about 256 rows each), each with an odd number of rows
     Case("chunks", I=19, H=65, T=40, B=31),
 ]
 LSTM_ONLY = [Case("proj", dict(proj_size=7), I=6, H=24, T=4, B=3),
@@ -186,13 +186,14 @@ def test_bf16_layers_no_worse_than_torch(family, case, autocast, backend):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-module", "autocast"])
-def test_bf16_gradients_exact_on_small_integers(packed, autocast, backend):
+@pytest.mark.parametrize("T, B, I, H", [(40, 31, 19, 65), (12, 37, 64, 96)], ids=["odd", "whole-tiles"])
+def test_bf16_gradients_exact_on_small_integers(packed, autocast, T, B, I, H, backend):
     """A relu RNN on small integers (one +-1 per row of weight_ih, a permutation as weight_hh) computes
     every value exactly in bfloat16 and every sum exactly in float32: the bfloat16 gradients then equal
-    float64's, rounded once, so a row or a pair of rows dropped or mispaired shows, however few. Odd
-    sizes; T * B spans several chunks of steps, each with an odd number of rows."""
+    float64's, rounded once, so a row or a pair of rows dropped or mispaired shows, however few. T * B
+    spans several chunks of steps, each with an odd number of rows; sizes odd, or (AMX) products whose
+    K fills whole tiles, read in place, beside a last row tile that does not."""
     _numerics_here(backend)
-    T, B, I, H = 40, 31, 19, 65
     g = torch.Generator().manual_seed(0)
     ints = lambda *shape: torch.randint(-1, 2, shape, generator=g).double()  # noqa: E731
     ref = torch.nn.RNN(I, H, nonlinearity="relu", bidirectional=True).double()
@@ -279,6 +280,46 @@ def test_bf16_without_bf16_instructions():
     env = dict(os.environ, RNNFAST_CPU_ISA="avx512")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends() or not rnnfast._C.has_bf16_loop(),
+                    reason="needs the fused bfloat16 loop (AVX512-BF16)")
+def test_bf16_below_amx():
+    """CPUs with AVX512-BF16 but no AMX run the bfloat16 products on vdpbf16ps: the same bounds and exact
+    sums, checked by capping the kernels this machine picks (RNNFAST_CPU_ISA=avx512bf16)."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from rnnfast import _C
+        from parity import Case
+        from test_lowp import _compare_lowp, test_bf16_gradients_exact_on_small_integers
+        assert _C.product_isa("bfloat16") == "AVX512-BF16 vdpbf16ps", _C.product_isa("bfloat16")
+        for family in ("LSTM", "GRU", "RNN"):
+            for autocast in (False, True):
+                _compare_lowp(family, Case("isa", dict(bidirectional=True), I=11, H=37, T=6, B=5,
+                                           packed="unsorted"), "cpu", autocast)
+        test_bf16_gradients_exact_on_small_integers(True, False, 12, 37, 64, 96, "cpu")
+        print("ok")
+    """)
+    env = dict(os.environ, RNNFAST_CPU_ISA="avx512bf16")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+@pytest.mark.skipif(not {"amx_tile", "amx_bf16"} <= _cpu_flags(), reason="this CPU has no AMX-BF16 (Linux's flags)")
+def test_amx_runs_where_the_cpu_has_it():
+    """Where Linux reports AMX tiles, the bfloat16 products run on them (the tests above then check that path)."""
+    assert rnnfast._C.product_isa("bfloat16") == "AMX tdpbf16ps"
+    assert rnnfast._C.peak_gflops("bfloat16", 0.02) > rnnfast._C.peak_gflops("float32", 0.02)
 
 
 def _bf16_loop() -> bool:

@@ -150,7 +150,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_fused_loop", [] { return rnnfast::kHasAvx512; },
         "Whether float32 layers run the fused AVX-512 loop (else the stepwise loop).");
   m.def("has_bf16_loop", [] { return rnnfast::kHasAvx512Bf16; },
-        "Whether bfloat16 layers run the fused loop with AVX512-BF16 products (else float32 on widened copies).");
+        "Whether bfloat16 layers run the fused loop with AVX512-BF16 or AMX products (else float32 on widened copies).");
+  m.def("product_isa", &rnnfast::product_isa, "The instructions of the fused loop's products at a dtype here.",
+        pybind11::arg("dtype"));
+  m.def("peak_gflops", &rnnfast::peak_gflops, "The fused loop's multiply-add peak here, GFLOP/s (0: not built).",
+        pybind11::arg("dtype"), pybind11::arg("seconds") = 0.3);
   m.def("decode", &rnnfast::decode,
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
 }

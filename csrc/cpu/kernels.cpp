@@ -3,7 +3,10 @@
 // any x86-64 machine and uses the wide units where they exist.
 #include "kernels.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -39,8 +42,20 @@ namespace rnnfast {
 
 namespace {
 
-// 0: baseline x86-64, 1: AVX2+FMA, 2: AVX-512, 3: AVX-512 with AVX512-BF16. What the CPU has,
-// capped by RNNFAST_CPU_ISA (base, avx2, avx512) so that one machine can test every build.
+// Whether the CPU has AMX tiles with bfloat16 products and Linux lets this process use them
+// (the tile data is a large state that a process must ask for, once, before its first use).
+bool amx_usable() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return tile && bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// 0: baseline x86-64, 1: AVX2+FMA, 2: AVX-512, 3: AVX-512 with AVX512-BF16, 4: and AMX-BF16.
+// What the CPU has, capped by RNNFAST_CPU_ISA (base, avx2, avx512, avx512bf16) so that one
+// machine can test every build.
 int isa_level() {
   __builtin_cpu_init();  // this initialiser may run before libgcc's own
   int level = 0;
@@ -55,6 +70,8 @@ int isa_level() {
   if (cap != nullptr && std::strcmp(cap, "base") == 0) level = 0;
   if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
   if (cap != nullptr && std::strcmp(cap, "avx512") == 0) level = std::min(level, 2);
+  const bool below_amx = cap != nullptr && std::strcmp(cap, "avx512bf16") == 0;
+  if (level == 3 && !below_amx && amx_usable()) level = 4;
   return level;
 }
 
@@ -65,6 +82,7 @@ const int kIsa = isa_level();
 const bool kHasAvx2 = kIsa >= 1;
 const bool kHasAvx512 = kIsa >= 2;
 const bool kHasAvx512Bf16 = kIsa >= 3;
+const bool kHasAmxBf16 = kIsa >= 4;
 
 #define RNNFAST_DISPATCH(fn, ...) \
   (kHasAvx512 ? avx512::fn(__VA_ARGS__) : kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -78,6 +79,8 @@ struct Rows {
 extern const bool kHasAvx512;
 // ... and AVX512-BF16 (vdpbf16ps): bfloat16 layers run the fused loop in bfloat16.
 extern const bool kHasAvx512Bf16;
+// ... and AMX-BF16 tiles, usable by this process: the bfloat16 loops' products run on them.
+extern const bool kHasAmxBf16;
 
 // One layer and direction on AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
 // proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights and states
@@ -94,6 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias, bool reverse,
     const at::Tensor& out, const at::Tensor& ws1, const at::Tensor& ws2, const at::Tensor& go,
     const at::Tensor& grad_hn, const at::Tensor& grad_cn);
+
+// The multiply-add peak of this CPU in GFLOP/s on at::get_num_threads() threads, for the fused
+// loop's float32 FMAs or bfloat16 dot products (vdpbf16ps), timed over about `seconds`; 0 where
+// the loop's instructions are missing. The bench sets every GEMM rate against it.
+double peak_gflops(const std::string& dtype, double seconds);
+// The instructions the fused loop's products run on at this dtype here ("" where it does not run).
+const char* product_isa(const std::string& dtype);
 
 // a @ w^T (+ bias) (+ add), like F.linear: oneDNN for float32 (several times faster than
 // MKL's sgemm on AMD CPUs, and as exact), ATen's GEMM otherwise. a and w may be strided.

@@ -2,11 +2,12 @@
 // forward and backward, as one OpenMP parallel region each.
 //
 // Every product is one register-blocked tile kernel (6 rows x 64 columns, 24 zmm
-// accumulators) over weights packed once into panels and cached until they change.
+// accumulators) over weights packed once into panels and cached until they change;
+// bfloat16 products run on AMX tiles instead where the CPU has them (gemm_amx).
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
-// at one barrier for the others. Steps go in chunks of about 1024 rows: the forward
+// at one barrier for the others. Steps go in chunks of about 256 rows: the forward
 // projects a chunk's inputs for its own units before running its steps; the backward
 // forms a chunk's dx, dW_ih and dW_hh right after its steps, while the gate gradients
 // are in cache. No per-step library calls, allocations or thread start-ups, and
@@ -20,6 +21,9 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
+#include <cmath>
+#include <string>
 #include <map>
 #include <mutex>
 #include <cstring>
@@ -35,6 +39,9 @@ namespace {
 using at::Tensor;
 
 using BF16 = at::BFloat16;
+
+// AMX tiles as the bfloat16 products use them (see gemm_amx): 16 rows, 32 bfloat16 values of K.
+constexpr int64_t kTileRows = 16, kTileK = 32;
 
 // The B side of a product, as panels of 16 * V columns of element type E (float, or
 // bfloat16 for the bfloat16 loop): row k of panel nb starts at data + nb * pstride + k * ldb.
@@ -78,8 +85,8 @@ Panels<E> pack(const Tensor& w_, const Tensor& bias, int64_t G, int64_t U) {
   }
   p.ldb = G * U;
   p.pstride = p.K * G * U;
-  if constexpr (std::is_same_v<E, BF16>) {  // rows in pairs, an odd K padded with a zero row
-    const int64_t K2 = (p.K + 1) / 2;
+  if constexpr (std::is_same_v<E, BF16>) {  // rows in pairs, K padded with zero rows to whole AMX tiles
+    const int64_t K2 = (p.K + 2 * kTileRows - 1) / (2 * kTileRows) * kTileRows;
     p.w = at::constant_pad_nd(p.w, {0, 0, 0, 2 * K2 - p.K})
               .view({p.NB, K2, 2, G * U})
               .transpose(2, 3)
@@ -133,6 +140,22 @@ __attribute__((target("avx512f,avx512bw"))) void interleave_pairs(const BF16* sr
       _mm512_mask_storeu_epi16(d + 2 * j, static_cast<__mmask32>(both), _mm512_permutex2var_epi16(va, lo, vb));
       _mm512_mask_storeu_epi16(d + 2 * j + 32, static_cast<__mmask32>(both >> 32),
                                _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
+}
+
+// The transpose of a bfloat16 matrix of `rows` rows (even) and N columns held in pairs of rows
+// (interleave_pairs): dst (N, rows) row-major, each of its rows the column of the matrix, as the a
+// side of AMX tiles reads it. A pair is one 32-bit word; thread tid of nt takes its share of
+// columns, 16 pairs of rows at a time so that the words read stay in L1.
+void transpose_pairs(const BF16* src, int64_t rows, int64_t N, int64_t tid, int64_t nt, BF16* dst) {
+  const uint32_t* from = reinterpret_cast<const uint32_t*>(src);
+  uint32_t* to = reinterpret_cast<uint32_t*>(dst);
+  const int64_t R = rows / 2, j0 = N * tid / nt, j1 = N * (tid + 1) / nt;
+  for (int64_t r0 = 0; r0 < R; r0 += 16) {
+    const int64_t r1 = std::min(R, r0 + 16);
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t r = r0; r < r1; ++r) to[j * R + r] = from[r * N + j];
     }
   }
 }
@@ -257,11 +280,153 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
   }
 }
 
+// ---- AMX: the bfloat16 products on tiles --------------------------------------------------
+// Tile registers as the products use them: tmm0-3 sums (16 rows x 16 floats each), tmm4-5 rows
+// of a (16 rows x 32 values), tmm6-7 panel columns (16 pairs of rows x 16 columns, the layout
+// bfloat16 panels already have). Every tile is configured full size; a's rows and K past their
+// ends come from a zero-padded copy, the panels' K is padded with zero pairs (pack).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = 64;
+      rows[i] = kTileRows;
+    }
+  }
+};
+
+#define RNNFAST_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
+
+// Sums of one block: MT row tiles of a (16 rows each, a's tiles at a_tile[mt], row stride lda
+// in values) times NT column tiles of a panel (16 columns each, from column tile v0), over kt
+// steps of 32 values of K; written to out (16 MT rows of 16 NT floats, row stride ldo floats).
+template <int MT, int NT>
+RNNFAST_AMX void amx_block(const BF16* const* a_tile, int64_t lda, const BF16* b, int64_t ldb, int64_t v0,
+                           int64_t kt, float* out, int64_t ldo) {
+  static_assert(MT * NT <= 4 && (MT == 1 || NT <= 2), "four sum tiles");
+  _tile_zero(0);
+  if constexpr (MT * NT > 1) _tile_zero(1);
+  if constexpr (MT * NT > 2) _tile_zero(2);
+  if constexpr (MT * NT > 3) _tile_zero(3);
+  const int64_t sa = lda * 2, sb = ldb * 2;  // bytes
+  for (int64_t k = 0; k < kt; ++k) {
+    const BF16* bk = b + k * kTileRows * ldb + v0 * 32;  // 16 pairs of rows
+    _tile_loadd(4, a_tile[0] + k * kTileK, sa);
+    if constexpr (MT == 2) _tile_loadd(5, a_tile[1] + k * kTileK, sa);
+    _tile_loadd(6, bk, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (MT == 2 && NT == 1) _tile_dpbf16ps(1, 5, 6);
+    if constexpr (MT == 2 && NT == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NT > 1) {
+      _tile_loadd(7, bk + 32, sb);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (MT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+    if constexpr (NT > 2) {
+      _tile_loadd(6, bk + 64, sb);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if constexpr (NT > 3) {
+      _tile_loadd(7, bk + 96, sb);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  const int64_t so = ldo * 4;  // sum tile (mt, nt) is tmm[mt * NT + nt]
+  _tile_stored(0, out, so);
+  if constexpr (NT > 1) _tile_stored(1, out + 16, so);
+  if constexpr (NT > 2) _tile_stored(2, out + 32, so);
+  if constexpr (NT > 3) _tile_stored(3, out + 48, so);
+  if constexpr (MT == 2) {
+    if constexpr (NT == 1) _tile_stored(1, out + kTileRows * ldo, so);
+    if constexpr (NT == 2) {
+      _tile_stored(2, out + kTileRows * ldo, so);
+      _tile_stored(3, out + kTileRows * ldo + 16, so);
+    }
+  }
+}
+
+// c (+)= a @ B (+ bias) for rows [0, n) and panels [nb0, nb1) of bfloat16 panels on AMX tiles:
+// the sums of a panel's 16 * V columns for 32 rows at a time land in a small float32 block,
+// whence they go to c as tile_store puts them (bias, add, the panel's column offsets and masks).
+RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const BF16* a, int64_t lda, int64_t n,
+                          float* c, int64_t ldc, bool add) {
+  if (n <= 0 || nb0 >= nb1) return;
+  const int64_t kt = (p.K + kTileK - 1) / kTileK, kp = kt * kTileK, V = p.V;
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  // a's row tiles: read in place where whole, else from a zero-padded copy
+  thread_local std::vector<BF16> padded;
+  thread_local std::vector<float> sums;
+  const bool in_place = p.K % kTileK == 0;
+  const int64_t copied_from = in_place ? n / kTileRows * kTileRows : 0;
+  if (copied_from < n) {
+    padded.assign((tiles * kTileRows - copied_from) * kp, BF16());
+    for (int64_t r = copied_from; r < n; ++r) {
+      std::memcpy(padded.data() + (r - copied_from) * kp, a + r * lda, p.K * sizeof(BF16));
+    }
+  }
+  auto tile_of = [&](int64_t t) -> const BF16* {
+    const int64_t r = t * kTileRows;
+    return r < copied_from ? a + r * lda : padded.data() + (r - copied_from) * kp;
+  };
+  sums.resize(2 * kTileRows * 64);
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const BF16* b = p.data + nb * p.pstride;
+    const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
+    int64_t col[4];
+    __mmask16 mask[4];
+    for (int64_t v = 0; v < V; ++v) {
+      col[v] = p.column(nb, v);
+      mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
+    }
+    for (int64_t t = 0; t < tiles;) {
+      const int64_t mt = t + 1 < tiles ? 2 : 1;
+      // both strides must match for a pair of row tiles: in place, or both from the copy
+      const bool pair = mt == 2 && ((t + 1) * kTileRows < copied_from || t * kTileRows >= copied_from);
+      const BF16* at[2] = {tile_of(t), pair ? tile_of(t + 1) : nullptr};
+      const int64_t ld = t * kTileRows < copied_from ? lda : kp;
+      float* s = sums.data();
+      if (pair) {
+        amx_block<2, 2>(at, ld, b, p.ldb, 0, kt, s, 64);
+        if (V == 4) {
+          amx_block<2, 2>(at, ld, b, p.ldb, 2, kt, s + 32, 64);
+        } else {
+          amx_block<2, 1>(at, ld, b, p.ldb, 2, kt, s + 32, 64);
+        }
+      } else if (V == 4) {
+        amx_block<1, 4>(at, ld, b, p.ldb, 0, kt, s, 64);
+      } else {
+        amx_block<1, 3>(at, ld, b, p.ldb, 0, kt, s, 64);
+      }
+      const int64_t rows = std::min<int64_t>((pair ? 2 : 1) * kTileRows, n - t * kTileRows);
+      float* c_rows = c + t * kTileRows * ldc;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t v = 0; v < V; ++v) {
+          if (mask[v] == 0) continue;
+          float* dst = c_rows + r * ldc + col[v];
+          __m512 y = _mm512_loadu_ps(s + r * 64 + v * 16);
+          if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + 16 * v));
+          if (add) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[v], dst));
+          _mm512_mask_storeu_ps(dst, mask[v], y);
+        }
+      }
+      t += pair ? 2 : 1;
+    }
+  }
+  _tile_release();
+}
+
 // c (+)= a @ B over rows [0, n) and panels [nb0, nb1); a as in tile. 24 accumulators:
 // 6 rows of 4 registers or 8 rows of 3.
 template <typename E>
 void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c, int64_t ldc,
           bool add, bool transposed_a = false) {
+  if constexpr (std::is_same_v<E, BF16>) {
+    if (kHasAmxBf16 && !transposed_a) return gemm_amx(p, nb0, nb1, a, lda, n, c, ldc, add);
+  }
   if (transposed_a) {
     TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
     return product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, add);
@@ -276,7 +441,10 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
 // Rows a step goes through at a time: two tiles of every panel, so that the block's
 // rows of a and its outputs stay in L1/L2 between the product and the gate update.
 template <typename E>
-int64_t block_rows(const Panels<E>& p) { return p.V == 4 ? 12 : 16; }
+int64_t block_rows(const Panels<E>& p) {
+  if (std::is_same_v<E, BF16> && kHasAmxBf16) return 2 * kTileRows;  // a pair of row tiles
+  return p.V == 4 ? 12 : 16;
+}
 
 // The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
 struct Share {
@@ -389,9 +557,10 @@ SavedPool& saved_pool() {
 // Rows of a chunk that the weight gradients sum at a time.
 constexpr int64_t kSumRows = 256;
 
-// Steps per chunk: the input projection and the gate gradients of about this many
-// rows at a time, so that they stay in cache and no buffer grows with T.
-int64_t chunk_steps(int64_t T, int64_t B) { return std::clamp<int64_t>(1024 / std::max<int64_t>(B, 1), 1, T); }
+// Steps per chunk: the input projection and the gate gradients of about 256 rows at a
+// time, so that they stay in L2 (at H 256, 1024 rows of input pre-activations did not;
+// 10-15% slower) and no buffer grows with T.
+int64_t chunk_steps(int64_t T, int64_t B) { return std::clamp<int64_t>(256 / std::max<int64_t>(B, 1), 1, T); }
 
 // The walked order of steps: k = 0, 1, ... is t = k forward and T - 1 - k in reverse;
 // a chunk [k0, k1) of it covers the steps [first, first + count).
@@ -562,9 +731,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   Tensor h_prev = workspace(kPrevStates, {TC, B, H}, dtype);
   // bfloat16: per thread a row's gate gradients (2 GH) and widened state (H), and a block of dx;
   // per chunk the weight gradients' operands in pairs of rows (x, h_prev, dgi, dgh for GRU)
-  const int64_t per_thread = 2 * GH + H + kRoundRows * I, pair_rows = (TC * B + 1) / 2 * 2;
+  // on AMX also x and h_prev transposed (whole tiles of K: rows padded to 32, zero), and a tile's
+  // reach past the last column of the last operand
+  const bool amx = low && kHasAmxBf16;
+  const int64_t per_thread = 2 * GH + H + kRoundRows * I, pair_rows = (TC * B + kTileK - 1) / kTileK * kTileK;
   Tensor scratch = low ? workspace(kScratch, {nt_max, per_thread}) : Tensor();
-  Tensor pairs = low ? workspace(kPairs, {pair_rows * (I + H + GH * (gru ? 2 : 1))}, dtype) : Tensor();
+  const int64_t pairs_size = pair_rows * (I + H + GH * (gru ? 2 : 1)) * (amx ? 2 : 1) + (amx ? kTileK : 0);
+  Tensor pairs = low ? workspace(kPairs, {pairs_size}, dtype) : Tensor();
   auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
 
   const Rows<E> go_rows(go), out_rows(out), dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
@@ -584,6 +757,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   E* const pairs_h = low ? pairs_x + pair_rows * I : nullptr;
   E* const pairs_gi = low ? pairs_h + pair_rows * H : nullptr;
   E* const pairs_gh = low && gru ? pairs_gi + pair_rows * GH : pairs_gi;
+  E* const x_t = amx ? pairs_gh + pair_rows * GH : nullptr;  // (I, pair_rows)
+  E* const h_t = amx ? x_t + pair_rows * I : nullptr;        // (H, pair_rows)
 #pragma omp parallel num_threads(nt_max)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -679,7 +854,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         interleave_pairs(hp_rows.data, H, x0, x1, H, pairs_h);
         interleave_pairs(dgi_rows.data, GH, x0, x1, GH, pairs_gi);
         if (gru) interleave_pairs(dgh_rows.data, GH, x0, x1, GH, pairs_gh);
+        const int64_t padded = amx ? (rows + kTileK - 1) / kTileK * kTileK : rows;
+        if (tid == nt - 1 && padded > rows) {  // whole tiles of K: zero rows past the chunk's
+          const int64_t r = (rows + 1) / 2 * 2, z = (padded - r) * sizeof(E);
+          std::memset(pairs_x + r * I, 0, z * I);
+          std::memset(pairs_h + r * H, 0, z * H);
+          std::memset(pairs_gi + r * GH, 0, z * GH);
+          if (gru) std::memset(pairs_gh + r * GH, 0, z * GH);
+        }
 #pragma omp barrier
+        if (amx) {  // x and h_prev transposed, for the a side of the tiles, then the sums
+          transpose_pairs(pairs_x, padded, I, tid, nt, x_t);
+          transpose_pairs(pairs_h, padded, H, tid, nt, h_t);
+#pragma omp barrier
+          const Share cols(direct(pairs_gi, padded, GH, GH), nt, tid);
+          gemm(direct(pairs_gi, padded, GH, GH), cols.nb0, cols.nb1, x_t, padded, I, dw_ih_p, GH, true);
+          gemm(direct(pairs_gh, padded, GH, GH), cols.nb0, cols.nb1, h_t, padded, H, dw_hh_p, GH, true);
+#pragma omp barrier
+          continue;
+        }
       }
       const E* const a_x = low ? pairs_x : x_chunk;
       const E* const a_h = low ? pairs_h : hp_rows.data;
@@ -699,7 +892,93 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   return grads();
 }
 
+// 24 register-resident chains of the loops' multiply-add, iters rounds: a float32 FMA or a
+// bfloat16 pair dot (vdpbf16ps) per chain and round, as in tile. Returns a sum, so none is dropped.
+__attribute__((target("avx512f"), noinline)) float fma_chains(int64_t iters) {
+  __m512 acc[24];
+  for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(1e-3f * i);
+  const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-4f);
+  for (int64_t k = 0; k < iters; ++k) {
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, y);
+  }
+  for (int i = 1; i < 24; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  return _mm512_reduce_add_ps(acc[0]);
+}
+
+__attribute__((target("avx512f,avx512bf16"), noinline)) float dot_chains(int64_t iters) {
+  __m512 acc[24];
+  for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(1e-3f * i);
+  const __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f7f3f7f), y = (__m512bh)_mm512_set1_epi32(0x38d138d1);
+  for (int64_t k = 0; k < iters; ++k) {
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], x, y);
+  }
+  for (int i = 1; i < 24; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  return _mm512_reduce_add_ps(acc[0]);
+}
+
+// The same on AMX tiles: 4 sums, each round a 16 x 32 by 32 x 16 bfloat16 tile product into each.
+RNNFAST_AMX float tile_chains(int64_t iters) {
+  alignas(64) static const std::array<uint16_t, 512> ones = [] {
+    std::array<uint16_t, 512> o{};
+    o.fill(0x3f80);  // 1.0
+    return o;
+  }();
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones.data(), 64);
+  _tile_loadd(6, ones.data(), 64);
+  for (int64_t k = 0; k < iters; ++k) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  alignas(64) float sums[16 * 16];
+  _tile_stored(0, sums, 64);
+  _tile_release();
+  return sums[0];
+}
+
 }  // namespace
+
+const char* product_isa(const std::string& dtype) {
+  TORCH_CHECK(dtype == "bfloat16" || dtype == "float32", "rnnfast: product_isa takes float32 or bfloat16, not ",
+              dtype);
+  if (dtype == "float32") return kHasAvx512 ? "AVX-512 FMA" : "";
+  return kHasAmxBf16 ? "AMX tdpbf16ps" : kHasAvx512Bf16 ? "AVX512-BF16 vdpbf16ps" : "";
+}
+
+double peak_gflops(const std::string& dtype, double seconds) {
+  const bool bf16 = dtype == "bfloat16";
+  TORCH_CHECK(bf16 || dtype == "float32", "rnnfast: peak_gflops takes float32 or bfloat16, not ", dtype);
+  if (!(bf16 ? kHasAvx512Bf16 : kHasAvx512)) return 0.0;
+  const bool amx = bf16 && kHasAmxBf16;
+  auto chains = amx ? tile_chains : bf16 ? dot_chains : fma_chains;
+  // 24 registers of 16 lanes, each 2 (or 2 x 2) flops; or 4 tiles of 16 x 16 sums over 32 products
+  const double flops_per_round = amx ? 4 * 16 * 16 * 32 * 2 : 24 * 16 * (bf16 ? 4 : 2);
+  using Clock = std::chrono::steady_clock;
+  auto elapsed = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  int64_t iters = 1 << 14;  // calibrated on one thread to about a tenth of the time
+  for (double took = 0; took < seconds / 10; iters *= 2) {
+    const auto t0 = Clock::now();
+    chains(iters);
+    took = elapsed(t0);
+  }
+  const int64_t nt = at::get_num_threads();
+  std::vector<float> sink(nt);
+  const auto t0 = Clock::now();
+#pragma omp parallel num_threads(nt)
+  sink[omp_get_thread_num()] = chains(iters * 5);
+  const double secs = elapsed(t0);
+  TORCH_CHECK(std::isfinite(sink[0]), "rnnfast: peak_gflops: the chains did not run");  // and keeps them
+  return nt * iters * 5 * flops_per_round / secs / 1e9;
+}
 
 bool fused_loop_supported(const Tensor& x, bool proj) {
   if (proj) return false;
