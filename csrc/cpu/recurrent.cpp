@@ -283,33 +283,68 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
 // ---- AMX: the bfloat16 products on tiles --------------------------------------------------
 // Tile registers as the products use them: tmm0-3 sums (16 rows x 16 floats each), tmm4-5 rows
 // of a (16 rows x 32 values), tmm6-7 panel columns (16 pairs of rows x 16 columns, the layout
-// bfloat16 panels already have). Every tile is configured full size; a's rows and K past their
-// ends come from a zero-padded copy, the panels' K is padded with zero pairs (pack).
+// bfloat16 panels already have). Tiles are 16 rows (rows_a: fewer rows of sums and of a for a
+// product of fewer rows, whose tile products then take fewer cycles and read no row past a's
+// end); a's rows and K past their ends come from a zero-padded copy, the panels' K is padded
+// with zero pairs (pack).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-  TileConfig() {
+  explicit TileConfig(int64_t rows_a = kTileRows) {
     for (int i = 0; i < 8; ++i) {
       colsb[i] = 64;
-      rows[i] = kTileRows;
+      rows[i] = static_cast<uint8_t>(i < 6 ? rows_a : kTileRows);
     }
   }
 };
 
 #define RNNFAST_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
 
-// Sums of one block: MT row tiles of a (16 rows each, a's tiles at a_tile[mt], row stride lda
-// in values) times NT column tiles of a panel (16 columns each, from column tile v0), over kt
-// steps of 32 values of K; written to out (16 MT rows of 16 NT floats, row stride ldo floats).
+// Sum tile I (tmm0-3) starts from src (row stride ld floats; ld 0 repeats one row, a bias) or zero,
+// and ends in dst (row stride ld floats).
+template <int I>
+inline __attribute__((always_inline)) RNNFAST_AMX void sum_start(const float* src, int64_t ld) {
+  static_assert(I >= 0 && I < 4, "sum tiles are tmm0-3");
+  if (src == nullptr) {
+    if constexpr (I == 0) _tile_zero(0);
+    if constexpr (I == 1) _tile_zero(1);
+    if constexpr (I == 2) _tile_zero(2);
+    if constexpr (I == 3) _tile_zero(3);
+    return;
+  }
+  if constexpr (I == 0) _tile_loadd(0, src, ld * 4);
+  if constexpr (I == 1) _tile_loadd(1, src, ld * 4);
+  if constexpr (I == 2) _tile_loadd(2, src, ld * 4);
+  if constexpr (I == 3) _tile_loadd(3, src, ld * 4);
+}
+template <int I>
+inline __attribute__((always_inline)) RNNFAST_AMX void sum_end(float* dst, int64_t ld) {
+  if constexpr (I == 0) _tile_stored(0, dst, ld * 4);
+  if constexpr (I == 1) _tile_stored(1, dst, ld * 4);
+  if constexpr (I == 2) _tile_stored(2, dst, ld * 4);
+  if constexpr (I == 3) _tile_stored(3, dst, ld * 4);
+}
+
+// Where a sum tile starts from and ends in (see sum_start, sum_end).
+struct SumTile {
+  const float* from = nullptr;
+  int64_t from_ld = 0;
+  float* to = nullptr;
+  int64_t to_ld = 0;
+};
+
+// MT row tiles of a (a_tile[mt], row stride lda values) times NT column tiles of a panel (b: its
+// first pair of rows, ldb values from pair to pair; column tiles from v0) over kt steps of 32
+// values of K. Sum tile (mt, nt) is tmm[mt * NT + nt], started and ended as sums[mt * NT + nt] says.
 template <int MT, int NT>
 RNNFAST_AMX void amx_block(const BF16* const* a_tile, int64_t lda, const BF16* b, int64_t ldb, int64_t v0,
-                           int64_t kt, float* out, int64_t ldo) {
+                           int64_t kt, const SumTile* sums) {
   static_assert(MT * NT <= 4 && (MT == 1 || NT <= 2), "four sum tiles");
-  _tile_zero(0);
-  if constexpr (MT * NT > 1) _tile_zero(1);
-  if constexpr (MT * NT > 2) _tile_zero(2);
-  if constexpr (MT * NT > 3) _tile_zero(3);
+  sum_start<0>(sums[0].from, sums[0].from_ld);
+  if constexpr (MT * NT > 1) sum_start<1>(sums[1].from, sums[1].from_ld);
+  if constexpr (MT * NT > 2) sum_start<2>(sums[2].from, sums[2].from_ld);
+  if constexpr (MT * NT > 3) sum_start<3>(sums[3].from, sums[3].from_ld);
   const int64_t sa = lda * 2, sb = ldb * 2;  // bytes
   for (int64_t k = 0; k < kt; ++k) {
     const BF16* bk = b + k * kTileRows * ldb + v0 * 32;  // 16 pairs of rows
@@ -333,88 +368,108 @@ RNNFAST_AMX void amx_block(const BF16* const* a_tile, int64_t lda, const BF16* b
       _tile_dpbf16ps(3, 4, 7);
     }
   }
-  const int64_t so = ldo * 4;  // sum tile (mt, nt) is tmm[mt * NT + nt]
-  _tile_stored(0, out, so);
-  if constexpr (NT > 1) _tile_stored(1, out + 16, so);
-  if constexpr (NT > 2) _tile_stored(2, out + 32, so);
-  if constexpr (NT > 3) _tile_stored(3, out + 48, so);
-  if constexpr (MT == 2) {
-    if constexpr (NT == 1) _tile_stored(1, out + kTileRows * ldo, so);
-    if constexpr (NT == 2) {
-      _tile_stored(2, out + kTileRows * ldo, so);
-      _tile_stored(3, out + kTileRows * ldo + 16, so);
-    }
-  }
+  sum_end<0>(sums[0].to, sums[0].to_ld);
+  if constexpr (MT * NT > 1) sum_end<1>(sums[1].to, sums[1].to_ld);
+  if constexpr (MT * NT > 2) sum_end<2>(sums[2].to, sums[2].to_ld);
+  if constexpr (MT * NT > 3) sum_end<3>(sums[3].to, sums[3].to_ld);
 }
 
-// c (+)= a @ B (+ bias) for rows [0, n) and panels [nb0, nb1) of bfloat16 panels on AMX tiles:
-// the sums of a panel's 16 * V columns for 32 rows at a time land in a small float32 block,
-// whence they go to c as tile_store puts them (bias, add, the panel's column offsets and masks).
+// c (+)= a @ B (+ bias) for rows [0, n) and panels [nb0, nb1) of bfloat16 panels on AMX tiles, 32
+// rows of a at a time (in L1 across the panels). A sum tile of 16 whole rows and 16 live columns
+// starts from c (add) or the bias and is stored straight to c; the others (the last rows, a
+// panel's columns past N) go through a small float32 block, whence they reach c as tile_store
+// puts them (bias, add, masks).
 RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const BF16* a, int64_t lda, int64_t n,
                           float* c, int64_t ldc, bool add) {
   if (n <= 0 || nb0 >= nb1) return;
   const int64_t kt = (p.K + kTileK - 1) / kTileK, kp = kt * kTileK, V = p.V;
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows, tile_rows = std::min(n, kTileRows);
   // a's row tiles: read in place where whole, else from a zero-padded copy
   thread_local std::vector<BF16> padded;
-  thread_local std::vector<float> sums;
+  thread_local std::vector<float> block;
   const bool in_place = p.K % kTileK == 0;
-  const int64_t copied_from = in_place ? n / kTileRows * kTileRows : 0;
+  const int64_t copied_from = !in_place ? 0 : n < kTileRows ? n : n / kTileRows * kTileRows;
   if (copied_from < n) {
-    padded.assign((tiles * kTileRows - copied_from) * kp, BF16());
-    for (int64_t r = copied_from; r < n; ++r) {
-      std::memcpy(padded.data() + (r - copied_from) * kp, a + r * lda, p.K * sizeof(BF16));
+    padded.resize((tiles * tile_rows - copied_from) * kp);
+    for (int64_t r = copied_from; r < tiles * tile_rows; ++r) {
+      BF16* row = padded.data() + (r - copied_from) * kp;
+      const int64_t live = r < n ? p.K : 0;
+      if (live > 0) std::memcpy(row, a + r * lda, live * sizeof(BF16));
+      std::memset(static_cast<void*>(row + live), 0, (kp - live) * sizeof(BF16));
     }
   }
-  auto tile_of = [&](int64_t t) -> const BF16* {
-    const int64_t r = t * kTileRows;
-    return r < copied_from ? a + r * lda : padded.data() + (r - copied_from) * kp;
-  };
-  sums.resize(2 * kTileRows * 64);
-  static const TileConfig config;
-  _tile_loadconfig(&config);
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const BF16* b = p.data + nb * p.pstride;
-    const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
-    int64_t col[4];
-    __mmask16 mask[4];
-    for (int64_t v = 0; v < V; ++v) {
-      col[v] = p.column(nb, v);
-      mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
-    }
-    for (int64_t t = 0; t < tiles;) {
-      const int64_t mt = t + 1 < tiles ? 2 : 1;
-      // both strides must match for a pair of row tiles: in place, or both from the copy
-      const bool pair = mt == 2 && ((t + 1) * kTileRows < copied_from || t * kTileRows >= copied_from);
-      const BF16* at[2] = {tile_of(t), pair ? tile_of(t + 1) : nullptr};
-      const int64_t ld = t * kTileRows < copied_from ? lda : kp;
-      float* s = sums.data();
-      if (pair) {
-        amx_block<2, 2>(at, ld, b, p.ldb, 0, kt, s, 64);
-        if (V == 4) {
-          amx_block<2, 2>(at, ld, b, p.ldb, 2, kt, s + 32, 64);
+  block.resize(2 * kTileRows * 64);
+  static const std::array<TileConfig, kTileRows + 1> configs = [] {
+    std::array<TileConfig, kTileRows + 1> cs;
+    for (int64_t m = 1; m <= kTileRows; ++m) cs[m] = TileConfig(m);
+    return cs;
+  }();
+  _tile_loadconfig(&configs[tile_rows]);
+  for (int64_t t = 0; t < tiles;) {
+    // a pair of row tiles where both are read alike (in place, or from the copy), else one
+    const bool pair = t + 1 < tiles && ((t + 2) * kTileRows <= copied_from || t * kTileRows >= copied_from);
+    const int64_t mt = pair ? 2 : 1, r0 = t * kTileRows, rows = std::min(mt * kTileRows, n - r0);
+    const BF16* at[2] = {r0 < copied_from ? a + r0 * lda : padded.data() + (r0 - copied_from) * kp, nullptr};
+    const int64_t ld = r0 < copied_from ? lda : kp;
+    if (pair) at[1] = at[0] + kTileRows * ld;
+    float* const c_rows = c + r0 * ldc;
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const BF16* b = p.data + nb * p.pstride;
+      const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
+      int64_t col[4];
+      int64_t lanes[4];
+      for (int64_t v = 0; v < V; ++v) {
+        col[v] = p.column(nb, v);
+        lanes[v] = p.lanes(nb, v);
+      }
+      bool buffered = false;
+      auto sum = [&](int64_t i, int64_t v) {  // row tile t + i, column tile v
+        SumTile st;
+        if (lanes[v] == 16 && (i + 1) * kTileRows <= rows) {
+          float* dst = c_rows + i * kTileRows * ldc + col[v];
+          st.from = add ? dst : bias != nullptr ? bias + 16 * v : nullptr;
+          st.from_ld = add ? ldc : 0;
+          st.to = dst;
+          st.to_ld = ldc;
         } else {
-          amx_block<2, 1>(at, ld, b, p.ldb, 2, kt, s + 32, 64);
+          st.to = block.data() + i * kTileRows * 64 + v * 16;
+          st.to_ld = 64;
+          buffered = true;
+        }
+        return st;
+      };
+      if (pair) {
+        const SumTile s01[4] = {sum(0, 0), sum(0, 1), sum(1, 0), sum(1, 1)};
+        amx_block<2, 2>(at, ld, b, p.ldb, 0, kt, s01);
+        if (V == 4) {
+          const SumTile s23[4] = {sum(0, 2), sum(0, 3), sum(1, 2), sum(1, 3)};
+          amx_block<2, 2>(at, ld, b, p.ldb, 2, kt, s23);
+        } else {
+          const SumTile s2[2] = {sum(0, 2), sum(1, 2)};
+          amx_block<2, 1>(at, ld, b, p.ldb, 2, kt, s2);
         }
       } else if (V == 4) {
-        amx_block<1, 4>(at, ld, b, p.ldb, 0, kt, s, 64);
+        const SumTile s[4] = {sum(0, 0), sum(0, 1), sum(0, 2), sum(0, 3)};
+        amx_block<1, 4>(at, ld, b, p.ldb, 0, kt, s);
       } else {
-        amx_block<1, 3>(at, ld, b, p.ldb, 0, kt, s, 64);
+        const SumTile s[3] = {sum(0, 0), sum(0, 1), sum(0, 2)};
+        amx_block<1, 3>(at, ld, b, p.ldb, 0, kt, s);
       }
-      const int64_t rows = std::min<int64_t>((pair ? 2 : 1) * kTileRows, n - t * kTileRows);
-      float* c_rows = c + t * kTileRows * ldc;
-      for (int64_t r = 0; r < rows; ++r) {
+      if (!buffered) continue;
+      for (int64_t r = 0; r < rows; ++r) {  // the buffered tiles, as tile_store puts them
+        const int64_t i = r / kTileRows;
         for (int64_t v = 0; v < V; ++v) {
-          if (mask[v] == 0) continue;
+          if (lanes[v] == 0 || (lanes[v] == 16 && (i + 1) * kTileRows <= rows)) continue;
+          const __mmask16 mask = static_cast<__mmask16>((uint32_t(1) << lanes[v]) - 1);
           float* dst = c_rows + r * ldc + col[v];
-          __m512 y = _mm512_loadu_ps(s + r * 64 + v * 16);
+          __m512 y = _mm512_loadu_ps(block.data() + r * 64 + v * 16);
           if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + 16 * v));
-          if (add) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[v], dst));
-          _mm512_mask_storeu_ps(dst, mask[v], y);
+          if (add) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, dst));
+          _mm512_mask_storeu_ps(dst, mask, y);
         }
       }
-      t += pair ? 2 : 1;
     }
+    t += mt;
   }
   _tile_release();
 }
