@@ -2,6 +2,7 @@
 cache, and a clear fallback when the extension is broken. (Parity with torch.nn
 runs in test_parity.py, torch.compile through its operators in test_compile.py.)"""
 
+import copy
 import os
 import subprocess
 import sys
@@ -254,3 +255,32 @@ def test_large_steps(family, H, dtype):
     the threaded GEMM rather than the GEMV kernel in the stepwise loop (float64)."""
     case = Case("big", dict(bidirectional=True), I=8, H=H, T=3, B=64, packed="unsorted")
     check_layer(family, case, "cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family, used", [("LSTM", "out"), ("LSTM", "h_n"), ("LSTM", "c_n"), ("GRU", "out"),
+                                          ("GRU", "h_n")])
+def test_gradients_from_one_output(family, used, dtype):
+    """A loss on one of the outputs alone: the others' gradients reach backward as None (no zeros are made for
+    the saved gates either) and the gradients are torch.nn's (float32), or no further from float32 torch.nn's
+    than torch.nn's own bfloat16 ones."""
+    ref, ours = twins(family, "cpu", 9, 33, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 5, 9, generator=torch.Generator().manual_seed(0))
+
+    def grads(module, dt):
+        module = copy.deepcopy(module).to(dt)
+        xx = x.to(dt, copy=True).requires_grad_()
+        out, state = module(xx)
+        h_n, c_n = state if family == "LSTM" else (state, None)
+        picked = {"out": out, "h_n": h_n, "c_n": c_n}[used]
+        (picked.float() * torch.linspace(-1, 1, picked.numel()).view(picked.shape)).sum().backward()
+        return [xx.grad.float()] + [p.grad.float() for p in module.parameters()]
+
+    want = grads(ref, torch.float32)
+    if dtype == torch.float32:
+        for w, g in zip(want, grads(ours, dtype)):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        return
+    for w, t, g in zip(want, grads(ref, dtype), grads(ours, dtype)):
+        scale = max(1.0, float(w.abs().max()))
+        assert float((g - w).abs().max()) / scale <= 1.5 * float((t - w).abs().max()) / scale + 4e-3
