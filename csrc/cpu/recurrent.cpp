@@ -258,6 +258,13 @@ void tail(int64_t rows, const E* a, int64_t lda, int64_t K, const E* b, int64_t 
   }
 }
 
+// Rows of K per element of a panel's row (1, or 2 for bfloat16 pairs), and rows of K a product
+// takes at a time: 32 KB of a 64-column panel.
+template <typename E>
+constexpr int64_t kPair = std::is_same_v<E, BF16> ? 2 : 1;
+template <typename E>
+constexpr int64_t kKBlock = 32768 / (64 * int64_t(sizeof(E)));
+
 // Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias).
 template <int V, int R, bool TA, typename E>
 void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c,
@@ -270,13 +277,20 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
       col[v] = p.column(nb, v);
       mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
     }
-    const E* b = p.data + nb * p.pstride;
     const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
-    int64_t r = 0;
-    for (; r + R <= n; r += R) {
-      tile<R, V, TA>(a + r * rs, lda, p.K, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add);
+    // K in blocks whose rows of the panel (32 KB) stay in L1 across the row tiles; later blocks add
+    for (int64_t k0 = 0; k0 < p.K; k0 += kKBlock<E>) {
+      const int64_t kb = std::min(kKBlock<E>, p.K - k0);
+      const E* b = p.data + nb * p.pstride + k0 / kPair<E> * p.ldb;
+      const E* ak = a + (TA ? k0 * lda : k0);
+      const float* bias_k = k0 == 0 ? bias : nullptr;
+      const bool add_k = add || k0 > 0;
+      int64_t r = 0;
+      for (; r + R <= n; r += R) {
+        tile<R, V, TA>(ak + r * rs, lda, kb, b, p.ldb, bias_k, c + r * ldc, ldc, col, mask, add_k);
+      }
+      tail<R, V, TA>(n - r, ak + r * rs, lda, kb, b, p.ldb, bias_k, c + r * ldc, ldc, col, mask, add_k);
     }
-    tail<R, V, TA>(n - r, a + r * rs, lda, p.K, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add);
   }
 }
 
