@@ -62,6 +62,10 @@ def environment(device: str, threads: int, grid: str) -> dict:
         "rnnfast_backends": rnnfast.available_backends(),
         "versions": {m: _version(m) for m in ("onnxruntime", "triton", "flashrnn", "haste_pytorch")},
     }
+    if device == "cpu" and "cpu" in env["rnnfast_backends"]:  # what rnnfast's products run on here
+        from rnnfast import _C
+
+        env["rnnfast_products"] = {d: _C.product_isa(d) or "none (stepwise loop)" for d in ("float32", "bfloat16")}
     if device == "cuda":
         env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())), tf32=False)
@@ -154,7 +158,8 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
     gpu = f", CUDA {env['cuda']}, cuDNN {env['cudnn']}, TF32 off" if env["device"] == "cuda" else ""
     out = [f"# rnnfast bench: {env['device_name']} ({env['device']})", "",
            f"{env['date']}, commit {env['git_commit']}, grid `{env['grid']}`, {env['threads']} threads "
-           f"({env['cpu_count']} CPUs), torch {env['torch']}{gpu}, {versions}.", "",
+           f"({env['cpu_count']} CPUs), torch {env['torch']}{gpu}, {versions}."
+           + "".join(f" rnnfast's {d} products: {isa}." for d, isa in env.get("rnnfast_products", {}).items()), "",
            "Each cell: median ms (speed-up over torch.nn at the same dtype: torch ms / provider ms, >1 faster). "
            "Timing: interleaved rounds of calibrated batches of calls; p20-p80 in the JSON. "
            "Peak memory: what one call allocates beyond the model and input. "
