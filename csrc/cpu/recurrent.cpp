@@ -804,7 +804,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const Walk walk{T, !reverse};  // backward walks the steps the other way
   // one chunk's gate gradients and the states its steps started from
   const auto dtype = x.scalar_type();
-  Tensor dgi = workspace(kGateGrads, {TC, B, GH}, dtype), dgh = gru ? workspace(kGateGradsH, {TC, B, GH}, dtype) : dgi;
+  const int64_t ldg = GH + 64 / int64_t(sizeof(E));  // rows 64 bytes apart from a power of two (forward_loop)
+  Tensor dgi = workspace(kGateGrads, {TC, B, ldg}, dtype), dgh = gru ? workspace(kGateGradsH, {TC, B, ldg}, dtype) : dgi;
   Tensor h_prev = workspace(kPrevStates, {TC, B, H}, dtype);
   // bfloat16: per thread a row's gate gradients (2 GH) and widened state (H), and a block of dx;
   // per chunk the weight gradients' operands in pairs of rows (x, h_prev, dgi, dgh for GRU)
@@ -901,8 +902,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       if (packed) {  // rows a step does not run: zero gradients and states (the workspace holds old ones)
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t q = 0; q < G; ++q) {
-            std::memset(dgi_rows.data + r * GH + q * H + j0, 0, m * sizeof(E));
-            std::memset(dgh_rows.data + r * GH + q * H + j0, 0, m * sizeof(E));
+            std::memset(dgi_rows.data + r * ldg + q * H + j0, 0, m * sizeof(E));
+            std::memset(dgh_rows.data + r * ldg + q * H + j0, 0, m * sizeof(E));
           }
           std::memset(hp_rows.data + r * H + j0, 0, m * sizeof(E));
         }
@@ -916,7 +917,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         for (int64_t r0 = 0; r0 < n; r0 += RB) {
           const int64_t rb = std::min(RB, n - r0);
           fetch(k + 1, r0, std::min(r0 + rb, n_next));
-          gemm(p, own.nb0, own.nb1, dgh_rows(t - t0, r0), GH, rb, dh_p + r0 * H, H, gru);
+          gemm(p, own.nb0, own.nb1, dgh_rows(t - t0, r0), ldg, rb, dh_p + r0 * H, H, gru);
           pointwise(k + 1, r0, std::min(r0 + rb, n_next));
         }
         if (n_next > n) pointwise(k + 1, n, n_next);
@@ -925,12 +926,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
       const auto [x0, x1] = row_share(rows, nt, tid);
       const E* const x_chunk = x_p + t0 * B * I;
-      gemm_into(p_dx, dgi_rows.data + x0 * GH, GH, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+      gemm_into(p_dx, dgi_rows.data + x0 * ldg, ldg, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
       if constexpr (low) {  // the weight gradients' operands in pairs of rows
         interleave_pairs(x_chunk, I, x0, x1, I, pairs_x);
         interleave_pairs(hp_rows.data, H, x0, x1, H, pairs_h);
-        interleave_pairs(dgi_rows.data, GH, x0, x1, GH, pairs_gi);
-        if (gru) interleave_pairs(dgh_rows.data, GH, x0, x1, GH, pairs_gh);
+        interleave_pairs(dgi_rows.data, ldg, x0, x1, GH, pairs_gi);
+        if (gru) interleave_pairs(dgh_rows.data, ldg, x0, x1, GH, pairs_gh);
         const int64_t padded = amx ? (rows + kTileK - 1) / kTileK * kTileK : rows;
         if (tid == nt - 1 && padded > rows) {  // whole tiles of K: zero rows past the chunk's
           const int64_t r = (rows + 1) / 2 * 2, z = (padded - r) * sizeof(E);
@@ -955,13 +956,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       const E* const a_h = low ? pairs_h : hp_rows.data;
       const E* const b_gi = low ? pairs_gi : dgi_rows.data;
       const E* const b_gh = low ? pairs_gh : dgh_rows.data;
+      const int64_t ld_g = low ? GH : ldg;  // pairs are packed, the gate gradients' rows padded
       // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
       // both operands in L2; the strided operand is the narrower one
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
       for (int64_t k = 0; k < rows; k += kSumRows) {
         const int64_t kb = std::min(kSumRows, rows - k);
-        gemm(direct(b_gi + k * GH, kb, GH, GH), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
-        gemm(direct(b_gh + k * GH, kb, GH, GH), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
+        gemm(direct(b_gi + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
+        gemm(direct(b_gh + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
       }
 #pragma omp barrier
     }
