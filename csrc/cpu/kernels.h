@@ -99,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_hn, const at::Tensor& grad_cn);
 
 // The multiply-add peak of this CPU in GFLOP/s on at::get_num_threads() threads, for the fused
-// loop's float32 FMAs or bfloat16 dot products (vdpbf16ps), timed over about `seconds`; 0 where
-// the loop's instructions are missing. The bench sets every GEMM rate against it.
+// loop's float32 FMAs or bfloat16 products (vdpbf16ps, or AMX tiles where they run), timed over
+// about `seconds`; 0 where the loop's instructions are missing. The bench's roof (bench/measure.py).
 double peak_gflops(const std::string& dtype, double seconds);
 // The instructions the fused loop's products run on at this dtype here ("" where it does not run).
 const char* product_isa(const std::string& dtype);
