@@ -43,6 +43,15 @@ using BF16 = at::BFloat16;
 // AMX tiles as the bfloat16 products use them (see gemm_amx): 16 rows, 32 bfloat16 values of K.
 constexpr int64_t kTileRows = 16, kTileK = 32;
 
+// Rows of K per element of a panel's row: 1, or 2 for bfloat16 pairs (see Panels).
+template <typename E>
+constexpr int64_t kPair = std::is_same_v<E, BF16> ? 2 : 1;
+
+// The row stride of a buffer of rows of n values of `bytes` each, 64 bytes past n: rows a power
+// of two apart (4 KB at H 256) fall into the same L1 sets and evict each other (8-12% of a
+// bfloat16 step at B 32).
+int64_t padded_row(int64_t n, int64_t bytes) { return n + 64 / bytes; }
+
 // The B side of a product, as panels of 16 * V columns of element type E (float, or
 // bfloat16 for the bfloat16 loop): row k of panel nb starts at data + nb * pstride + k * ldb.
 // bfloat16 panels hold rows in pairs, (k, k + 1) of a column side by side (the operand
@@ -103,7 +112,6 @@ Panels<E> pack(const Tensor& w_, const Tensor& bias, int64_t G, int64_t U) {
 // bfloat16 its rows come in pairs, as interleave_pairs writes them.
 template <typename E>
 Panels<E> direct(const E* data, int64_t K, int64_t N, int64_t ld) {
-  constexpr int64_t pair = std::is_same_v<E, BF16> ? 2 : 1;
   Panels<E> p;
   p.U = 64;
   p.V = 4;
@@ -111,8 +119,8 @@ Panels<E> direct(const E* data, int64_t K, int64_t N, int64_t ld) {
   p.N = N;
   p.NB = (N + 63) / 64;
   p.data = data;
-  p.ldb = pair * ld;
-  p.pstride = pair * 64;
+  p.ldb = kPair<E> * ld;
+  p.pstride = kPair<E> * 64;
   return p;
 }
 
@@ -258,10 +266,7 @@ void tail(int64_t rows, const E* a, int64_t lda, int64_t K, const E* b, int64_t 
   }
 }
 
-// Rows of K per element of a panel's row (1, or 2 for bfloat16 pairs), and rows of K a product
-// takes at a time: 32 KB of a 64-column panel.
-template <typename E>
-constexpr int64_t kPair = std::is_same_v<E, BF16> ? 2 : 1;
+// Rows of K a product takes at a time: 32 KB of a 64-column panel.
 template <typename E>
 constexpr int64_t kKBlock = 32768 / (64 * int64_t(sizeof(E)));
 
@@ -269,7 +274,7 @@ constexpr int64_t kKBlock = 32768 / (64 * int64_t(sizeof(E)));
 template <int V, int R, bool TA, typename E>
 void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c,
              int64_t ldc, bool add) {
-  const int64_t rs = !TA ? lda : std::is_same_v<E, BF16> ? 2 : 1;  // from one row of a to the next (see tile)
+  const int64_t rs = !TA ? lda : kPair<E>;  // from one row of a to the next (see tile)
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     int64_t col[V];
     __mmask16 mask[V];
@@ -452,22 +457,27 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
         }
         return st;
       };
+      // the column tiles with live columns (a prefix: a panel's last columns may lie past N), so
+      // that no tile reads more than 15 columns past the last one
+      int64_t live = 0;
+      while (live < V && lanes[live] > 0) ++live;
       if (pair) {
-        const SumTile s01[4] = {sum(0, 0), sum(0, 1), sum(1, 0), sum(1, 1)};
-        amx_block<2, 2>(at, ld, b, p.ldb, 0, kt, s01);
-        if (V == 4) {
-          const SumTile s23[4] = {sum(0, 2), sum(0, 3), sum(1, 2), sum(1, 3)};
-          amx_block<2, 2>(at, ld, b, p.ldb, 2, kt, s23);
-        } else {
-          const SumTile s2[2] = {sum(0, 2), sum(1, 2)};
-          amx_block<2, 1>(at, ld, b, p.ldb, 2, kt, s2);
+        for (int64_t v0 = 0; v0 < live; v0 += 2) {
+          if (v0 + 1 < live) {
+            const SumTile s2[4] = {sum(0, v0), sum(0, v0 + 1), sum(1, v0), sum(1, v0 + 1)};
+            amx_block<2, 2>(at, ld, b, p.ldb, v0, kt, s2);
+          } else {
+            const SumTile s1[2] = {sum(0, v0), sum(1, v0)};
+            amx_block<2, 1>(at, ld, b, p.ldb, v0, kt, s1);
+          }
         }
-      } else if (V == 4) {
-        const SumTile s[4] = {sum(0, 0), sum(0, 1), sum(0, 2), sum(0, 3)};
-        amx_block<1, 4>(at, ld, b, p.ldb, 0, kt, s);
       } else {
-        const SumTile s[3] = {sum(0, 0), sum(0, 1), sum(0, 2)};
-        amx_block<1, 3>(at, ld, b, p.ldb, 0, kt, s);
+        const SumTile s[4] = {sum(0, 0), live > 1 ? sum(0, 1) : SumTile(), live > 2 ? sum(0, 2) : SumTile(),
+                              live > 3 ? sum(0, 3) : SumTile()};
+        if (live == 4) amx_block<1, 4>(at, ld, b, p.ldb, 0, kt, s);
+        if (live == 3) amx_block<1, 3>(at, ld, b, p.ldb, 0, kt, s);
+        if (live == 2) amx_block<1, 2>(at, ld, b, p.ldb, 0, kt, s);
+        if (live == 1) amx_block<1, 1>(at, ld, b, p.ldb, 0, kt, s);
       }
       if (!buffered) continue;
       for (int64_t r = 0; r < rows; ++r) {  // the buffered tiles, as tile_store puts them
@@ -673,9 +683,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   hbuf.copy_(h0.unsqueeze(0).expand({2, B, H}));
   Tensor hlo = low ? workspace(kStatesLow, {2, B, H}, x.scalar_type()) : hbuf;  // what the product reads
   if (low) hlo.copy_(hbuf);
-  // rows of pre-activations 64 bytes longer than the gates: rows a power of two apart (4 KB at
-  // H 256) fall into the same L1 sets and evict each other (8-12% of a bfloat16 step at B 32)
-  const int64_t ldg = GH + 16;
+  const int64_t ldg = padded_row(GH, sizeof(float));  // rows of pre-activations
   Tensor gi = workspace(kGates, {TC, B, ldg});    // one chunk's input pre-activations
   Tensor scratch = workspace(kScratch, {nt, RB * ldg + 4 * H});  // per thread: recurrent pre-activations, a row's gates
 
@@ -804,7 +812,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const Walk walk{T, !reverse};  // backward walks the steps the other way
   // one chunk's gate gradients and the states its steps started from
   const auto dtype = x.scalar_type();
-  const int64_t ldg = GH + 64 / int64_t(sizeof(E));  // rows 64 bytes apart from a power of two (forward_loop)
+  const int64_t ldg = padded_row(GH, sizeof(E));  // rows of gate gradients
   Tensor dgi = workspace(kGateGrads, {TC, B, ldg}, dtype), dgh = gru ? workspace(kGateGradsH, {TC, B, ldg}, dtype) : dgi;
   Tensor h_prev = workspace(kPrevStates, {TC, B, H}, dtype);
   // bfloat16: per thread a row's gate gradients (2 GH) and widened state (H), and a block of dx;
@@ -814,7 +822,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const bool amx = low && kHasAmxBf16;
   const int64_t per_thread = 2 * GH + H + kRoundRows * I, pair_rows = (TC * B + kTileK - 1) / kTileK * kTileK;
   Tensor scratch = low ? workspace(kScratch, {nt_max, per_thread}) : Tensor();
-  const int64_t pairs_size = pair_rows * (I + H + GH * (gru ? 2 : 1)) * (amx ? 2 : 1) + (amx ? kTileK : 0);
+  const int64_t pairs_size = pair_rows * (I + H + GH * (gru ? 2 : 1) + (amx ? I + H : 0)) + (amx ? kTileK : 0);
   Tensor pairs = low ? workspace(kPairs, {pairs_size}, dtype) : Tensor();
   auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
 
