@@ -31,6 +31,7 @@ float32 biases; the kernel's packed copy is rebuilt from them when needed.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Iterable, Optional, Union
 
 import torch
@@ -48,6 +49,7 @@ _ISA_CAP: Optional[str] = None
 _ISA_LEVELS = {"base": 0, "avx2": 1, "vnni": 2}
 
 
+@functools.cache
 def _ops():
     """``torch.ops.rnnfast``, with the extension (which registers the ``quant_*`` operators) loaded."""
     from . import _C  # noqa: F401
@@ -170,6 +172,9 @@ class _QuantizedLayer(_Quantized):
 
     def forward(self, input, hx=None):
         """Same inputs and outputs as the float layer's ``forward`` (inference only)."""
+        fast = self._common_call(input, hx)
+        if fast is not None:
+            return fast
         lstm = self.mode == "LSTM"
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
@@ -224,6 +229,41 @@ class _QuantizedLayer(_Quantized):
             out = out.transpose(0, 1)
         if not batched:
             out, h_n, c_n = out.squeeze(0 if self.batch_first else 1), h_n.squeeze(1), c_n.squeeze(1) if lstm else c_n
+        return out, ((h_n, c_n) if lstm else h_n)
+
+
+    def _common_call(self, input, hx):
+        """The decode loop's call (a 3-D float32 CPU tensor, states given or None, nothing that needs
+        gradients or dropout) in a few checks; None for anything else, which takes the full path and
+        its torch.nn errors. A decode step is short enough for the full path's Python to cost a
+        third of it: its work is cheap, but it runs with its code and data evicted from the cache
+        by the step's weights."""
+        if type(input) is not Tensor or input.dim() != 3 or input.dtype != torch.float32 or not input.is_cpu:
+            return None
+        if self.training and self.dropout > 0 and self.num_layers > 1:
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        T, B, I = x.shape
+        shape = (self.num_layers * (2 if self.bidirectional else 1), B, self.hidden_size)
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            h0 = c0 = x.new_zeros(shape)
+        elif lstm:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h0, c0 = hx
+        else:
+            h0, c0 = hx, None
+        grad = torch.is_grad_enabled()
+        for s in (h0, c0) if lstm else (h0,):
+            if (type(s) is not Tensor or s.shape != shape or s.dtype != torch.float32 or not s.is_cpu
+                    or (grad and s.requires_grad)):
+                return None
+        if T == 0 or I != self.input_size or (grad and input.requires_grad):
+            return None
+        out, h_n, c_n = self._run(x, None, h0, c0)
+        if self.batch_first:
+            out = out.transpose(0, 1)
         return out, ((h_n, c_n) if lstm else h_n)
 
 

@@ -181,6 +181,24 @@ def test_layer_options_close_to_float_on_every_kernel(cls, extra, opt):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{isa_name}: {m}")
 
 
+@pytest.mark.parametrize("cls,extra", LAYERS, ids=["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+@pytest.mark.parametrize("opt", OPTIONS, ids=[o[0] for o in OPTIONS])
+@torch.no_grad()
+def test_common_call_shortcut_returns_the_full_paths_results(cls, extra, opt, monkeypatch):
+    """The layers' shortcut for plain tensor calls gives the full path's outputs, bit for bit."""
+    _, kwargs, how = opt
+    layer = _float(cls, 11, 37, **extra, **kwargs)
+    x, hx = _inputs(layer, how)
+    qlayer = rnnfast.quantize_dynamic(layer)
+    plain = not (how.get("packed") or how.get("unbatched"))
+    assert (qlayer._common_call(x, hx) is not None) == plain  # the shortcut takes the plain calls only
+    short = _flat(qlayer(x, hx))
+    monkeypatch.setattr(type(qlayer), "_common_call", lambda self, input, hx: None)
+    full = _flat(qlayer(x, hx))
+    for got, want in zip(short, full):
+        assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
 @torch.no_grad()
 def test_decode_with_carried_state_matches_one_call(cls, isa):
