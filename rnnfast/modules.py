@@ -156,6 +156,9 @@ class _RNNLayer(_BackendChoice):
         if capturing():  # ONNX export, torch.export, jit.trace record torch.nn's graph (see rnnfast.export)
             check_onnx_exportable(self)
             return super().forward(input, hx)
+        plain = self._plain_call(input, hx)
+        if plain is not None:
+            return plain
         is_lstm = self.mode == "LSTM"
         # torch's CPU LSTM with projections (padded or packed) keeps its cell state in c0's dtype under autocast
         c_dtype = (hx[1] if is_lstm and hx is not None else getattr(input, "data", input)).dtype
@@ -222,6 +225,39 @@ class _RNNLayer(_BackendChoice):
             out = out.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return out, hidden
+
+
+    def _plain_call(self, input, hx):
+        """The common call (a 3-D CPU tensor, states given or None, no autocast or projection) in a few
+        checks; None for anything else, which takes the full path and its torch.nn errors. A one-step
+        decode is short enough for the full path's Python to cost 20-60% of it: its work is cheap,
+        but it runs with its code and data evicted from the cache by the step's weights."""
+        if (type(input) is not Tensor or input.dim() != 3 or not input.is_cpu or self.proj_size > 0
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        T, B, I = x.shape
+        weights = self._weights()
+        if T == 0 or I != self.input_size or x.dtype != weights[0].dtype:
+            return None
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            h0, c0 = self._zero_state(x, B)
+        elif lstm:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h0, c0 = hx
+        else:
+            h0, c0 = hx, None
+        shape = (self.num_layers * (2 if self.bidirectional else 1), B, self.hidden_size)
+        for state in (h0, c0) if lstm else (h0,):
+            if type(state) is not Tensor or state.shape != shape or state.dtype != x.dtype or not state.is_cpu:
+                return None
+        spec = self._spec()
+        out, h_n, c_n = resolve(self._backend, spec, x, False).rnn(spec, x, None, h0, c0, weights)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, ((h_n, c_n) if lstm else h_n)
 
 
 class RNN(_RNNLayer, nn.RNN):
