@@ -73,10 +73,15 @@ def environment(device: str, threads: int, grid: str) -> dict:
 
 
 def results_stem(out_dir: str, env: dict, grid: str) -> str:
-    """``<out>/<date>-<device>[-<grid>]``: the device is the GPU's name on GPU, ``cpu`` on CPU."""
+    """``<out>/<date>-<device>[-<grid>]``: the device is the GPU's name on GPU, ``cpu`` on CPU; a later
+    run on the same day gets ``-2``, ``-3``, ... rather than overwriting an earlier (committed) one."""
     slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-") if env["device"] == "cuda" else "cpu"
     tag = "" if grid == env["device"] or (grid == "gpu" and env["device"] == "cuda") else f"-{grid}"
-    return os.path.join(out_dir, f"{datetime.date.today().isoformat()}-{slug}{tag}")
+    stem = os.path.join(out_dir, f"{datetime.date.today().isoformat()}-{slug}{tag}")
+    run = 1
+    while any(os.path.exists(f"{stem}{'' if run == 1 else f'-{run}'}.{ext}") for ext in ("json", "md")):
+        run += 1
+    return stem if run == 1 else f"{stem}-{run}"
 
 
 def provider_table(providers: list[Provider]) -> dict:

@@ -147,3 +147,15 @@ def test_peak_gflops():
         assert bool(_C.product_isa(dtype)) == needs
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         _C.peak_gflops("float16")
+
+
+def test_a_later_run_on_the_same_day_does_not_overwrite(tmp_path):
+    from bench import report
+
+    env = {"device": "cpu", "device_name": "x"}
+    first = report.results_stem(str(tmp_path), env, "cpu")
+    open(first + ".md", "w").close()
+    second = report.results_stem(str(tmp_path), env, "cpu")
+    assert second == first + "-2"
+    open(second + ".json", "w").close()
+    assert report.results_stem(str(tmp_path), env, "cpu") == first + "-3"
