@@ -88,6 +88,23 @@ def _policy_applied(autocast_dtype: Optional[torch.dtype], device: str):
     return torch.autocast(device, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
 
 
+def plain_states(layer: nn.Module, x: Tensor, hx) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """``(h0, c0)`` of a plain layer call on time-major CPU ``x``: ``hx`` None (zeros), a tensor, or for LSTM a
+    tuple of two, each on the CPU in x's dtype and shaped (layers * directions, B, hidden); None for anything
+    else, which the full path checks and raises for as torch.nn does."""
+    lstm = layer.mode == "LSTM"
+    shape = (layer.num_layers * (2 if layer.bidirectional else 1), x.size(1), layer.hidden_size)
+    if hx is None:
+        return x.new_zeros(shape), x.new_zeros(shape) if lstm else None
+    if lstm and (type(hx) is not tuple or len(hx) != 2):
+        return None
+    states = hx if lstm else (hx,)
+    for s in states:
+        if type(s) is not Tensor or s.shape != shape or s.dtype != x.dtype or not s.is_cpu:
+            return None
+    return states[0], states[1] if lstm else None
+
+
 class _RNNLayer(_BackendChoice):
     """Shared forward of RNN, LSTM and GRU (mixed in before the torch.nn class)."""
 
@@ -236,28 +253,18 @@ class _RNNLayer(_BackendChoice):
                 or torch.is_autocast_enabled("cpu")):
             return None
         x = input.transpose(0, 1) if self.batch_first else input
-        T, B, I = x.shape
+        T, _, I = x.shape
         weights = self._weights()
         if T == 0 or I != self.input_size or x.dtype != weights[0].dtype:
             return None
-        lstm = self.mode == "LSTM"
-        if hx is None:
-            h0, c0 = self._zero_state(x, B)
-        elif lstm:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h0, c0 = hx
-        else:
-            h0, c0 = hx, None
-        shape = (self.num_layers * (2 if self.bidirectional else 1), B, self.hidden_size)
-        for state in (h0, c0) if lstm else (h0,):
-            if type(state) is not Tensor or state.shape != shape or state.dtype != x.dtype or not state.is_cpu:
-                return None
+        states = plain_states(self, x, hx)
+        if states is None:
+            return None
         spec = self._spec()
-        out, h_n, c_n = resolve(self._backend, spec, x, False).rnn(spec, x, None, h0, c0, weights)
+        out, h_n, c_n = resolve(self._backend, spec, x, False).rnn(spec, x, None, *states, weights)
         if self.batch_first:
             out = out.transpose(0, 1)
-        return out, ((h_n, c_n) if lstm else h_n)
+        return out, ((h_n, c_n) if self.mode == "LSTM" else h_n)
 
 
 class RNN(_RNNLayer, nn.RNN):

@@ -243,28 +243,16 @@ class _QuantizedLayer(_Quantized):
         if self.training and self.dropout > 0 and self.num_layers > 1:
             return None
         x = input.transpose(0, 1) if self.batch_first else input
-        T, B, I = x.shape
-        shape = (self.num_layers * (2 if self.bidirectional else 1), B, self.hidden_size)
-        lstm = self.mode == "LSTM"
-        if hx is None:
-            h0 = c0 = x.new_zeros(shape)
-        elif lstm:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h0, c0 = hx
-        else:
-            h0, c0 = hx, None
-        grad = torch.is_grad_enabled()
-        for s in (h0, c0) if lstm else (h0,):
-            if (type(s) is not Tensor or s.shape != shape or s.dtype != torch.float32 or not s.is_cpu
-                    or (grad and s.requires_grad)):
-                return None
-        if T == 0 or I != self.input_size or (grad and input.requires_grad):
+        T, _, I = x.shape
+        states = _modules.plain_states(self, x, hx)
+        if T == 0 or I != self.input_size or states is None:
             return None
-        out, h_n, c_n = self._run(x, None, h0, c0)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *states)):
+            return None
+        out, h_n, c_n = self._run(x, None, *states)
         if self.batch_first:
             out = out.transpose(0, 1)
-        return out, ((h_n, c_n) if lstm else h_n)
+        return out, ((h_n, c_n) if self.mode == "LSTM" else h_n)
 
 
 class _QuantizedCell(_Quantized):
