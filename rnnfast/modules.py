@@ -9,7 +9,7 @@ way torch does, then hands it to a backend (see :mod:`rnnfast.backend`).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -88,21 +88,34 @@ def _policy_applied(autocast_dtype: Optional[torch.dtype], device: str):
     return torch.autocast(device, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
 
 
-def plain_states(layer: nn.Module, x: Tensor, hx) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-    """``(h0, c0)`` of a plain layer call on time-major CPU ``x``: ``hx`` None (zeros), a tensor, or for LSTM a
-    tuple of two, each on the CPU in x's dtype and shaped (layers * directions, B, hidden); None for anything
-    else, which the full path checks and raises for as torch.nn does."""
+def plain_call(layer: nn.Module, input, hx, run: Callable):
+    """A layer's common call (a 3-D CPU tensor of the layer's input size, ``hx`` None, a tensor, or for
+    LSTM a tuple of two, each on the CPU in the input's dtype and shaped (layers * directions, B, hidden))
+    through ``run(x, h0, c0) -> (out, h_n, c_n)`` on time-major ``x``, or None where ``run`` declines it
+    (returns None). A decode step is short enough for the full forward's Python to cost 20-60% of it:
+    its work is cheap, but it runs with its code and data evicted from the cache by the step's weights.
+    None for anything else: the full forward checks it and raises as torch.nn does."""
+    if type(input) is not Tensor or input.dim() != 3 or not input.is_cpu:
+        return None
+    x = input.transpose(0, 1) if layer.batch_first else input
+    if x.size(0) == 0 or x.size(2) != layer.input_size:
+        return None
     lstm = layer.mode == "LSTM"
     shape = (layer.num_layers * (2 if layer.bidirectional else 1), x.size(1), layer.hidden_size)
     if hx is None:
-        return x.new_zeros(shape), x.new_zeros(shape) if lstm else None
-    if lstm and (type(hx) is not tuple or len(hx) != 2):
+        states = (x.new_zeros(shape), x.new_zeros(shape) if lstm else None)
+    elif lstm and (type(hx) is not tuple or len(hx) != 2):
         return None
-    states = hx if lstm else (hx,)
-    for s in states:
-        if type(s) is not Tensor or s.shape != shape or s.dtype != x.dtype or not s.is_cpu:
-            return None
-    return states[0], states[1] if lstm else None
+    else:
+        states = hx if lstm else (hx, None)
+        for s in states[:2 if lstm else 1]:
+            if type(s) is not Tensor or s.shape != shape or s.dtype != x.dtype or not s.is_cpu:
+                return None
+    result = run(x, *states)
+    if result is None:
+        return None
+    out, h_n, c_n = result
+    return (out.transpose(0, 1) if layer.batch_first else out), ((h_n, c_n) if lstm else h_n)
 
 
 class _RNNLayer(_BackendChoice):
@@ -245,26 +258,18 @@ class _RNNLayer(_BackendChoice):
 
 
     def _plain_call(self, input, hx):
-        """The common call (a 3-D CPU tensor, states given or None, no autocast or projection) in a few
-        checks; None for anything else, which takes the full path and its torch.nn errors. A one-step
-        decode is short enough for the full path's Python to cost 20-60% of it: its work is cheap,
-        but it runs with its code and data evicted from the cache by the step's weights."""
-        if (type(input) is not Tensor or input.dim() != 3 or not input.is_cpu or self.proj_size > 0
-                or torch.is_autocast_enabled("cpu")):
+        """:func:`plain_call` without autocast or projection, straight to the backend."""
+        if self.proj_size > 0 or torch.is_autocast_enabled("cpu"):
             return None
-        x = input.transpose(0, 1) if self.batch_first else input
-        T, _, I = x.shape
-        weights = self._weights()
-        if T == 0 or I != self.input_size or x.dtype != weights[0].dtype:
-            return None
-        states = plain_states(self, x, hx)
-        if states is None:
-            return None
-        spec = self._spec()
-        out, h_n, c_n = resolve(self._backend, spec, x, False).rnn(spec, x, None, *states, weights)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+        def run(x: Tensor, h0: Tensor, c0: Optional[Tensor]):
+            weights = self._weights()
+            if x.dtype != weights[0].dtype:
+                return None
+            spec = self._spec()
+            return resolve(self._backend, spec, x, False).rnn(spec, x, None, h0, c0, weights)
+
+        return plain_call(self, input, hx, run)
 
 
 class RNN(_RNNLayer, nn.RNN):

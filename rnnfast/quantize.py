@@ -233,26 +233,18 @@ class _QuantizedLayer(_Quantized):
 
 
     def _common_call(self, input, hx):
-        """The decode loop's call (a 3-D float32 CPU tensor, states given or None, nothing that needs
-        gradients or dropout) in a few checks; None for anything else, which takes the full path and
-        its torch.nn errors. A decode step is short enough for the full path's Python to cost a
-        third of it: its work is cheap, but it runs with its code and data evicted from the cache
-        by the step's weights."""
-        if type(input) is not Tensor or input.dim() != 3 or input.dtype != torch.float32 or not input.is_cpu:
+        """:func:`rnnfast.modules.plain_call` on float32 input with nothing that needs gradients or
+        dropout (the full path raises for those), straight to the kernel."""
+        dropout = self.training and self.dropout > 0 and self.num_layers > 1
+        if getattr(input, "dtype", None) != torch.float32 or dropout:
             return None
-        if self.training and self.dropout > 0 and self.num_layers > 1:
-            return None
-        x = input.transpose(0, 1) if self.batch_first else input
-        T, _, I = x.shape
-        states = _modules.plain_states(self, x, hx)
-        if T == 0 or I != self.input_size or states is None:
-            return None
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *states)):
-            return None
-        out, h_n, c_n = self._run(x, None, *states)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+        def run(x: Tensor, h0: Tensor, c0: Optional[Tensor]):
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0)):
+                return None
+            return self._run(x, None, h0, c0)
+
+        return _modules.plain_call(self, input, hx, run)
 
 
 class _QuantizedCell(_Quantized):
