@@ -162,7 +162,15 @@ def gemm_roof(dtype: str, device: str, repeats: int = 7) -> tuple[float, str]:
     """The most GEMM work per second this machine can do at ``dtype`` on the bench's threads, and
     how it was found: the higher of the best of ``repeats`` batches of one large ``torch.matmul``
     and, on a CPU where the fused loop runs, the peak of the multiply-add instructions that loop
-    uses (``rnnfast._C.peak_gflops``). Each provider's GFLOP/s is set against it."""
+    uses (``rnnfast._C.peak_gflops``). Each provider's GFLOP/s is set against it. A CPU without
+    bfloat16 products (AVX512-BF16) gets the float32 roof for bfloat16: widening to float32 is the
+    fastest bfloat16 GEMM there (torch.matmul's own ran at 0.7 GFLOP/s, 12 s a call, on an AVX2 EPYC)."""
+    if device == "cpu" and dtype == "bfloat16" and "cpu" in rnnfast.available_backends():
+        from rnnfast import _C
+
+        if not _C.has_bf16_loop():
+            rate, how = gemm_roof("float32", device, repeats)
+            return rate, f"no bfloat16 products on this CPU: the float32 roof, {how}"
     m, k, n = ROOF_SHAPE
     g = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=g).to(device, getattr(torch, dtype))

@@ -63,6 +63,24 @@ INTERPRETED = {"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# torch.nn's CPU LSTM under bfloat16 autocast runs on oneDNN, which has no bfloat16 LSTM on CPUs
+# without AVX-512 (an AVX2 EPYC): there torch.nn raises this, where rnnfast runs.
+ONEDNN_NO_BF16_LSTM = "could not create a primitive descriptor for the LSTM forward propagation primitive"
+
+
+@functools.cache
+def torch_autocast_lstm_fails() -> bool:
+    """Whether torch.nn's LSTM raises oneDNN's error under CPU bfloat16 autocast on this machine."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(2, 2)(torch.zeros(1, 1, 2))
+    except RuntimeError as err:
+        if ONEDNN_NO_BF16_LSTM in str(err):
+            return True
+        raise
+    return False
+
+
 def backend_device(name: str) -> str:
     """The device a backend's parity tests run on here."""
     return "cpu" if name in ("reference", "cpu") else DEVICE

@@ -164,8 +164,9 @@ def test_inference_mode_then_training():
 
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_narrower_kernel_builds(isa):
-    """CPUs without AVX-512 run the stepwise loop and the AVX2 or baseline gate kernels: the same
-    parity, checked here by capping the kernels this machine picks (RNNFAST_CPU_ISA)."""
+    """CPUs without AVX-512 run the fused loop on AVX2 registers (tile_avx2), CPUs without AVX2 the
+    stepwise loop, each with its build of the gate kernels: the same parity, checked here by capping
+    the kernels this machine picks (RNNFAST_CPU_ISA); isa-rows fills whole row tiles each step."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
@@ -174,6 +175,7 @@ def test_narrower_kernel_builds(isa):
             check_layer(family, Case("isa", dict(num_layers=2, bidirectional=True), I=11, H=37, T=6, B=5,
                                      packed="unsorted"), "cpu")
             check_layer(family, Case("isa-long", I=7, H=21, T=40, B=3), "cpu")
+            check_layer(family, Case("isa-rows", I=9, H=70, T=5, B=13), "cpu")
         print("ok")
     """)
     env = dict(os.environ, RNNFAST_CPU_ISA=isa)

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnfast
 from rnnfast.backend import BackendFallbackWarning
 
-from conftest import backend_device
+from conftest import backend_device, torch_autocast_lstm_fails
 from parity import TORCH_CLASSES, Case, make_inputs, run_layer
 
 BF16 = torch.bfloat16
@@ -31,6 +31,35 @@ def _dtypes(obj) -> list[torch.dtype]:
     if hasattr(obj, "batch_sizes"):
         return [obj.data.dtype]
     return [d for o in obj for d in _dtypes(o)]
+
+
+def _bf16(obj):
+    """obj with its floating tensors (and packed sequences' data) in bfloat16."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(BF16) if obj.is_floating_point() else obj
+    if hasattr(obj, "batch_sizes"):
+        return obj._replace(data=obj.data.to(BF16))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_bf16(o) for o in obj)
+    return obj
+
+
+def _torch_autocast(module, call, onednn_missing: bool):
+    """call(module, False) under bfloat16 autocast on the module's device: what torch.nn returns. With
+    ``onednn_missing`` (see _onednn_lstm_missing), what it returns on CPUs that have oneDNN's bfloat16
+    LSTM: call(module in bfloat16, True), the inputs to be cast to bfloat16 too, as autocast does."""
+    if onednn_missing:
+        return call(copy.deepcopy(module).to(BF16), True)
+    with torch.autocast(next(module.parameters()).device.type, dtype=BF16):
+        return call(module, False)
+
+
+def _onednn_lstm_missing(family: str, device: str, packed: bool, proj: bool) -> bool:
+    """torch.nn's padded LSTM without projections runs on oneDNN under CPU autocast, which has no
+    bfloat16 LSTM on CPUs without AVX-512 (an AVX2 EPYC): there torch.nn raises (conftest), or given
+    bfloat16 input and float32 states returns float32. rnnfast keeps the rule of the CPUs where
+    torch.nn runs, the same on every CPU; the tests compare with that rule there."""
+    return family == "LSTM" and device == "cpu" and not packed and not proj and torch_autocast_lstm_fails()
 
 
 def _twins(cls_name: str, backend: str, *args, **kwargs):
@@ -75,9 +104,12 @@ def test_autocast_dtypes_match_torch_layers(family, kwargs, backend):
     for name, dtype, args in _layer_calls(family, device, lead, kwargs.get("proj_size", 6)):
         ref, ours = _twins(family, backend, 5, 6, **kwargs)
         ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+        missing = dtype != torch.float64 and _onednn_lstm_missing(family, device, name.startswith("packed"),
+                                                                  "proj_size" in kwargs)  # autocast leaves float64
+        want = _torch_autocast(ref, lambda m, low: m(*(_bf16(args) if low else args)), missing)
         with torch.autocast(device, dtype=BF16), warnings.catch_warnings():
             warnings.simplefilter("ignore", BackendFallbackWarning)  # a fallback must give the same dtypes
-            want, got = ref(*args), ours(*args)
+            got = ours(*args)
         assert _dtypes(got) == _dtypes(want), f"{family} {name}: {_dtypes(got)} != torch's {_dtypes(want)}"
 
 
@@ -158,6 +190,10 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
     sizes = [kwargs.get("proj_size") or case.H] + ([case.H] if family == "LSTM" else [])
     inputs = make_inputs(case, sizes, kwargs.get("num_layers", 1) * D)
     want, want_g = run_layer(ref, case, inputs, torch.float32, "cpu")
+    # a bfloat16 module's own values: its weights, input and states rounded, in float32 (see below)
+    rounded = {k: [t.to(BF16).double() for t in v] if k == "states" else v.to(BF16).double() if k == "x" else v
+               for k, v in inputs.items()}
+    exact, exact_g = run_layer(copy.deepcopy(ref).to(BF16).float(), case, rounded, torch.float32, "cpu")
 
     def low(module):
         if autocast:
@@ -165,16 +201,35 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
                 return run_layer(copy.deepcopy(module), case, inputs, torch.float32, "cpu")
         return run_layer(copy.deepcopy(module).to(BF16), case, inputs, BF16, "cpu")
 
-    theirs, theirs_g = low(ref)
+    # torch.nn's bfloat16 module where its autocast LSTM cannot run (see _onednn_lstm_missing): its
+    # gradients are then bfloat16 where autocast's follow the float32 leaves
+    as_module = False
+    if autocast:
+        def theirs_run(m, low):
+            nonlocal as_module
+            as_module = low
+            return run_layer(copy.deepcopy(m), case, inputs, BF16 if low else torch.float32, "cpu")
+
+        missing = _onednn_lstm_missing(family, "cpu", bool(case.packed), "proj_size" in kwargs)
+        theirs, theirs_g = _torch_autocast(ref, theirs_run, missing)
+    else:
+        theirs, theirs_g = low(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackendFallbackWarning)
         got, got_g = low(ours)
-    pairs = [(f"output {k}", got[k], theirs[k], want[k]) for k in range(len(want))]
-    pairs += [(f"grad {n}", got_g[n], theirs_g[n], want_g[n]) for n in want_g]
-    for name, g, t, w in pairs:
-        assert g.dtype == t.dtype, f"{name}: dtype {g.dtype}, torch.nn gives {t.dtype}"
+    pairs = [(f"output {k}", got[k], theirs[k], want[k], exact[k]) for k in range(len(want))]
+    pairs += [(f"grad {n}", got_g[n], theirs_g[n], want_g[n], exact_g[n]) for n in want_g]
+    for name, g, t, w, e in pairs:
+        if not (as_module and name.startswith("grad")):
+            assert g.dtype == t.dtype, f"{name}: dtype {g.dtype}, torch.nn gives {t.dtype}"
         ours_err, torch_err = _max_err(g, w), _max_err(t, w)
-        assert ours_err <= 1.5 * torch_err + SLACK, f"{name}: error {ours_err:.2e}, torch.nn bf16's {torch_err:.2e}"
+        # A bfloat16 module may instead be as close as torch.nn's to the float32 result of the values
+        # it holds: rounding the input moves relu's kinks, and a pre-activation that changes sign there
+        # changes a gradient entry by its whole size (RNN relu widened to float32, on an AVX2 EPYC:
+        # 0.19 against the original's float32, 4e-3 against the rounded values', torch.nn 0.026).
+        closer = not autocast and _max_err(g, e) <= 1.5 * _max_err(t, e) + SLACK
+        assert closer or ours_err <= 1.5 * torch_err + SLACK, (
+            f"{name}: error {ours_err:.2e}, torch.nn bf16's {torch_err:.2e}")
 
 
 @pytest.mark.parametrize("family, case", PARAMS)

@@ -147,8 +147,8 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnfast CPU kernels; the autograd-aware entry points are torch.ops.rnnfast.*";
-  m.def("has_fused_loop", [] { return rnnfast::kHasAvx512; },
-        "Whether float32 layers run the fused AVX-512 loop (else the stepwise loop).");
+  m.def("has_fused_loop", [] { return rnnfast::kHasAvx2; },
+        "Whether float32 layers run the fused loop (AVX2 or AVX-512; else the stepwise loop).");
   m.def("has_bf16_loop", [] { return rnnfast::kHasAvx512Bf16; },
         "Whether bfloat16 layers run the fused loop with AVX512-BF16 or AMX products (else float32 on widened copies).");
   m.def("product_isa", &rnnfast::product_isa, "The instructions of the fused loop's products at a dtype here.",

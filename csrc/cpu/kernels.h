@@ -74,15 +74,17 @@ struct Rows {
   T* operator()(int64_t step, int64_t b) const { return data + (step * B + b) * W; }
 };
 
-// The CPU has AVX-512 (F, DQ, VL, BW) and RNNFAST_CPU_ISA does not cap it: the widest
-// build of the kernels and the fused loop run.
+// The CPU has AVX2 and FMA and RNNFAST_CPU_ISA does not cap them: float32 layers run the
+// fused loop (on 8-lane registers).
+extern const bool kHasAvx2;
+// ... and AVX-512 (F, DQ, VL, BW): the widest build of the kernels and of the fused loop run.
 extern const bool kHasAvx512;
 // ... and AVX512-BF16 (vdpbf16ps): bfloat16 layers run the fused loop in bfloat16.
 extern const bool kHasAvx512Bf16;
 // ... and AMX-BF16 tiles, usable by this process: the bfloat16 loops' products run on them.
 extern const bool kHasAmxBf16;
 
-// One layer and direction on AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
+// One layer and direction on AVX2 or AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
 // proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights and states
 // (autocast; the outputs take h0's dtype): the same contract as the operators layer_fwd /
 // layer_bwd, with the batch sizes unpacked; with save false the forward keeps nothing for

@@ -1,9 +1,9 @@
-// One layer and direction on AVX-512 CPUs in float32 (or bfloat16 on AVX512-BF16 CPUs),
-// forward and backward, as one OpenMP parallel region each.
+// One layer and direction on AVX-512 or AVX2+FMA CPUs in float32 (or bfloat16 on AVX512-BF16
+// CPUs), forward and backward, as one OpenMP parallel region each.
 //
 // Every product is one register-blocked tile kernel (6 rows x 64 columns, 24 zmm
-// accumulators) over weights packed once into panels and cached until they change;
-// bfloat16 products run on AMX tiles instead where the CPU has them (gemm_amx).
+// accumulators; 6 x 16 in 12 ymm on AVX2) over weights packed once into panels and cached
+// until they change; bfloat16 products run on AMX tiles instead where the CPU has them (gemm_amx).
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
@@ -284,13 +284,72 @@ __attribute__((target("avx512f,avx512bf16"))) void tile(const BF16* a, int64_t l
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
-// A tile of fewer than R rows: the remainder of a panel's rows.
-template <int R, int V, bool TA, typename E>
-void tail(int64_t rows, const E* a, int64_t lda, int64_t K, const E* b, int64_t ldb, const float* bias, float* c,
-          int64_t ldc, const int64_t* col, const __mmask16* mask, bool add) {
-  if constexpr (R > 1) {
-    if (rows == R - 1) return tile<R - 1, V, TA>(a, lda, K, b, ldb, bias, c, ldc, col, mask, add);
-    tail<R - 1, V, TA>(rows, a, lda, K, b, ldb, bias, c, ldc, col, mask, add);
+// f(std::integral_constant<int, rows>) for 0 < rows <= R: a tile's rows as a constant, for the
+// remainder of a panel's rows.
+template <int R, typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (R > 0) {
+    if (rows == R) return f(std::integral_constant<int, R>{});
+    with_rows<R - 1>(rows, f);
+  }
+}
+
+// ---- AVX2 + FMA: the float32 tile on CPUs without AVX-512 ---------------------------------
+// One 16-column register of a panel (see Panels) for R rows, as two 8-lane halves: 2R
+// accumulators (12 at R 6), the two halves of a panel row and a broadcast fit AVX2's 16
+// registers. lanes: the register's live columns (0 < lanes <= 16); the others are neither
+// read nor written.
+#define RNNFAST_AVX2_INLINE inline __attribute__((always_inline, target("avx2,fma")))
+
+RNNFAST_AVX2_INLINE __m256i half_mask(int64_t lanes) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+template <int R, bool TA, bool Whole>
+RNNFAST_AVX2_INLINE void tile_steps_avx2(__m256 (&acc)[R][2], const float* a, int64_t lda, int64_t K, const float* b,
+                                         int64_t ldb, __m256i m0, __m256i m1) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * ldb;
+    const __m256 w0 = Whole ? _mm256_loadu_ps(bk) : _mm256_maskload_ps(bk, m0);
+    const __m256 w1 = Whole ? _mm256_loadu_ps(bk + 8) : _mm256_maskload_ps(bk + 8, m1);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(TA ? a + r + k * lda : a + r * lda + k);
+      acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
+    }
+  }
+}
+
+// c[r, l] (+)= sum_k a[r, k] * b[k, l] (+ bias[l]) for R rows and l < lanes; a as in tile.
+template <int R, bool TA>
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* a, int64_t lda, int64_t K, const float* b,
+                                                   int64_t ldb, const float* bias, float* c, int64_t ldc,
+                                                   int64_t lanes, bool add) {
+  const __m256i m0 = half_mask(lanes), m1 = half_mask(lanes - 8);
+  __m256 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = bias != nullptr ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    acc[r][1] = bias != nullptr ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  }
+  if (lanes == 16) {
+    tile_steps_avx2<R, TA, true>(acc, a, lda, K, b, ldb, m0, m1);
+  } else {
+    tile_steps_avx2<R, TA, false>(acc, a, lda, K, b, ldb, m0, m1);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* dst = c + r * ldc;
+    if (lanes == 16) {
+      _mm256_storeu_ps(dst, add ? _mm256_add_ps(acc[r][0], _mm256_loadu_ps(dst)) : acc[r][0]);
+      _mm256_storeu_ps(dst + 8, add ? _mm256_add_ps(acc[r][1], _mm256_loadu_ps(dst + 8)) : acc[r][1]);
+    } else {
+      const __m256 y0 = add ? _mm256_add_ps(acc[r][0], _mm256_maskload_ps(dst, m0)) : acc[r][0];
+      const __m256 y1 = add ? _mm256_add_ps(acc[r][1], _mm256_maskload_ps(dst + 8, m1)) : acc[r][1];
+      _mm256_maskstore_ps(dst, m0, y0);
+      _mm256_maskstore_ps(dst + 8, m1, y1);
+    }
   }
 }
 
@@ -298,33 +357,63 @@ void tail(int64_t rows, const E* a, int64_t lda, int64_t K, const E* b, int64_t 
 template <typename E>
 constexpr int64_t kKBlock = 32768 / (64 * int64_t(sizeof(E)));
 
+// The blocks of a product over panels [nb0, nb1): for each panel, K in blocks whose rows of the
+// panel (32 KB) stay in L1 across the row tiles, later blocks adding to the first's sums.
+// f(nb, k0, kb, b, bias, add): b the block's first row of the panel, bias only for the first.
+template <typename E, typename F>
+void for_blocks(const Panels<E>& p, int64_t nb0, int64_t nb1, bool add, F&& f) {
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const float* bias = p.bias_data != nullptr ? p.bias_data + nb * p.V * 16 : nullptr;
+    for (int64_t k0 = 0; k0 < p.K; k0 += kKBlock<E>) {
+      f(nb, k0, std::min(kKBlock<E>, p.K - k0), p.data + nb * p.pstride + k0 / kPair<E> * p.ldb,
+        k0 == 0 ? bias : nullptr, add || k0 > 0);
+    }
+  }
+}
+
 // Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias).
 template <int V, int R, bool TA, typename E>
 void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c,
              int64_t ldc, bool add) {
   const int64_t rs = !TA ? lda : kPair<E>;  // from one row of a to the next (see tile)
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
+  for_blocks(p, nb0, nb1, add, [&](int64_t nb, int64_t k0, int64_t kb, const E* b, const float* bias, bool add_k) {
     int64_t col[V];
     __mmask16 mask[V];
     for (int64_t v = 0; v < V; ++v) {
       col[v] = p.column(nb, v);
       mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
     }
-    const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
-    // K in blocks whose rows of the panel (32 KB) stay in L1 across the row tiles; later blocks add
-    for (int64_t k0 = 0; k0 < p.K; k0 += kKBlock<E>) {
-      const int64_t kb = std::min(kKBlock<E>, p.K - k0);
-      const E* b = p.data + nb * p.pstride + k0 / kPair<E> * p.ldb;
-      const E* ak = a + (TA ? k0 * lda : k0);
-      const float* bias_k = k0 == 0 ? bias : nullptr;
-      const bool add_k = add || k0 > 0;
+    const E* ak = a + (TA ? k0 * lda : k0);
+    int64_t r = 0;
+    for (; r + R <= n; r += R) tile<R, V, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+    with_rows<R - 1>(n - r, [&](auto rows) {
+      tile<decltype(rows)::value, V, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+    });
+  });
+}
+
+// The same in float32 on AVX2: a block's panel registers one at a time (its 64 bytes of each
+// row in L1 across the row tiles), 6 rows a tile.
+template <bool TA>
+void product_avx2(const Panels<float>& p, int64_t nb0, int64_t nb1, const float* a, int64_t lda, int64_t n,
+                  float* c, int64_t ldc, bool add) {
+  constexpr int R = 6;
+  const int64_t rs = !TA ? lda : 1;
+  for_blocks(p, nb0, nb1, add, [&](int64_t nb, int64_t k0, int64_t kb, const float* b, const float* bias, bool add_k) {
+    const float* ak = a + (TA ? k0 * lda : k0);
+    for (int64_t v = 0; v < p.V; ++v) {
+      const int64_t lanes = p.lanes(nb, v);
+      if (lanes == 0) continue;
+      const float* bv = b + 16 * v;
+      const float* bias_v = bias != nullptr ? bias + 16 * v : nullptr;
+      float* cv = c + p.column(nb, v);
       int64_t r = 0;
-      for (; r + R <= n; r += R) {
-        tile<R, V, TA>(ak + r * rs, lda, kb, b, p.ldb, bias_k, c + r * ldc, ldc, col, mask, add_k);
-      }
-      tail<R, V, TA>(n - r, ak + r * rs, lda, kb, b, p.ldb, bias_k, c + r * ldc, ldc, col, mask, add_k);
+      for (; r + R <= n; r += R) tile_avx2<R, TA>(ak + r * rs, lda, kb, bv, p.ldb, bias_v, cv + r * ldc, ldc, lanes, add_k);
+      with_rows<R - 1>(n - r, [&](auto rows) {
+        tile_avx2<decltype(rows)::value, TA>(ak + r * rs, lda, kb, bv, p.ldb, bias_v, cv + r * ldc, ldc, lanes, add_k);
+      });
     }
-  }
+  });
 }
 
 // ---- AMX: the bfloat16 products on tiles --------------------------------------------------
@@ -526,13 +615,19 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
   _tile_release();
 }
 
-// c (+)= a @ B over rows [0, n) and panels [nb0, nb1); a as in tile. 24 accumulators:
-// 6 rows of 4 registers or 8 rows of 3.
+// c (+)= a @ B over rows [0, n) and panels [nb0, nb1); a as in tile. AVX-512: 24 accumulators,
+// 6 rows of 4 registers or 8 rows of 3; AVX2 (float32): 6 rows of one register (two halves).
 template <typename E>
 void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c, int64_t ldc,
           bool add, bool transposed_a = false) {
   if constexpr (std::is_same_v<E, BF16>) {
     if (kHasAmxBf16 && !transposed_a) return gemm_amx(p, nb0, nb1, a, lda, n, c, ldc, add);
+  }
+  if constexpr (std::is_same_v<E, float>) {
+    if (!kHasAvx512) {
+      if (transposed_a) return product_avx2<true>(p, nb0, nb1, a, lda, n, c, ldc, add);
+      return product_avx2<false>(p, nb0, nb1, a, lda, n, c, ldc, add);
+    }
   }
   if (transposed_a) {
     TORCH_CHECK(p.V == 4, "rnnfast: transposed products take 4-register panels");
@@ -550,7 +645,7 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
 template <typename E>
 int64_t block_rows(const Panels<E>& p) {
   if (std::is_same_v<E, BF16> && kHasAmxBf16) return 2 * kTileRows;  // a pair of row tiles
-  return p.V == 4 ? 12 : 16;
+  return p.V == 4 || !kHasAvx512 ? 12 : 16;
 }
 
 // The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
@@ -1008,7 +1103,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
 }
 
 // 24 register-resident chains of the loops' multiply-add, iters rounds: a float32 FMA or a
-// bfloat16 pair dot (vdpbf16ps) per chain and round, as in tile. Returns a sum, so none is dropped.
+// bfloat16 pair dot (vdpbf16ps) per chain and round, as in tile (12 chains of 8 lanes on AVX2, as
+// in tile_avx2). Returns a sum, so none is dropped.
 __attribute__((target("avx512f"), noinline)) float fma_chains(int64_t iters) {
   __m512 acc[24];
   for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(1e-3f * i);
@@ -1019,6 +1115,20 @@ __attribute__((target("avx512f"), noinline)) float fma_chains(int64_t iters) {
   }
   for (int i = 1; i < 24; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
   return _mm512_reduce_add_ps(acc[0]);
+}
+
+__attribute__((target("avx2,fma"), noinline)) float fma_chains_avx2(int64_t iters) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(1e-3f * i);
+  const __m256 x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(1e-4f);
+  for (int64_t k = 0; k < iters; ++k) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);
+  }
+  for (int i = 1; i < 12; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc[0]);
+  return lanes[0] + lanes[7];
 }
 
 __attribute__((target("avx512f,avx512bf16"), noinline)) float dot_chains(int64_t iters) {
@@ -1065,18 +1175,19 @@ RNNFAST_AMX float tile_chains(int64_t iters) {
 const char* product_isa(const std::string& dtype) {
   TORCH_CHECK(dtype == "bfloat16" || dtype == "float32", "rnnfast: product_isa takes float32 or bfloat16, not ",
               dtype);
-  if (dtype == "float32") return kHasAvx512 ? "AVX-512 FMA" : "";
+  if (dtype == "float32") return kHasAvx512 ? "AVX-512 FMA" : kHasAvx2 ? "AVX2 FMA" : "";
   return kHasAmxBf16 ? "AMX tdpbf16ps" : kHasAvx512Bf16 ? "AVX512-BF16 vdpbf16ps" : "";
 }
 
 double peak_gflops(const std::string& dtype, double seconds) {
   const bool bf16 = dtype == "bfloat16";
   TORCH_CHECK(bf16 || dtype == "float32", "rnnfast: peak_gflops takes float32 or bfloat16, not ", dtype);
-  if (!(bf16 ? kHasAvx512Bf16 : kHasAvx512)) return 0.0;
-  const bool amx = bf16 && kHasAmxBf16;
-  auto chains = amx ? tile_chains : bf16 ? dot_chains : fma_chains;
-  // 24 registers of 16 lanes, each 2 (or 2 x 2) flops; or 4 tiles of 16 x 16 sums over 32 products
-  const double flops_per_round = amx ? 4 * 16 * 16 * 32 * 2 : 24 * 16 * (bf16 ? 4 : 2);
+  if (!(bf16 ? kHasAvx512Bf16 : kHasAvx2)) return 0.0;
+  const bool amx = bf16 && kHasAmxBf16, avx2 = !bf16 && !kHasAvx512;
+  auto chains = amx ? tile_chains : bf16 ? dot_chains : avx2 ? fma_chains_avx2 : fma_chains;
+  // 24 registers of 16 lanes (12 of 8 on AVX2), each 2 (or 2 x 2) flops; or 4 tiles of 16 x 16
+  // sums over 32 products
+  const double flops_per_round = amx ? 4 * 16 * 16 * 32 * 2 : avx2 ? 12 * 8 * 2 : 24 * 16 * (bf16 ? 4 : 2);
   using Clock = std::chrono::steady_clock;
   auto elapsed = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
   int64_t iters = 1 << 14;  // calibrated on one thread to about a tenth of the time
@@ -1097,7 +1208,7 @@ double peak_gflops(const std::string& dtype, double seconds) {
 
 bool fused_loop_supported(const Tensor& x, bool proj) {
   if (proj) return false;
-  return x.scalar_type() == at::kFloat ? kHasAvx512 : x.scalar_type() == at::kBFloat16 && kHasAvx512Bf16;
+  return x.scalar_type() == at::kFloat ? kHasAvx2 : x.scalar_type() == at::kBFloat16 && kHasAvx512Bf16;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode, const Tensor& x,
