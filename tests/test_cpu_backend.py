@@ -183,6 +183,18 @@ def test_narrower_kernel_builds(isa):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_wide_layers_step_in_slabs(family):
+    """A thread's panels past half of L2 go through each step in slabs (slab_panels): H 1000 has
+    over 1 MB a thread (2 threads), more than half of a 2 MB L2, and a last panel of 8 units."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layer(family, Case("slabs", I=8, H=1000, T=3, B=7, packed="unsorted"), "cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
 def test_any_thread_count(family, threads):

@@ -18,6 +18,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -648,6 +649,18 @@ int64_t block_rows(const Panels<E>& p) {
   return p.V == 4 || !kHasAvx512 ? 12 : 16;
 }
 
+// Panels a step takes through all its rows at a time: as many as fill half of L2, so that each
+// is read from L3 (or memory) once a step, not once per block of rows (LSTM H512 on a 512 KB L2
+// AVX2 EPYC: 0.75x -> 0.87x torch.nn); a thread's whole share where it fits.
+template <typename E>
+int64_t slab_panels(const Panels<E>& p) {
+  static const int64_t half_l2 = [] {
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return (bytes > 0 ? int64_t(bytes) : int64_t(512) << 10) / 2;
+  }();
+  return std::max<int64_t>(1, half_l2 / (p.pstride * int64_t(sizeof(E))));
+}
+
 // The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
 struct Share {
   int64_t nb0, nb1, u0, cnt;
@@ -800,7 +813,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
                                       [&] { return pack<E>(w_hh, split_biases(mode, b_ih, b_hh).second, G, U); });
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
-  const int64_t RB = block_rows(p), nt = threads_for(p), TC = chunk_steps(T, B);
+  const int64_t RB = block_rows(p), nt = threads_for(p), TC = chunk_steps(T, B), slab = slab_panels(p);
   const Walk walk{T, reverse};
   Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
   hbuf.copy_(h0.unsqueeze(0).expand({2, B, H}));
@@ -836,16 +849,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
           std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * sizeof(float));
           if (low) std::memcpy(nxt_lo + b * H + j0, cur_lo + b * H + j0, m * sizeof(E));
         }
-        for (int64_t r0 = 0; r0 < n && m > 0; r0 += RB) {
-          const int64_t rows = std::min(RB, n - r0);
-          gemm(p, own.nb0, own.nb1, cur_lo + r0 * H, H, rows, gh, ldg, false);
-          for (int64_t b = r0; b < r0 + rows; ++b) {
-            float* h_new = nxt + b * H + j0;
-            gate_forward(mode, gi_rows(t - t0, b) + j0, gh + (b - r0) * ldg + j0, cur + b * H + j0,
-                         lstm ? c_p + b * H + j0 : nullptr, lstm && save ? cs_rows(t, b) + j0 : nullptr,
-                         (save ? ws1_rows(t, b) : row_ws) + j0, h_new, m, H);
-            round_row(out_rows(t, b) + j0, h_new, m);
-            if (low) round_row(nxt_lo + b * H + j0, h_new, m);
+        for (int64_t s0 = own.nb0; s0 < own.nb1; s0 += slab) {  // slabs of panels that stay in L2
+          const int64_t s1 = std::min(own.nb1, s0 + slab);
+          const int64_t u0 = std::min(H, s0 * p.U), cnt = std::min(H, s1 * p.U) - u0;
+          for (int64_t r0 = 0; r0 < n; r0 += RB) {
+            const int64_t rows = std::min(RB, n - r0);
+            gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
+            for (int64_t b = r0; b < r0 + rows; ++b) {
+              float* h_new = nxt + b * H + u0;
+              gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
+                           lstm ? c_p + b * H + u0 : nullptr, lstm && save ? cs_rows(t, b) + u0 : nullptr,
+                           (save ? ws1_rows(t, b) : row_ws) + u0, h_new, cnt, H);
+              round_row(out_rows(t, b) + u0, h_new, cnt);
+              if (low) round_row(nxt_lo + b * H + u0, h_new, cnt);
+            }
           }
         }
 #pragma omp barrier
