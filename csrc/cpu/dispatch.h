@@ -56,6 +56,7 @@ inline void gate_backward(int64_t mode, const T* ws, const T* c, const T* c_prev
 inline std::pair<at::Tensor, at::Tensor> split_biases(int64_t mode, const at::Tensor& b_ih, const at::Tensor& b_hh) {
   if (!b_ih.defined()) return {};
   if (mode == GRU) return {b_ih, b_hh};
+  if (b_ih.scalar_type() == at::kBFloat16) return {b_ih.to(at::kFloat) + b_hh.to(at::kFloat), at::Tensor()};  // one rounding
   return {b_ih + b_hh, at::Tensor()};
 }
 

@@ -941,13 +941,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   // dh = dgh @ W_hh: H outputs, K = G * H
   const Panels<E> p =
       panels<E>().get({w_hh}, kBackward * 4 + mode, [&] { return pack<E>(w_hh.t(), Tensor(), 1, 64); });
-  const Panels<E> p_dx = [&] {  // dx = dgi @ W_ih: float32 reads W_ih in place, bfloat16 packs it once
-    if constexpr (low) {
-      return panels<E>().get({w_ih}, kBackwardInput * 4 + mode, [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); });
-    } else {
-      return direct(w_ih_c.data_ptr<float>(), GH, I, I);
-    }
-  }();
+  // dx = dgi @ W_ih: float32 reads W_ih in place; bfloat16 (loop or weights) packs it once
+  const Panels<E> p_dx = low || w_ih.scalar_type() != at::kFloat
+                             ? panels<E>().get({w_ih}, kBackwardInput * 4 + mode,
+                                               [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); })
+                             : direct(w_ih_c.data_ptr<E>(), GH, I, I);
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B), nt_max = threads_for(p);
   const Walk walk{T, !reverse};  // backward walks the steps the other way
   // one chunk's gate gradients and the states its steps started from
