@@ -139,7 +139,9 @@ void block_base(const BlockArgs& a) {
 // AVX2 has no u8 x s8 dot product without int16 saturation (vpmaddubsw), so both sides are
 // widened to int16 and vpmaddwd sums pairs exactly: a 16-byte chunk (4 rows x 4 k) gives
 // each row's (k0 k1) and (k2 k3) sums, added pairwise at the end. One gate at a time keeps
-// the 4 x MB accumulators in registers.
+// the 4 x MB accumulators in registers; the first gate's pass fetches the others' lines (a k
+// group's gates are 256 contiguous bytes), else each pass streams every fourth line from
+// memory (int8 LSTM H1024 decode on an AVX2 EPYC: 0.74x -> 0.9x torch's).
 template <int G, int MB>
 __attribute__((target("avx2,fma"))) void block_avx2(const BlockArgs& a) {
   const int64_t step = G * kUnits * kDepth;
@@ -154,6 +156,11 @@ __attribute__((target("avx2,fma"))) void block_avx2(const BlockArgs& a) {
         x[m] = _mm256_cvtepu8_epi16(_mm_set1_epi32(load_u32(a.u[m] + kg * kDepth)));
       }
       const int8_t* wb = wq + kg * step;
+      if (q == 0) {  // the other gates' lines of a k group, 4 groups ahead, into L2 for their passes
+        for (int g = 1; g < G; ++g) {
+          _mm_prefetch(reinterpret_cast<const char*>(wb + 4 * step + g * kUnits * kDepth), _MM_HINT_T1);
+        }
+      }
       for (int c = 0; c < 4; ++c) {
         const __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * c)));
         for (int m = 0; m < MB; ++m) acc[m][c] = _mm256_add_epi32(acc[m][c], _mm256_madd_epi16(w16, x[m]));
