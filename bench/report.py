@@ -65,7 +65,10 @@ def environment(device: str, threads: int, grid: str) -> dict:
     if device == "cpu" and "cpu" in env["rnnfast_backends"]:  # what rnnfast's products run on here
         from rnnfast import _C
 
-        env["rnnfast_products"] = {d: _C.product_isa(d) or "none (stepwise loop)" for d in ("float32", "bfloat16")}
+        f32 = _C.product_isa("float32")
+        widened = f"none: float32 {f32} on widened copies" if f32 else "none (stepwise loop)"
+        env["rnnfast_products"] = {"float32": f32 or "none (stepwise loop)",
+                                   "bfloat16": _C.product_isa("bfloat16") or widened}
     if device == "cuda":
         env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())), tf32=False)

@@ -136,6 +136,18 @@ void block_base(const BlockArgs& a) {
   }
 }
 
+// Rows 8 * half + [0, 8) of gate q for activation row m, from their k sums in hadd's order of two
+// chunks, [r0 r1 r4 r5 | r2 r3 r6 r7] (the permute restores row order): zero point, scales, bias.
+__attribute__((target("avx2,fma"))) inline void store_half_avx2(const BlockArgs& a, int m, int q, int half,
+                                                               __m256i hadded) {
+  const __m256i sums = _mm256_permute4x64_epi64(hadded, 0xD8);
+  const int64_t i = q * a.Hp + 8 * half;
+  const __m256i rs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.rs + i));
+  const __m256i v = _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_set1_epi32(a.zx[m]), rs));
+  const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(a.sx[m]), _mm256_loadu_ps(a.sw + i));
+  _mm256_storeu_ps(a.out[m] + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), scale, _mm256_loadu_ps(a.bias + i)));
+}
+
 // AVX2 has no u8 x s8 dot product without int16 saturation (vpmaddubsw), so both sides are
 // widened to int16 and vpmaddwd sums pairs exactly: a 16-byte chunk (4 rows x 4 k) gives
 // each row's (k0 k1) and (k2 k3) sums, added pairwise at the end. One gate at a time keeps
@@ -167,16 +179,37 @@ __attribute__((target("avx2,fma"))) void block_avx2(const BlockArgs& a) {
       }
     }
     for (int m = 0; m < MB; ++m) {
-      for (int half = 0; half < 2; ++half) {  // rows 8 * half + [0, 8)
-        // hadd: [r0 r1 r4 r5 | r2 r3 r6 r7] of the two chunks; the permute restores row order
-        const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][2 * half], acc[m][2 * half + 1]), 0xD8);
-        const int64_t i = q * a.Hp + 8 * half;
-        const __m256i rs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.rs + i));
-        const __m256i v = _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_set1_epi32(a.zx[m]), rs));
-        const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(a.sx[m]), _mm256_loadu_ps(a.sw + i));
-        _mm256_storeu_ps(a.out[m] + i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), scale, _mm256_loadu_ps(a.bias + i)));
+      for (int half = 0; half < 2; ++half) {
+        store_half_avx2(a, m, q, half, _mm256_hadd_epi32(acc[m][2 * half], acc[m][2 * half + 1]));
       }
     }
+  }
+}
+
+// One activation row (decode): every gate of a k group in one pass, reading its 256 bytes in
+// order. Each pair of chunks is summed across at once (hadd), so a gate keeps 2 accumulators
+// and the G gates fit in registers.
+template <int G>
+__attribute__((target("avx2,fma"))) void block_avx2_row(const BlockArgs& a) {
+  __m256i acc[G][2];
+  for (int q = 0; q < G; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_si256();
+  for (int64_t kg = 0; kg < a.Kg; ++kg) {
+    const __m256i x = _mm256_cvtepu8_epi16(_mm_set1_epi32(load_u32(a.u[0] + kg * kDepth)));
+    const int8_t* wb = a.w + kg * G * kUnits * kDepth;
+#pragma GCC unroll 4
+    for (int q = 0; q < G; ++q) {
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half) {
+        const int8_t* w = wb + (2 * q + half) * 32;
+        const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+        acc[q][half] = _mm256_add_epi32(acc[q][half],
+                                        _mm256_hadd_epi32(_mm256_madd_epi16(lo, x), _mm256_madd_epi16(hi, x)));
+      }
+    }
+  }
+  for (int q = 0; q < G; ++q) {
+    for (int half = 0; half < 2; ++half) store_half_avx2(a, 0, q, half, acc[q][half]);
   }
 }
 
@@ -244,7 +277,7 @@ struct Kernels {
 template <int G>
 Kernels kernels_for(int64_t isa) {
   if (isa >= 2) return {{nullptr, block_vnni<G, 1>, block_vnni<G, 2>, block_vnni<G, 3>, block_vnni<G, 4>}};
-  if (isa == 1) return {{nullptr, block_avx2<G, 1>, block_avx2<G, 2>, block_avx2<G, 3>, block_avx2<G, 4>}};
+  if (isa == 1) return {{nullptr, block_avx2_row<G>, block_avx2<G, 2>, block_avx2<G, 3>, block_avx2<G, 4>}};
   return {{nullptr, block_base<G, 1>, block_base<G, 2>, block_base<G, 3>, block_base<G, 4>}};
 }
 
