@@ -35,8 +35,8 @@ _BF16_LOOP = _C.has_bf16_loop()
 
 
 def _takes_decode(x: Tensor) -> bool:
-    if x.dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 to beat the loops
-        return _BF16_LOOP and x.size(0) * x.size(1) <= DECODE_MAX_ROWS
+    if x.dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 or AVX2 (widening) to beat the loops
+        return (_BF16_LOOP or _FUSED_LOOP) and x.size(0) * x.size(1) <= DECODE_MAX_ROWS
     if x.dtype == torch.float32 and _FUSED_LOOP:
         return x.size(0) * x.size(1) <= DECODE_MAX_ROWS
     return x.size(0) <= DECODE_MAX_T and x.size(1) <= DECODE_MAX_B

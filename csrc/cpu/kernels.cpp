@@ -129,31 +129,39 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// Eight rows at a time share each load of v: eight independent FMA chains.
-__attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* w, int64_t ldw, int64_t rows, const float* v,
+// Eight float32 lanes of a row: float32 as it is, bfloat16 widened exactly (its bits are a float32's top half).
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// Eight rows at a time share each load of v: eight independent FMA chains, summed in float32.
+template <typename E>
+__attribute__((target("avx2,fma"))) void dot_rows_avx2(const E* w, int64_t ldw, int64_t rows, const E* v,
                                                        int64_t n, float* res, int64_t res_stride) {
   int64_t r = 0;
   const int64_t nv = n & ~int64_t(7);
   for (; r + 8 <= rows; r += 8) {
     __m256 acc[8];
     for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_ps();
-    const float* wr = w + r * ldw;
+    const E* wr = w + r * ldw;
     for (int64_t k = 0; k < nv; k += 8) {
-      const __m256 x = _mm256_loadu_ps(v + k);
-      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + q * ldw + k), x, acc[q]);
+      const __m256 x = load8(v + k);
+      for (int q = 0; q < 8; ++q) acc[q] = _mm256_fmadd_ps(load8(wr + q * ldw + k), x, acc[q]);
     }
     for (int q = 0; q < 8; ++q) {
       float s = hsum(acc[q]);
-      for (int64_t k = nv; k < n; ++k) s += wr[q * ldw + k] * v[k];
+      for (int64_t k = nv; k < n; ++k) s += float(wr[q * ldw + k]) * float(v[k]);
       res[(r + q) * res_stride] = s;
     }
   }
   for (; r < rows; ++r) {
-    const float* wr = w + r * ldw;
+    const E* wr = w + r * ldw;
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t k = 0; k < nv; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(v + k), acc);
+    for (int64_t k = 0; k < nv; k += 8) acc = _mm256_fmadd_ps(load8(wr + k), load8(v + k), acc);
     float s = hsum(acc);
-    for (int64_t k = nv; k < n; ++k) s += wr[k] * v[k];
+    for (int64_t k = nv; k < n; ++k) s += float(wr[k]) * float(v[k]);
     res[r * res_stride] = s;
   }
 }
@@ -188,6 +196,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_row_b
 
 void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
               int64_t res_stride) {
+  if (!kHasAvx512Bf16 && kHasAvx2) return dot_rows_avx2(w, ldw, rows, v, n, res, res_stride);
   if (!kHasAvx512Bf16) {
     for (int64_t r = 0; r < rows; ++r) {
       float acc = 0;

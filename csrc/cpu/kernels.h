@@ -46,7 +46,8 @@ RNNFAST_DECLARE(double)
 void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t n, float* res, int64_t res_stride);
 void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64_t n, double* res,
               int64_t res_stride);
-// The same over bfloat16 rows and vector, summed in float32 (vdpbf16ps where the CPU has it).
+// The same over bfloat16 rows and vector, summed in float32 (vdpbf16ps where the CPU has it, else
+// AVX2 FMAs on exactly widened lanes).
 void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
               int64_t res_stride);
 
