@@ -177,8 +177,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
           mode, widen(x_).contiguous(), step_sizes(batch_sizes, x_.size(0), x_.size(1)), present(batch_sizes),
           widen(h0).contiguous(), lstm ? widen(*c0).contiguous() : Tensor(), w_ih_.contiguous(), w_hh_.contiguous(),
           has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn));
-      return {narrow_to(dx, x_), narrow_to(dh0, h0), lstm ? narrow_to(dc0, *c0) : none, dw_ih, dw_hh, db_ih, db_hh,
-              none};
+      return {narrow_to(dx, x_),          narrow_to(dh0, h0),         lstm ? narrow_to(dc0, *c0) : none, dw_ih, dw_hh,
+              has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
     }
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
         layer_bwd(mode, widen(x_), batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
