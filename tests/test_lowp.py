@@ -44,16 +44,6 @@ def _bf16(obj):
     return obj
 
 
-def _torch_autocast(module, call, onednn_missing: bool):
-    """call(module, False) under bfloat16 autocast on the module's device: what torch.nn returns. With
-    ``onednn_missing`` (see _onednn_lstm_missing), what it returns on CPUs that have oneDNN's bfloat16
-    LSTM: call(module in bfloat16, True), the inputs to be cast to bfloat16 too, as autocast does."""
-    if onednn_missing:
-        return call(copy.deepcopy(module).to(BF16), True)
-    with torch.autocast(next(module.parameters()).device.type, dtype=BF16):
-        return call(module, False)
-
-
 def _onednn_lstm_missing(family: str, device: str, packed: bool, proj: bool) -> bool:
     """torch.nn's padded LSTM without projections runs on oneDNN under CPU autocast, which has no
     bfloat16 LSTM on CPUs without AVX-512 (an AVX2 EPYC): there torch.nn raises (conftest), or given
@@ -106,9 +96,12 @@ def test_autocast_dtypes_match_torch_layers(family, kwargs, backend):
         ref, ours = ref.to(device, dtype), ours.to(device, dtype)
         missing = dtype != torch.float64 and _onednn_lstm_missing(family, device, name.startswith("packed"),
                                                                   "proj_size" in kwargs)  # autocast leaves float64
-        want = _torch_autocast(ref, lambda m, low: m(*(_bf16(args) if low else args)), missing)
+        if missing:  # what torch.nn returns where it runs: the module and inputs in bfloat16, as autocast casts
+            want = copy.deepcopy(ref).to(BF16)(*_bf16(args))
         with torch.autocast(device, dtype=BF16), warnings.catch_warnings():
             warnings.simplefilter("ignore", BackendFallbackWarning)  # a fallback must give the same dtypes
+            if not missing:
+                want = ref(*args)
             got = ours(*args)
         assert _dtypes(got) == _dtypes(want), f"{family} {name}: {_dtypes(got)} != torch's {_dtypes(want)}"
 
@@ -190,10 +183,10 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
     sizes = [kwargs.get("proj_size") or case.H] + ([case.H] if family == "LSTM" else [])
     inputs = make_inputs(case, sizes, kwargs.get("num_layers", 1) * D)
     want, want_g = run_layer(ref, case, inputs, torch.float32, "cpu")
-    # a bfloat16 module's own values: its weights, input and states rounded, in float32 (see below)
-    rounded = {k: [t.to(BF16).double() for t in v] if k == "states" else v.to(BF16).double() if k == "x" else v
-               for k, v in inputs.items()}
-    exact, exact_g = run_layer(copy.deepcopy(ref).to(BF16).float(), case, rounded, torch.float32, "cpu")
+    if not autocast:  # a bfloat16 module's own values: its weights, input and states rounded, in float32 (see below)
+        rounded = {k: [t.to(BF16).double() for t in v] if k == "states" else v.to(BF16).double() if k == "x" else v
+                   for k, v in inputs.items()}
+        exact, exact_g = run_layer(copy.deepcopy(ref).to(BF16).float(), case, rounded, torch.float32, "cpu")
 
     def low(module):
         if autocast:
@@ -201,24 +194,15 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
                 return run_layer(copy.deepcopy(module), case, inputs, torch.float32, "cpu")
         return run_layer(copy.deepcopy(module).to(BF16), case, inputs, BF16, "cpu")
 
-    # torch.nn's bfloat16 module where its autocast LSTM cannot run (see _onednn_lstm_missing): its
-    # gradients are then bfloat16 where autocast's follow the float32 leaves
-    as_module = False
-    if autocast:
-        def theirs_run(m, low):
-            nonlocal as_module
-            as_module = low
-            return run_layer(copy.deepcopy(m), case, inputs, BF16 if low else torch.float32, "cpu")
-
-        missing = _onednn_lstm_missing(family, "cpu", bool(case.packed), "proj_size" in kwargs)
-        theirs, theirs_g = _torch_autocast(ref, theirs_run, missing)
-    else:
-        theirs, theirs_g = low(ref)
+    # torch.nn's bfloat16 module where its autocast LSTM cannot run (see _onednn_lstm_missing), what it
+    # runs elsewhere: its gradients are then bfloat16 where autocast's follow the float32 leaves
+    as_module = autocast and _onednn_lstm_missing(family, "cpu", bool(case.packed), "proj_size" in kwargs)
+    theirs, theirs_g = run_layer(copy.deepcopy(ref).to(BF16), case, inputs, BF16, "cpu") if as_module else low(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackendFallbackWarning)
         got, got_g = low(ours)
-    pairs = [(f"output {k}", got[k], theirs[k], want[k], exact[k]) for k in range(len(want))]
-    pairs += [(f"grad {n}", got_g[n], theirs_g[n], want_g[n], exact_g[n]) for n in want_g]
+    pairs = [(f"output {k}", got[k], theirs[k], want[k], None if autocast else exact[k]) for k in range(len(want))]
+    pairs += [(f"grad {n}", got_g[n], theirs_g[n], want_g[n], None if autocast else exact_g[n]) for n in want_g]
     for name, g, t, w, e in pairs:
         if not (as_module and name.startswith("grad")):
             assert g.dtype == t.dtype, f"{name}: dtype {g.dtype}, torch.nn gives {t.dtype}"

@@ -92,14 +92,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
-    if (!proj && fused_loop_supported(widen(x), false)) {  // the float32 fused loop packs the weights as they are
+    const Tensor xf = widen(x);
+    if (!proj && fused_loop_supported(xf, false)) {  // the float32 fused loop packs the weights as they are
       const auto [out, h, c, ws1, ws2] =
-          fused_layer_fwd(mode, widen(x), bs, packed, widen(h0_), lstm ? widen(*c0_) : Tensor(), w_ih, w_hh,
+          fused_layer_fwd(mode, xf, bs, packed, widen(h0_), lstm ? widen(*c0_) : Tensor(), w_ih, w_hh,
                           present(b_ih) ? b_ih->contiguous() : Tensor(),
                           present(b_hh) ? b_hh->contiguous() : Tensor(), reverse, save);
       return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
     }
-    const auto [out, h, c, ws1, ws2] = layer_fwd(mode, widen(x), batch_sizes, widen(h0_), widen(c0_), widen(w_ih),
+    const auto [out, h, c, ws1, ws2] = layer_fwd(mode, xf, batch_sizes, widen(h0_), widen(c0_), widen(w_ih),
                                                  widen(w_hh), widen(b_ih), widen(b_hh), widen(w_hr_), reverse, save);
     return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
   }
@@ -170,18 +171,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
                   grad_cn);
   if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
-    const Tensor none = at::empty({0}, x_.options());
-    if (!present(w_hr_) && fused_loop_supported(widen(x_), false)) {  // the float32 fused loop, weights as they are
+    const Tensor none = at::empty({0}, x_.options()), xf = widen(x_);
+    if (!present(w_hr_) && fused_loop_supported(xf, false)) {  // the float32 fused loop, weights as they are
       const bool lstm = mode == LSTM;
       const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] = fused_layer_bwd(
-          mode, widen(x_).contiguous(), step_sizes(batch_sizes, x_.size(0), x_.size(1)), present(batch_sizes),
+          mode, xf.contiguous(), step_sizes(batch_sizes, x_.size(0), x_.size(1)), present(batch_sizes),
           widen(h0).contiguous(), lstm ? widen(*c0).contiguous() : Tensor(), w_ih_.contiguous(), w_hh_.contiguous(),
           has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn));
       return {narrow_to(dx, x_),          narrow_to(dh0, h0),         lstm ? narrow_to(dc0, *c0) : none, dw_ih, dw_hh,
               has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
     }
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-        layer_bwd(mode, widen(x_), batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
+        layer_bwd(mode, xf, batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
                   has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn));
     // absent gradients as the fused loop returns them: empty, in x's dtype
     auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {

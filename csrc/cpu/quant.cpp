@@ -153,7 +153,8 @@ __attribute__((target("avx2,fma"))) inline void store_half_avx2(const BlockArgs&
 // each row's (k0 k1) and (k2 k3) sums, added pairwise at the end. One gate at a time keeps
 // the 4 x MB accumulators in registers; the first gate's pass fetches the others' lines (a k
 // group's gates are 256 contiguous bytes), else each pass streams every fourth line from
-// memory (int8 LSTM H1024 decode on an AVX2 EPYC: 0.74x -> 0.9x torch's).
+// memory (int8 LSTM H1024 decode on an AVX2 EPYC, measured while one-row calls still came here:
+// 0.74x -> 0.9x torch's; they now take block_avx2_row, several rows still pass once a gate).
 template <int G, int MB>
 __attribute__((target("avx2,fma"))) void block_avx2(const BlockArgs& a) {
   const int64_t step = G * kUnits * kDepth;
