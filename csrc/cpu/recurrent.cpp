@@ -689,19 +689,38 @@ int64_t threads_for(const Panels<E>& p) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.NB));
 }
 
-// Whether the loops split a step's work by rows (each thread every unit of its B / nt rows, no
-// step waiting on another) rather than by units (each thread its panels of every row, one barrier
-// a step, and the state crossing cores each step): by rows where each thread has 3 rows or more
-// and the whole of W_hh, which each thread then reads every step, fits one core's L2. On a 2-core
-// AVX-512 EPYC (1 MB L2), against torch.nn: LSTM bfloat16 inference B64 H256 0.74x -> 1.07x, B8
-// 0.97x -> 1.44x, float32 training B32 H128 0.86x -> 1.17x; GRU B32 H128 1.77x -> 3.42x. By units
-// stayed ahead at 2 rows a thread (by rows took 1.13x its time at B4) and where W_hh outgrew L2
-// (1.21x at float32 H1024 B8, 1.07x at H512 B16).
-template <typename E>
-bool split_by_rows(const Panels<E>& p, int64_t B) {
-  const int64_t nt = at::get_num_threads();
-  return nt > 1 && B >= 3 * nt && p.NB * p.pstride * int64_t(sizeof(E)) <= l2_bytes();
-}
+// How the loops split a step among threads. By rows: each thread runs every unit of its B / nt
+// rows, with no step waiting on another and no state crossing cores; by units: each thread its
+// panels of every row, one barrier a step. By rows where each thread has enough rows and the whole
+// of W_hh, which each thread then reads every step, fits one core's L2. On a 2-core AVX-512 EPYC
+// (1 MB L2), against torch.nn: LSTM bfloat16 inference B64 H256 0.74x -> 1.07x, B8 0.97x -> 1.44x,
+// float32 training B32 H128 0.86x -> 1.17x; GRU B32 H128 1.77x -> 3.42x. By units stayed ahead at
+// 2 rows a thread (by rows took 1.13x its time at B4) and where W_hh outgrew L2 (1.21x at float32
+// H1024 B8, 1.07x at H512 B16). On AMX tiles (16 rows) by units stayed ahead up to 8 rows a thread
+// (2-core Xeon, bfloat16 LSTM H256 inference B8 1.42x vs 0.87x torch.nn, B16 1.10x vs 0.91x) and
+// fell behind from 12 (B24 0.99x vs 1.27x, B32 H128 1.14x vs 1.98x).
+struct Split {
+  bool by_rows;
+  int64_t threads;  // threads to start
+  // what thread tid of nt runs: its units and its rows [r0, r1)
+  struct Part {
+    Share own;
+    int64_t r0, r1;
+  };
+
+  template <typename E>
+  Split(const Panels<E>& p, int64_t B) {
+    const int64_t nt = at::get_num_threads(), min_rows = std::is_same_v<E, BF16> && kHasAmxBf16 ? 12 : 3;
+    by_rows = nt > 1 && B >= min_rows * nt && p.NB * p.pstride * int64_t(sizeof(E)) <= l2_bytes();
+    threads = by_rows ? std::min(nt, B) : threads_for(p);
+  }
+
+  template <typename E>
+  Part part(const Panels<E>& p, int64_t B, int64_t nt, int64_t tid) const {
+    if (!by_rows) return {Share(p, nt, tid), 0, B};
+    return {Share(p, 1, 0), B * tid / nt, B * (tid + 1) / nt};
+  }
+};
 
 // Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
 // H apart. Rows of the saved tensors are pages apart, beyond what the hardware prefetchers
@@ -833,8 +852,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B), slab = slab_panels(p);
-  const bool by_rows = split_by_rows(p, B);
-  const int64_t nt = by_rows ? std::min<int64_t>(at::get_num_threads(), B) : threads_for(p);
+  const Split split(p, B);
+  const bool by_rows = split.by_rows;
+  const int64_t nt = split.threads;
   const Walk walk{T, reverse};
   Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
   hbuf.copy_(h0.unsqueeze(0).expand({2, B, H}));
@@ -852,11 +872,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   const E* const x_p = x.data_ptr<E>();
 #pragma omp parallel num_threads(nt)
   {
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    // by rows: each thread runs every unit of its own rows, with no step waiting on another thread
-    const Share own = by_rows ? Share(p, 1, 0) : Share(p, nth, tid);
-    const int64_t j0 = own.u0, m = own.cnt;
-    const int64_t rb0 = by_rows ? B * tid / nth : 0, rb1 = by_rows ? B * (tid + 1) / nth : B;
+    const int64_t tid = omp_get_thread_num();
+    const Split::Part part = split.part(p, B, omp_get_num_threads(), tid);
+    const Share own = part.own;
+    const int64_t j0 = own.u0, m = own.cnt, rb0 = part.r0, rb1 = part.r1;
     float* gh = scratch.data_ptr<float>() + tid * (RB * ldg + 4 * H);
     float* row_ws = gh + RB * ldg;  // a row's gates when nothing is saved: stays in L1
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
@@ -979,8 +998,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
                                                [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); })
                              : direct(w_ih_c.data_ptr<E>(), GH, I, I);
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B);
-  const bool by_rows = split_by_rows(p, B);
-  const int64_t nt_max = by_rows ? std::min<int64_t>(at::get_num_threads(), B) : threads_for(p);
+  const Split split(p, B);
+  const bool by_rows = split.by_rows;
+  const int64_t nt_max = split.threads;
   // by rows, each thread sums its rows' bias gradients apart (i, and h for GRU), added up at the end
   Tensor db_parts = by_rows ? at::zeros({nt_max, 2, GH}, fopts) : Tensor();
   const Walk walk{T, !reverse};  // backward walks the steps the other way
@@ -1022,9 +1042,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
 #pragma omp parallel num_threads(nt_max)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const Share own = by_rows ? Share(p, 1, 0) : Share(p, nt, tid);
-    const int64_t j0 = own.u0, m = own.cnt;
-    const int64_t rb0 = by_rows ? B * tid / nt : 0, rb1 = by_rows ? B * (tid + 1) / nt : B;
+    const Split::Part part = split.part(p, B, nt, tid);
+    const Share own = part.own;
+    const int64_t j0 = own.u0, m = own.cnt, rb0 = part.r0, rb1 = part.r1;
     float* const db_i_own = by_rows ? db_parts.data_ptr<float>() + tid * 2 * GH : db_i_p;
     float* const db_h_own = by_rows ? db_i_own + GH : db_h_p;
     float* const row_gi = low ? scratch_p + tid * per_thread : nullptr;
