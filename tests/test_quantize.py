@@ -149,10 +149,10 @@ def _inputs(layer: nn.Module, how: dict, T: int = 7, B: int = 5):
     return x, hx
 
 
-def _flat(result) -> list[torch.Tensor]:
+def _flat(result, total_length: int | None = None) -> list[torch.Tensor]:
     out, hidden = result
     if isinstance(out, nn.utils.rnn.PackedSequence):
-        out = pad_packed_sequence(out)[0]
+        out = pad_packed_sequence(out, total_length=total_length)[0]
     return [out, *(hidden if isinstance(hidden, tuple) else (hidden,))]
 
 
@@ -225,12 +225,48 @@ def test_decode_with_carried_state_matches_one_call(cls, isa):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("T,B,I", [(6, 96, 32), (30, 6, 64)], ids=["by-rows", "by-units-shared-rows"])
 @torch.no_grad()
-def test_large_batch_sequence_close_to_float():
-    """Past the small-batch path (rows split between threads, 2 barriers a step)."""
-    layer = _float(nn.LSTM, 32, 96)
-    x = torch.randn(6, 96, 32, generator=torch.Generator().manual_seed(5))
-    assert _max_err(_flat(rnnfast.quantize_dynamic(layer)(x)), _flat(layer(x))) < FLOAT_ATOL
+def test_large_batch_sequence_close_to_float(T, B, I):
+    """Past the small-batch path: 2 threads split a batch of 96 by rows, and one of 6 by units
+    with its quantized rows shared (2 barriers a step)."""
+    layer = _float(nn.LSTM, I, 96)
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _max_err(_flat(rnnfast.quantize_dynamic(layer)(x)), _flat(layer(x))) < FLOAT_ATOL
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=["LSTM", "GRU", "RNN"])
+@torch.no_grad()
+def test_rows_and_units_splits_agree(cls, packed):
+    """On 2 threads a batch of 16 splits each step by rows (8 a thread) and its 4-row slices by
+    units; each row's integer sums and float steps are the same either way, so the outputs and
+    states are equal, bit for bit (2 layers, both directions; packed: rows ending early)."""
+    qlayer = rnnfast.quantize_dynamic(_float(cls, 16, 96, num_layers=2, bidirectional=True))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 16, 16, generator=g)
+    lengths = torch.randint(1, 8, (16,), generator=g)
+
+    def run(rows):
+        xs = x[:, rows]
+        if packed:
+            xs = pack_padded_sequence(xs, lengths[rows], enforce_sorted=False)
+        return _flat(qlayer(xs), total_length=len(x))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole = run(slice(None))
+        slices = [run(slice(b, b + 4)) for b in range(0, 16, 4)]
+    finally:
+        torch.set_num_threads(threads)
+    for i, got in enumerate(whole):
+        assert torch.equal(got, torch.cat([s[i] for s in slices], dim=1))
 
 
 @torch.no_grad()

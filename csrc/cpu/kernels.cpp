@@ -84,6 +84,14 @@ const bool kHasAvx512 = kIsa >= 2;
 const bool kHasAvx512Bf16 = kIsa >= 3;
 const bool kHasAmxBf16 = kIsa >= 4;
 
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? int64_t(b) : int64_t(512) << 10;
+  }();
+  return bytes;
+}
+
 #define RNNFAST_DISPATCH(fn, ...) \
   (kHasAvx512 ? avx512::fn(__VA_ARGS__) : kHasAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
 

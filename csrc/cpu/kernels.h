@@ -84,6 +84,9 @@ extern const bool kHasAvx512;
 extern const bool kHasAvx512Bf16;
 // ... and AMX-BF16 tiles, usable by this process: the bfloat16 loops' products run on them.
 extern const bool kHasAmxBf16;
+// One core's L2 in bytes (512 KB where the system does not say): what the loops' splits and
+// slabs are sized for.
+int64_t l2_bytes();
 
 // One layer and direction on AVX2 or AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
 // proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights and states

@@ -16,9 +16,11 @@
 // [unit block of 16 units][K/4][gate][16 rows][4 k]: a unit block's 16 x G rows stream
 // contiguously, and one vpdpbusd multiplies 4 k's of 16 rows by a broadcast u[k:k+4].
 //
-// Threads split the hidden units (whole blocks): each computes every gate of its units,
-// so the gate update is local and a step needs one barrier (small batch: every thread
-// quantizes the new h rows itself) or two (large batch: the rows are split).
+// Threads split a step by rows where each has enough of them and W_hh fits one core's L2:
+// each runs every unit of its rows, quantizes its own rows and waits on no other thread.
+// Else they split the hidden units (whole blocks): each computes every gate of its units, so
+// the gate update is local and a step needs one barrier (small batch: every thread quantizes
+// the new h rows itself) or two (large batch: the rows are split).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -29,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "dispatch.h"
 #include "kernels.h"
 
 namespace rnnfast {
@@ -351,6 +354,7 @@ struct Job {
   QRows xq;                          // T * B rows per thread (private_q) or T * B rows shared
   QRows hq;                          // B rows per thread (private_q) or B rows shared
   bool private_q;                    // every thread quantizes every row: fewer barriers on small calls
+  bool by_rows;                      // threads split the batch rows (private_q false), else the units
   float* gi;                         // (T * B, G * Hp)
   float* gh;                         // (B, G * Hp)
   float* ws;                         // (B, 4 * Hp), GRU
@@ -360,7 +364,9 @@ struct Job {
 
 void run_layer(const Job& j, const Kernels& k, int64_t tid, int64_t nt) {
   const int64_t G = j.G, B = j.B, H = j.H, Hp = j.Hp, GHp = G * Hp, T = j.T;
-  const int64_t ub0 = j.nb * tid / nt, ub1 = j.nb * (tid + 1) / nt;
+  // this thread's unit blocks [ub0, ub1) (units [lo, lo + nu)) and rows [rb0, rb1)
+  const int64_t ub0 = j.by_rows ? 0 : j.nb * tid / nt, ub1 = j.by_rows ? j.nb : j.nb * (tid + 1) / nt;
+  const int64_t rb0 = j.by_rows ? B * tid / nt : 0, rb1 = j.by_rows ? B * (tid + 1) / nt : B;
   const int64_t lo = ub0 * kUnits, nu = std::max<int64_t>(0, std::min(ub1 * kUnits, H) - lo);
   const bool lstm = j.mode == LSTM;
   QRows xq = j.xq, hq = j.hq;
@@ -368,52 +374,63 @@ void run_layer(const Job& j, const Kernels& k, int64_t tid, int64_t nt) {
     xq = xq.slice(tid * T * B);
     hq = hq.slice(tid * B);
   }
-  const int64_t q0 = j.private_q ? 0 : tid, qstep = j.private_q ? 1 : nt;  // the rows this thread quantizes
+  // the rows this thread quantizes: its own (by rows), every row (private_q), or every nt-th
+  auto quantized = [&](int64_t r) { return j.by_rows || j.private_q || r % nt == tid; };
+  // where input row (t, b) sits in xq and gi: by rows a thread's rows step after step, so
+  // that its input projection is one product over them all
+  auto xrow = [&](int64_t t, int64_t b) { return j.by_rows ? rb0 * T + t * (rb1 - rb0) + b - rb0 : t * B + b; };
 
-  for (int64_t r = q0; r < T * B; r += qstep) xq.quantize(j.x + r * j.I, j.I, r);
-  for (int64_t b = q0; b < B; b += qstep) hq.quantize(j.h0 + b * H, H, b);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t b = rb0; b < rb1; ++b) {
+      if (quantized(xrow(t, b))) xq.quantize(j.x + (t * B + b) * j.I, j.I, xrow(t, b));
+    }
+  }
+  for (int64_t b = rb0; b < rb1; ++b) {
+    if (quantized(b)) hq.quantize(j.h0 + b * H, H, b);
+  }
   float* first_prev = j.hbuf + B * H;  // step s reads hbuf[(s + 1) % 2] and writes hbuf[s % 2]
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = rb0; b < rb1; ++b) {
     std::memcpy(first_prev + b * H + lo, j.h0 + b * H + lo, nu * sizeof(float));
     if (lstm) std::memcpy(j.c + b * H + lo, j.c0 + b * H + lo, nu * sizeof(float));
   }
-  if (!j.private_q) {  // else this thread reads only what it wrote
+  const bool shared_q = !j.private_q && !j.by_rows;  // else this thread reads only what it wrote
+  if (shared_q) {
 #pragma omp barrier
   }
-  qgemm(k, j.w_ih, xq, T * B, G, Hp, j.gi, GHp, ub0, ub1);
+  const int64_t x0 = xrow(0, rb0);
+  qgemm(k, j.w_ih, xq.slice(x0), T * (rb1 - rb0), G, Hp, j.gi + x0 * GHp, GHp, ub0, ub1);
 
   float* cur = nullptr;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = j.reverse ? T - 1 - s : s;
-    const int64_t n = j.bs[t];
+    const int64_t n = std::min(j.bs[t], rb1);
     cur = j.hbuf + (s % 2) * B * H;
     const float* prev = j.hbuf + ((s + 1) % 2) * B * H;
-    qgemm(k, j.w_hh, hq, n, G, Hp, j.gh, GHp, ub0, ub1);
-    for (int64_t b = 0; b < n && nu > 0; ++b) {
-      float* gi = j.gi + (t * B + b) * GHp + lo;
-      const float* gh = j.gh + b * GHp + lo;
+    qgemm(k, j.w_hh, hq.slice(rb0), n - rb0, G, Hp, j.gh + rb0 * GHp, GHp, ub0, ub1);
+    for (int64_t b = rb0; b < n && nu > 0; ++b) {
+      float* gi = j.gi + xrow(t, b) * GHp + lo;
       float* h = cur + b * H + lo;
-      if (lstm) {
-        float* c = j.c + b * H + lo;
-        lstm_fwd(gi, gh, c, gi, c, h, nu, Hp);
-      } else if (j.mode == GRU) {
-        gru_fwd(gi, gh, prev + b * H + lo, j.ws + b * 4 * Hp + lo, h, nu, Hp);
-      } else {
-        rnn_fwd(gi, gh, h, j.mode == RNN_RELU, nu);
-      }
+      gate_forward(j.mode, gi, j.gh + b * GHp + lo, prev + b * H + lo, lstm ? j.c + b * H + lo : nullptr,
+                   static_cast<float*>(nullptr), j.mode == GRU ? j.ws + b * 4 * Hp + lo : gi, h, nu, Hp);
       std::memcpy(j.out + (t * B + b) * j.out_ld + lo, h, nu * sizeof(float));
     }
-    for (int64_t b = n; b < B; ++b) std::memcpy(cur + b * H + lo, prev + b * H + lo, nu * sizeof(float));
+    for (int64_t b = std::max(n, rb0); b < rb1; ++b) {
+      std::memcpy(cur + b * H + lo, prev + b * H + lo, nu * sizeof(float));
+    }
+    if (!j.by_rows) {
 #pragma omp barrier
+    }
     if (s + 1 < T) {
-      const int64_t n_next = j.bs[j.reverse ? t - 1 : t + 1];
-      for (int64_t b = q0; b < n_next; b += qstep) hq.quantize(cur + b * H, H, b);
-      if (!j.private_q) {
+      const int64_t n_next = std::min(j.bs[j.reverse ? t - 1 : t + 1], rb1);
+      for (int64_t b = rb0; b < n_next; ++b) {
+        if (quantized(b)) hq.quantize(cur + b * H, H, b);
+      }
+      if (shared_q) {
 #pragma omp barrier
       }
     }
   }
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = rb0; b < rb1; ++b) {
     std::memcpy(j.h_n + b * H + lo, cur + b * H + lo, nu * sizeof(float));
     if (lstm) std::memcpy(j.c_n + b * H + lo, j.c + b * H + lo, nu * sizeof(float));
   }
@@ -512,7 +529,15 @@ std::tuple<Tensor, Tensor, Tensor> quant_rnn(int64_t mode, const Tensor& x_, con
   // threads: whole unit blocks each, and enough multiply-adds per step to pay for a barrier
   const int64_t macs = G * Hp * (std::max(I, D * H) + H) * B;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), nb, macs >> 16}));
-  const bool private_q = T * B * std::max(I, D * H) <= 8192 && B * H <= 8192;
+  // by rows (see the top) while the G x Hp x H int8 weights fit L2, from kMaxRows rows a
+  // thread (each pass over a weight block then serves a whole group of rows), and more as the
+  // weights take more of L2 (kMaxRows x 8 x W_hh / L2): a thread then streams all of W_hh
+  // instead of its share, which its rows repay only when there are enough of them. Measured
+  // on 2 threads, 2 MB L2, rows over units: LSTM H256 at 4 rows a thread 1.27x; H512 at 4,
+  // 8, 16, 32 rows 0.90x, 1.06x, 1.22x, 1.13x (bench/results/2026-12-03-cpu-8-int8-rows-ab.md)
+  const int64_t wh_bytes = G * Hp * round_up(H, kDepth), l2 = l2_bytes();
+  const bool by_rows = nt > 1 && wh_bytes <= l2 && B * l2 >= kMaxRows * nt * std::max(l2, 8 * wh_bytes);
+  const bool private_q = !by_rows && T * B * std::max(I, D * H) <= 8192 && B * H <= 8192;
   const int64_t kx = round_up(std::max(I, D * H), kDepth), kh = round_up(H, kDepth);
   const int64_t copies = private_q ? nt : 1, hq_rows = copies * B, xq_rows = copies * T * B;
   // all scratch in one allocation (a decode step is short enough for allocations to show)
@@ -579,6 +604,7 @@ std::tuple<Tensor, Tensor, Tensor> quant_rnn(int64_t mode, const Tensor& x_, con
       j.xq = {xq, xs, xz, round_up(j.I, kDepth)};
       j.hq = {hq, hs, hz, kh};
       j.private_q = private_q;
+      j.by_rows = by_rows;
       j.gi = gi;
       j.gh = gh;
       j.ws = ws;

@@ -18,7 +18,6 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <immintrin.h>
 #include <omp.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -647,15 +646,6 @@ template <typename E>
 int64_t block_rows(const Panels<E>& p) {
   if (std::is_same_v<E, BF16> && kHasAmxBf16) return 2 * kTileRows;  // a pair of row tiles
   return p.V == 4 || !kHasAvx512 ? 12 : 16;
-}
-
-// One core's L2 in bytes (512 KB where the system does not say).
-int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return b > 0 ? int64_t(b) : int64_t(512) << 10;
-  }();
-  return bytes;
 }
 
 // Panels a step takes through all its rows at a time: as many as fill half of L2, so that each
