@@ -269,6 +269,32 @@ def test_rows_and_units_splits_agree(cls, packed):
         assert torch.equal(got, torch.cat([s[i] for s in slices], dim=1))
 
 
+@pytest.mark.parametrize("threads,B", [(2, 17), (6, 48)], ids=["2-threads", "6-threads"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+@torch.no_grad()
+def test_rows_split_repeats_one_thread_exactly(cls, packed, threads, B):
+    """By rows a thread goes on to the next layer without waiting for the others, so each call races
+    them: 2 layers whose inputs differ in width (16, then 192) must give one thread's bits on every
+    call. With a row stride that followed the layer's width, one thread's layer 2 inputs overwrote
+    another's layer 1 inputs: the 6-thread cases (more threads than a 2-core machine runs at once)
+    failed in every run, the 2-thread ones (uneven rows) in some."""
+    qlayer = rnnfast.quantize_dynamic(_float(cls, 16, 96, num_layers=2, bidirectional=True))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(7, B, 16, generator=g)
+    if packed:
+        x = pack_padded_sequence(x, torch.randint(1, 8, (B,), generator=g), enforce_sorted=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = _flat(qlayer(x), total_length=7)
+        torch.set_num_threads(threads)
+        for _ in range(30):
+            assert all(torch.equal(a, b) for a, b in zip(_flat(qlayer(x), total_length=7), want))
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def test_non_finite_input_gives_nan_not_a_finite_guess():
     qlayer = rnnfast.quantize_dynamic(_float(nn.GRU, 8, 16))

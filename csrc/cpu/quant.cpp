@@ -299,13 +299,16 @@ struct QWeights {  // one product (input or recurrent) of one layer and directio
   const float* bias;
 };
 
-// Quantized activation rows: u (rows, ld) with a scale and zero point per row.
+// Quantized activation rows: u (rows, ld) with a scale and zero point per row; a row of n
+// values is zero-padded to the products' K, a multiple of kDepth.
 struct QRows {
   uint8_t* u;
   float* scale;
   int32_t* zp;
   int64_t ld;
-  void quantize(const float* x, int64_t n, int64_t r) const { quantize_row(x, n, ld, u + r * ld, scale + r, zp + r); }
+  void quantize(const float* x, int64_t n, int64_t r) const {
+    quantize_row(x, n, round_up(n, kDepth), u + r * ld, scale + r, zp + r);
+  }
   QRows slice(int64_t r) const { return {u + r * ld, scale + r, zp + r, ld}; }
 };
 
@@ -601,7 +604,9 @@ std::tuple<Tensor, Tensor, Tensor> quant_rnn(int64_t mode, const Tensor& x_, con
       j.c0 = lstm ? c0.data_ptr<float>() + k * B * H : nullptr;
       j.h_n = h_n.data_ptr<float>() + k * B * H;
       j.c_n = lstm ? c_n.data_ptr<float>() + k * B * H : nullptr;
-      j.xq = {xq, xs, xz, round_up(j.I, kDepth)};
+      // one row stride for every layer: by rows a thread starts the next layer without waiting,
+      // and its rows of xq must not move onto rows another thread still reads
+      j.xq = {xq, xs, xz, kx};
       j.hq = {hq, hs, hz, kh};
       j.private_q = private_q;
       j.by_rows = by_rows;
