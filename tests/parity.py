@@ -10,6 +10,7 @@ makes every registered backend run the same grid.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -131,6 +132,17 @@ def cell_cases(family: str) -> list[Case]:
     """The cell cases of ``family`` (``"RNNCell"`` adds its relu variant)."""
     extra = [Case("cell-relu", dict(nonlinearity="relu"), B=4)] if family == "RNNCell" else []
     return CELL_CASES + extra
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, and put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def mode_of(family: str, kwargs: dict) -> str:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import rnnfast
 from rnnfast.backend import get_backend
 
-from parity import TORCH_CLASSES, Case, check_layer, make_inputs, run_layer, twins
+from parity import TORCH_CLASSES, Case, check_layer, make_inputs, num_threads, run_layer, twins
 
 pytestmark = pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 
@@ -187,24 +187,16 @@ def test_narrower_kernel_builds(isa):
 def test_wide_layers_step_in_slabs(family):
     """A thread's panels past half of L2 go through each step in slabs (slab_panels): H 1000 has
     over 1 MB a thread (2 threads), more than half of a 2 MB L2, and a last panel of 8 units."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         check_layer(family, Case("slabs", I=8, H=1000, T=3, B=7, packed="unsorted"), "cpu")
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
 def test_any_thread_count(family, threads):
     """The fused loop splits hidden units by whole panels; odd thread counts leave uneven shares."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         check_layer(family, Case("threads", dict(bidirectional=True), I=11, H=70, T=6, B=13, packed="unsorted"), "cpu")
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -214,9 +206,7 @@ def test_rows_and_units_splits_agree(family, dtype):
     tiles too) and one of 2 by units; every row's arithmetic is the same either way, so the outputs,
     states and input gradients of the big batch equal those of its 2-row slices exactly (the weight
     gradients sum the rows in another order, and in bfloat16 each slice's is rounded apart)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         _, ours = twins(family, "cpu", 5, 24, num_layers=2, bidirectional=True, dtype=dtype)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(9, 24, 5, generator=g).to(dtype)
@@ -245,8 +235,6 @@ def test_rows_and_units_splits_agree(family, dtype):
             # per element, twice that bound, so cancelling parts are not held to their small sum
             bound = 2**-8 * (sum(q.abs() for q in parts) + grad.float().abs()) + 1e-6
             assert ((grad.float() - sum(parts)).abs() <= bound).all()
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])

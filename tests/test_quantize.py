@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfast
+from parity import num_threads
 from rnnfast import quantize as rq
 
 pytestmark = pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="the CPU extension is not built")
@@ -206,23 +207,19 @@ def test_decode_with_carried_state_matches_one_call(cls, isa):
     # 11 blocks of 16 units (the last one padded) split 5/6, and enough work per step for 2 threads
     qlayer = rnnfast.quantize_dynamic(_float(cls, 64, 170, num_layers=2))
     x = torch.randn(9, 2, 64, generator=torch.Generator().manual_seed(4))
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with num_threads(n):
             want_out, want_state = qlayer(x)
             state, outs = None, []
             for t in range(x.size(0)):
                 out, state = qlayer(x[t:t + 1], state)
                 outs.append(out)
-            torch.testing.assert_close(torch.cat(outs), want_out, atol=1e-6, rtol=1e-6)
-            for got, want in zip(_flat((None, state))[1:], _flat((None, want_state))[1:]):
-                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-            if n == 1:
-                one_thread = want_out
-        torch.testing.assert_close(want_out, one_thread, atol=1e-6, rtol=1e-6)
-    finally:
-        torch.set_num_threads(threads)
+        torch.testing.assert_close(torch.cat(outs), want_out, atol=1e-6, rtol=1e-6)
+        for got, want in zip(_flat((None, state))[1:], _flat((None, want_state))[1:]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        if n == 1:
+            one_thread = want_out
+    torch.testing.assert_close(want_out, one_thread, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("T,B,I", [(6, 96, 32), (30, 6, 64)], ids=["by-rows", "by-units-shared-rows"])
@@ -232,12 +229,8 @@ def test_large_batch_sequence_close_to_float(T, B, I):
     with its quantized rows shared (2 barriers a step)."""
     layer = _float(nn.LSTM, I, 96)
     x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(5))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         assert _max_err(_flat(rnnfast.quantize_dynamic(layer)(x)), _flat(layer(x))) < FLOAT_ATOL
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -258,13 +251,9 @@ def test_rows_and_units_splits_agree(cls, packed):
             xs = pack_padded_sequence(xs, lengths[rows], enforce_sorted=False)
         return _flat(qlayer(xs), total_length=len(x))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         whole = run(slice(None))
         slices = [run(slice(b, b + 4)) for b in range(0, 16, 4)]
-    finally:
-        torch.set_num_threads(threads)
     for i, got in enumerate(whole):
         assert torch.equal(got, torch.cat([s[i] for s in slices], dim=1))
 
@@ -284,15 +273,11 @@ def test_rows_split_repeats_one_thread_exactly(cls, packed, threads, B):
     x = torch.randn(7, B, 16, generator=g)
     if packed:
         x = pack_padded_sequence(x, torch.randint(1, 8, (B,), generator=g), enforce_sorted=False)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         want = _flat(qlayer(x), total_length=7)
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         for _ in range(30):
             assert all(torch.equal(a, b) for a, b in zip(_flat(qlayer(x), total_length=7), want))
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()
