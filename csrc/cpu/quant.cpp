@@ -20,7 +20,7 @@
 // each runs every unit of its rows, quantizes its own rows and waits on no other thread.
 // Else they split the hidden units (whole blocks): each computes every gate of its units, so
 // the gate update is local and a step needs one barrier (small batch: every thread quantizes
-// the new h rows itself) or two (large batch: the rows are split).
+// the new h rows itself) or two (large batch: each quantizes every nt-th row for all).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <omp.h>
