@@ -470,9 +470,9 @@ struct SumTile {
   int64_t to_ld = 0;
 };
 
-// The column tiles of panel nb: tile (k, v) of 16 pairs of rows (K from 32 k) and 16 columns
-// (from 16 v) at (k, v), its pairs of rows `stride` bytes apart: 1 KB whole where tiled, else
-// 64 bytes of each of the panel's rows of pairs.
+// The tiles of panel nb as amx_block loads them: tile (k, v) holds pairs of rows 16 k to 16 k + 15
+// (K from 32 k) of columns 16 v to 16 v + 15, each pair of rows `stride` bytes after the one
+// before: 1 KB whole where the panels are tiled, else 64 bytes of each of the panel's rows of pairs.
 struct PanelTiles {
   const BF16* b;
   int64_t kstep, vstep, stride;
