@@ -579,7 +579,8 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
       while (live < V && lanes[live] > 0) ++live;
       // two sum tiles at a time: the tile unit pays for each switch between sum tiles (2-core
       // Xeon, a panel in L2: 32 rows as 2 x 1 tiles 1.35x faster than 2 x 2, 8 rows as 1 x 2
-      // twice 1.3x faster than 1 x 4; bfloat16 LSTM H256 inference B64 1.22x -> 1.61x torch.nn)
+      // twice 1.3x faster than 1 x 4; with the tiled panels, bfloat16 LSTM H256 inference B64
+      // 1.08x -> 1.62x torch.nn: bench/results/2026-12-03-cpu-10-amx-tiles-ab.md)
       for (int64_t v = 0; v < live; v += pair ? 1 : 2) {
         if (pair) {
           const SumTile s2[2] = {sum(0, v), sum(1, v)};
