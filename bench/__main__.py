@@ -20,7 +20,7 @@ import torch
 
 from . import report
 from .cases import DTYPES, GRIDS, MODES
-from .measure import gemm_roof, run_grid
+from .measure import gemm_roof, keep_freed_memory, run_grid
 from .providers import default_providers
 
 
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=os.path.join("runs", "bench"), help="output folder (runs/bench)")
     p.add_argument("--base", help="an earlier results file: print (and report) the change against it")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--plain-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (by default freed memory is kept: no page faults)")
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     base = report.load(args.base) if args.base else None
 
     env = report.environment(args.device, args.threads, grid_name)
+    env["allocator"] = "default (--plain-malloc)" if args.plain_malloc else keep_freed_memory()
     roofs = {d: gemm_roof(d, args.device) for d in dict.fromkeys(c.dtype for c in grid)}
     env["roof_gflop_per_s"] = {d: rate for d, (rate, _) in roofs.items()}
     env["roof_method"] = {d: how for d, (_, how) in roofs.items()}

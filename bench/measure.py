@@ -16,6 +16,8 @@ torch's allocator: not measured.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import time
 import warnings
@@ -38,6 +40,26 @@ Step = Callable[[], Any]
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc's malloc to keep what is freed (no trimming, no mmap), and say so for the report.
+
+    By default glibc hands large freed blocks back to the kernel, so the next call that allocates
+    them page-faults every 4 KiB afresh; how often depends on what ran before (measured here:
+    torch.nn's bfloat16 LSTM B64 H256 training step 37 ms in a process of its own, 22 ms after
+    the grid's earlier cases). Kept, every provider runs without that cost, whatever the order of
+    cases: torch.nn at its best. rnnfast's own buffers are pooled either way.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as err:
+        return f"default (mallopt unavailable: {err})"
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and mallopt(M_TOP_PAD, 64 << 20)):
+        return "default (mallopt refused)"
+    return "glibc malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB, M_TOP_PAD 64 MiB)"
 
 
 def time_batch(step: Step, calls: int, device: str) -> float:

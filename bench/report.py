@@ -167,7 +167,8 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
     out = [f"# rnnfast bench: {env['device_name']} ({env['device']})", "",
            f"{env['date']}, commit {env['git_commit']}, grid `{env['grid']}`, {env['threads']} threads "
            f"({env['cpu_count']} CPUs), torch {env['torch']}{gpu}, {versions}."
-           + "".join(f" rnnfast's {d} products: {isa}." for d, isa in env.get("rnnfast_products", {}).items()), "",
+           + "".join(f" rnnfast's {d} products: {isa}." for d, isa in env.get("rnnfast_products", {}).items())
+           + (f" Host allocator: {env['allocator']}." if "allocator" in env else ""), "",
            "Each cell: median ms (speed-up over torch.nn at the same dtype: torch ms / provider ms, >1 faster). "
            "Timing: interleaved rounds of calibrated batches of calls; p20-p80 in the JSON. "
            "Peak memory: what one call allocates beyond the model and input. "

@@ -7,7 +7,7 @@
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
-// at one barrier for the others. Steps go in chunks of about 256 rows: the forward
+// at one barrier for the others. Steps go in chunks of rows (chunk_steps): the forward
 // projects a chunk's inputs for its own units before running its steps; the backward
 // forms a chunk's dx, dW_ih and dW_hh right after its steps, while the gate gradients
 // are in cache. No per-step library calls, allocations or thread start-ups, and
@@ -423,7 +423,7 @@ void product_avx2(const Panels<float>& p, int64_t nb0, int64_t nb1, const float*
 }
 
 // ---- AMX: the bfloat16 products on tiles --------------------------------------------------
-// Tile registers as the products use them: tmm0-1 sums (16 rows x 16 floats each), tmm4-5 rows
+// Tile registers as the products use them: tmm0-3 sums (16 rows x 16 floats each), tmm4-5 rows
 // of a (16 rows x 32 values), tmm6-7 panel columns (16 pairs of rows x 16 columns, the layout
 // bfloat16 panels already have). Tiles are 16 rows (rows_a: fewer rows of sums and of a for a
 // product of fewer rows, whose tile products then take fewer cycles and read no row past a's
@@ -443,23 +443,29 @@ struct alignas(64) TileConfig {
 
 #define RNNFAST_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
 
-// Sum tile I (tmm0-1) starts from src (row stride ld floats; ld 0 repeats one row, a bias) or zero,
+// Sum tile I (tmm0-3) starts from src (row stride ld floats; ld 0 repeats one row, a bias) or zero,
 // and ends in dst (row stride ld floats).
 template <int I>
 inline __attribute__((always_inline)) RNNFAST_AMX void sum_start(const float* src, int64_t ld) {
-  static_assert(I == 0 || I == 1, "sum tiles are tmm0-1");
+  static_assert(I >= 0 && I < 4, "sum tiles are tmm0-3");
   if (src == nullptr) {
     if constexpr (I == 0) _tile_zero(0);
     if constexpr (I == 1) _tile_zero(1);
+    if constexpr (I == 2) _tile_zero(2);
+    if constexpr (I == 3) _tile_zero(3);
     return;
   }
   if constexpr (I == 0) _tile_loadd(0, src, ld * 4);
   if constexpr (I == 1) _tile_loadd(1, src, ld * 4);
+  if constexpr (I == 2) _tile_loadd(2, src, ld * 4);
+  if constexpr (I == 3) _tile_loadd(3, src, ld * 4);
 }
 template <int I>
 inline __attribute__((always_inline)) RNNFAST_AMX void sum_end(float* dst, int64_t ld) {
   if constexpr (I == 0) _tile_stored(0, dst, ld * 4);
   if constexpr (I == 1) _tile_stored(1, dst, ld * 4);
+  if constexpr (I == 2) _tile_stored(2, dst, ld * 4);
+  if constexpr (I == 3) _tile_stored(3, dst, ld * 4);
 }
 
 // Where a sum tile starts from and ends in (see sum_start, sum_end).
@@ -485,28 +491,37 @@ struct PanelTiles {
 };
 
 // MT row tiles of a (a_tile[mt], row stride lda values) times NT column tiles of a panel (from
-// column tile v) over kt steps of 32 values of K, MT * NT <= 2. Sum tile (mt, nt) is
-// tmm[mt * NT + nt], started and ended as sums[mt * NT + nt] says.
+// column tile v) over kt steps of 32 values of K, MT, NT <= 2. Sum tile (mt, nt) is
+// tmm[mt * NT + nt], started and ended as sums[mt * NT + nt] says; a in tmm4-5, the panel in tmm6-7.
 template <int MT, int NT>
 RNNFAST_AMX void amx_block(const BF16* const* a_tile, int64_t lda, const PanelTiles& b, int64_t v, int64_t kt,
                            const SumTile* sums) {
-  static_assert(MT * NT <= 2, "two sum tiles (see gemm_amx)");
+  static_assert(MT <= 2 && NT <= 2, "four sum tiles (see gemm_amx)");
+  constexpr int S = MT * NT;
   sum_start<0>(sums[0].from, sums[0].from_ld);
-  if constexpr (MT * NT > 1) sum_start<1>(sums[1].from, sums[1].from_ld);
+  if constexpr (S > 1) sum_start<1>(sums[1].from, sums[1].from_ld);
+  if constexpr (S > 2) sum_start<2>(sums[2].from, sums[2].from_ld);
+  if constexpr (S > 3) sum_start<3>(sums[3].from, sums[3].from_ld);
   const int64_t sa = lda * 2;  // bytes
   for (int64_t k = 0; k < kt; ++k) {
     _tile_loadd(4, a_tile[0] + k * kTileK, sa);
-    if constexpr (MT == 2) _tile_loadd(5, a_tile[1] + k * kTileK, sa);
     _tile_loadd(6, b(k, v), b.stride);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (MT == 2) _tile_dpbf16ps(1, 5, 6);
+    if constexpr (MT == 2) {
+      _tile_loadd(5, a_tile[1] + k * kTileK, sa);
+      if constexpr (NT == 2) _tile_dpbf16ps(2, 5, 6);  // tile (1, 0)
+      if constexpr (NT == 1) _tile_dpbf16ps(1, 5, 6);
+    }
     if constexpr (NT == 2) {
       _tile_loadd(7, b(k, v + 1), b.stride);
       _tile_dpbf16ps(1, 4, 7);
+      if constexpr (MT == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
   sum_end<0>(sums[0].to, sums[0].to_ld);
-  if constexpr (MT * NT > 1) sum_end<1>(sums[1].to, sums[1].to_ld);
+  if constexpr (S > 1) sum_end<1>(sums[1].to, sums[1].to_ld);
+  if constexpr (S > 2) sum_end<2>(sums[2].to, sums[2].to_ld);
+  if constexpr (S > 3) sum_end<3>(sums[3].to, sums[3].to_ld);
 }
 
 // c (+)= a @ B (+ bias) for rows [0, n) and panels [nb0, nb1) of bfloat16 panels on AMX tiles, 32
@@ -577,12 +592,16 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
       // that no tile reads more than 15 columns past the last one
       int64_t live = 0;
       while (live < V && lanes[live] > 0) ++live;
-      // two sum tiles at a time: the tile unit pays for each switch between sum tiles (2-core
-      // Xeon, a panel in L2: 32 rows as 2 x 1 tiles 1.35x faster than 2 x 2, 8 rows as 1 x 2
-      // twice 1.3x faster than 1 x 4; with the tiled panels, bfloat16 LSTM H256 inference B64
-      // 1.08x -> 1.62x torch.nn: bench/results/2026-12-03-cpu-10-amx-tiles-ab.md)
-      for (int64_t v = 0; v < live; v += pair ? 1 : 2) {
-        if (pair) {
+      // a pair of row tiles by two column tiles where both are there: 4 tile loads for 4 products
+      // (2 x 1: 3 for 2). On tiled panels, 2-core 2.6 GHz Xeon, bfloat16 LSTM H256 B64 backward,
+      // three interleaved runs: the dh and dx products took 0.88-0.91x the cycles of 2 x 1, the
+      // weight gradients' (K of 256 rows, untiled panels) about the same. (Before the panels were
+      // tiled, another 2-core Xeon ran 2 x 1 1.35x faster than 2 x 2.) One row tile: 1 x 2.
+      for (int64_t v = 0; v < live; v += pair && v + 1 == live ? 1 : 2) {
+        if (pair && v + 1 < live) {
+          const SumTile s4[4] = {sum(0, v), sum(0, v + 1), sum(1, v), sum(1, v + 1)};
+          amx_block<2, 2>(at, ld, b, v, kt, s4);
+        } else if (pair) {
           const SumTile s2[2] = {sum(0, v), sum(1, v)};
           amx_block<2, 1>(at, ld, b, v, kt, s2);
         } else if (v + 1 < live) {
@@ -798,10 +817,15 @@ SavedPool& saved_pool() {
 // Rows of a chunk that the weight gradients sum at a time.
 constexpr int64_t kSumRows = 256;
 
-// Steps per chunk: the input projection and the gate gradients of about 256 rows at a
-// time, so that they stay in L2 (at H 256, 1024 rows of input pre-activations did not;
-// 10-15% slower) and no buffer grows with T.
-int64_t chunk_steps(int64_t T, int64_t B) { return std::clamp<int64_t>(256 / std::max<int64_t>(B, 1), 1, T); }
+// Steps per chunk, about `rows` rows: the forward's input projection 256 at a time, so that
+// its pre-activations stay in L2 (at H 256, 1024 rows did not; 10-15% slower); the backward's
+// gate gradients 512, so that the weight gradients' products run over twice the K (2-core
+// 2.6 GHz Xeon, LSTM H256 training, interleaved: bfloat16 B64 1.05x, B8 1.04x, GRU 1.07x,
+// float32 1.01-1.03x the speed of 256). No buffer grows with T.
+constexpr int64_t kForwardChunkRows = 256, kBackwardChunkRows = 512;
+int64_t chunk_steps(int64_t T, int64_t B, int64_t rows) {
+  return std::clamp<int64_t>(rows / std::max<int64_t>(B, 1), 1, T);
+}
 
 // The walked order of steps: k = 0, 1, ... is t = k forward and T - 1 - k in reverse;
 // a chunk [k0, k1) of it covers the steps [first, first + count).
@@ -839,7 +863,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
                                       [&] { return pack<E>(w_hh, split_biases(mode, b_ih, b_hh).second, G, U); });
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
-  const int64_t RB = block_rows(p), TC = chunk_steps(T, B), slab = slab_panels(p);
+  const int64_t RB = block_rows(p), TC = chunk_steps(T, B, kForwardChunkRows), slab = slab_panels(p);
   const Split split(p, B);
   const bool by_rows = split.by_rows;
   const int64_t nt = split.threads;
@@ -939,6 +963,59 @@ void gemm_into(const Panels<E>& p, const E* a, int64_t lda, int64_t n, E* c, int
   }
 }
 
+// 16 x 16 floats from src (row stride lds) to dst (row stride ldd), transposed in registers.
+__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows: 32-bit interleaves
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // quads: 64-bit interleaves
+    for (int j = 0; j < 2; ++j) {
+      r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
+      r[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
+    }
+  }
+  for (int i = 0; i < 16; i += 8) {  // 128-bit lanes within groups of 8 rows
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {  // 256-bit halves across the two groups
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  // r[q] now holds column order[q] of the block
+  static constexpr int order[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int q = 0; q < 16; ++q) _mm512_storeu_ps(dst + order[q] * ldd, r[q]);
+}
+
+// The (C, R) transpose of a row-major (R, C) float32 matrix, in dtype: the weight gradients'
+// sums leave their transposed scratch this way, 16 x 16 blocks in registers and the edges one by
+// one (torch's strided copy took 0.36 ms for each of the two, of a 10 ms float32 LSTM H256 B8
+// training step).
+Tensor transposed(const Tensor& src, at::ScalarType dtype) {
+  if (!kHasAvx512) return at::empty({src.size(1), src.size(0)}, src.options().dtype(dtype)).copy_(src.t());
+  const int64_t R = src.size(0), C = src.size(1), R16 = R / 16 * 16, C16 = C / 16 * 16;
+  Tensor dst = at::empty({C, R}, src.options());
+  const float* s = src.data_ptr<float>();
+  float* d = dst.data_ptr<float>();
+  at::parallel_for(0, (R + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * 16; i < std::min(R, b1 * 16); i += 16) {
+      if (i < R16) {
+        for (int64_t j = 0; j < C16; j += 16) transpose16(s + i * C + j, C, d + j * R + i, R);
+      }
+      const int64_t j0 = i < R16 ? C16 : 0;  // the rest of these rows: the last columns, or all of the last rows
+      for (int64_t r = i; r < std::min(R, i + 16); ++r) {
+        for (int64_t j = j0; j < C; ++j) d[j * R + r] = s[r * C + j];
+      }
+    }
+  });
+  return dtype == at::kFloat ? dst : dst.to(dtype);
+}
+
 // The backward loop over elements E (float, or bfloat16 x, out, weights and output gradients),
 // the forward's counterpart: the saved gates (ws1, ws2), dh, dc and all sums stay float32; for
 // bfloat16 each row's gate gradients are also rounded into the chunk's buffers that the products
@@ -968,7 +1045,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     const Tensor db_hh = !has_bias ? none : gru ? db_h.to(wt) : db_ih.clone();
     // fresh tensors in the weights' dtypes (the sums stay in scratch)
     return {dx, dh.to(h0.scalar_type()), lstm ? dc.to(c0.scalar_type()) : none,
-            at::empty({GH, I}, w_ih.options()).copy_(dw_ih_t.t()), at::empty({GH, H}, w_hh.options()).copy_(dw_hh_t.t()),
+            transposed(dw_ih_t, w_ih.scalar_type()), transposed(dw_hh_t, w_hh.scalar_type()),
             db_ih, db_hh};
   };
   if (B == 0) return grads();
@@ -985,7 +1062,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
                              ? panels<E>().get({w_ih}, kBackwardInput * 4 + mode,
                                                [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); })
                              : direct(w_ih_c.data_ptr<E>(), GH, I, I);
-  const int64_t RB = block_rows(p), TC = chunk_steps(T, B);
+  const int64_t RB = block_rows(p), TC = chunk_steps(T, B, kBackwardChunkRows);
   const Split split(p, B);
   const bool by_rows = split.by_rows;
   const int64_t nt_max = split.threads;
