@@ -46,9 +46,10 @@ def keep_freed_memory() -> str:
     """Tell glibc's malloc to keep what is freed (no trimming, no mmap), and say so for the report.
 
     By default glibc hands large freed blocks back to the kernel, so the next call that allocates
-    them page-faults every 4 KiB afresh; how often depends on what ran before (measured here:
-    torch.nn's bfloat16 LSTM B64 H256 training step 37 ms in a process of its own, 22 ms after
-    the grid's earlier cases). Kept, every provider runs without that cost, whatever the order of
+    them page-faults every 4 KiB afresh; how often depends on what ran before (2-core Xeon, before
+    this setting: torch.nn's bfloat16 LSTM B64 H256 training step 36.9 ms in a process of its own,
+    22.4 ms after the grid's earlier cases; bench/results/2026-12-04-cpu-plain-malloc-{alone,grid}.md).
+    Kept, every provider runs without that cost, whatever the order of
     cases: torch.nn at its best. rnnfast's own buffers are pooled either way.
     """
     try:

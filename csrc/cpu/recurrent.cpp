@@ -595,7 +595,7 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
       // a pair of row tiles by two column tiles where both are there: 4 tile loads for 4 products
       // (2 x 1: 3 for 2). On tiled panels, 2-core 2.6 GHz Xeon, bfloat16 LSTM H256 B64 backward,
       // three interleaved runs: the dh and dx products took 0.88-0.91x the cycles of 2 x 1, the
-      // weight gradients' (K of 256 rows, untiled panels) about the same. (Before the panels were
+      // weight gradients' (then K of 256 rows; untiled panels) about the same. (Before the panels were
       // tiled, another 2-core Xeon ran 2 x 1 1.35x faster than 2 x 2.) One row tile: 1 x 2.
       for (int64_t v = 0; v < live; v += pair && v + 1 == live ? 1 : 2) {
         if (pair && v + 1 < live) {
