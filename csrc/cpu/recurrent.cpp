@@ -1033,10 +1033,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void transpose_rows(const B
                                                                          int64_t live, int64_t rows, int64_t N,
                                                                          int64_t tid, int64_t nt, BF16* dst) {
   const int64_t blocks = (N + 15) / 16;
-  for (int64_t jb = blocks * tid / nt; jb < blocks * (tid + 1) / nt; ++jb) {
-    const int64_t j = jb * 16, n = std::min<int64_t>(16, N - j);
-    const __mmask16 cols = static_cast<__mmask16>((1u << n) - 1);
-    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) {  // 32 rows of this thread's columns stay in L1
+    for (int64_t jb = blocks * tid / nt; jb < blocks * (tid + 1) / nt; ++jb) {
+      const int64_t j = jb * 16, n = std::min<int64_t>(16, N - j);
+      const __mmask16 cols = static_cast<__mmask16>((1u << n) - 1);
       __m512 w[16];
       for (int p = 0; p < 16; ++p) {  // rows r and r + 1 (16 values each, zero past live) as words
         const int64_t r = r0 + 2 * p;
