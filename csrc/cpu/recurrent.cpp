@@ -138,17 +138,20 @@ Panels<BF16> direct_tiled(const BF16* data, int64_t K, int64_t N) {
   return p;
 }
 
+// The words of two rows a and b in pairs, a0 b0 a1 b1 ..., as _mm512_permutex2var_epi16 picks them
+// from a's 32 values and b's (the first 32 of the order, then the next 32).
+alignas(64) constexpr std::array<uint16_t, 64> kPairOrder = [] {
+  std::array<uint16_t, 64> o{};
+  for (int q = 0; q < 64; ++q) o[q] = static_cast<uint16_t>((q % 2) * 32 + q / 2);
+  return o;
+}();
+
 // Rows [r0, r1) of a row-major bfloat16 matrix with N columns (row stride lds), r0 even, in pairs:
 // row r to dst[(r - r % 2) * N + 2 * j + r % 2], the layout of bfloat16 panels (and of a transposed
 // a, see tile). An odd r1 gets a zero partner row: a zero times a poisoned NaN would not vanish.
 __attribute__((target("avx512f,avx512bw"))) void interleave_pairs(const BF16* src, int64_t lds, int64_t r0,
                                                                   int64_t r1, int64_t N, BF16* dst) {
-  alignas(64) static const std::array<uint16_t, 64> order = [] {  // a0 b0 a1 b1 ...: words of (a, b)
-    std::array<uint16_t, 64> o{};
-    for (int q = 0; q < 64; ++q) o[q] = static_cast<uint16_t>((q % 2) * 32 + q / 2);
-    return o;
-  }();
-  const __m512i lo = _mm512_load_si512(order.data()), hi = _mm512_load_si512(order.data() + 32);
+  const __m512i lo = _mm512_load_si512(kPairOrder.data()), hi = _mm512_load_si512(kPairOrder.data() + 32);
   for (int64_t r = r0; r < r1; r += 2) {
     const BF16* a = src + r * lds;
     const BF16* b = src + (r + 1) * lds;
@@ -176,12 +179,7 @@ __attribute__((target("avx512f,avx512bw"))) void interleave_pairs(const BF16* sr
 __attribute__((target("avx512f,avx512bw"))) void interleave_tiles(const BF16* src, int64_t lds, int64_t r0,
                                                                   int64_t r1, int64_t live, int64_t N,
                                                                   int64_t pstride, BF16* dst) {
-  alignas(64) static const std::array<uint16_t, 64> order = [] {  // a0 b0 a1 b1 ...: words of (a, b)
-    std::array<uint16_t, 64> o{};
-    for (int q = 0; q < 64; ++q) o[q] = static_cast<uint16_t>((q % 2) * 32 + q / 2);
-    return o;
-  }();
-  const __m512i lo = _mm512_load_si512(order.data()), hi = _mm512_load_si512(order.data() + 32);
+  const __m512i lo = _mm512_load_si512(kPairOrder.data()), hi = _mm512_load_si512(kPairOrder.data() + 32);
   const int64_t NB = (N + 63) / 64;
   for (int64_t r = r0; r < r1; r += 2) {
     const BF16* a = src + r * lds;
