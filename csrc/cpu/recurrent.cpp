@@ -130,72 +130,13 @@ Panels<E> direct(const E* data, int64_t K, int64_t N, int64_t ld) {
   return p;
 }
 
-// The panels interleave_tiles writes: K (a multiple of 32) rows of N columns.
+// A (K, N) row-major matrix in pairs of rows in AMX tiles (K a multiple of 32), as interleave_pairs
+// writes it.
 Panels<BF16> direct_tiled(const BF16* data, int64_t K, int64_t N) {
   Panels<BF16> p = direct(data, K, N, N);
   p.pstride = K * 64;
   p.tiled = true;
   return p;
-}
-
-// The words of two rows a and b in pairs, a0 b0 a1 b1 ..., as _mm512_permutex2var_epi16 picks them
-// from a's 32 values and b's (the first 32 of the order, then the next 32).
-alignas(64) constexpr std::array<uint16_t, 64> kPairOrder = [] {
-  std::array<uint16_t, 64> o{};
-  for (int q = 0; q < 64; ++q) o[q] = static_cast<uint16_t>((q % 2) * 32 + q / 2);
-  return o;
-}();
-
-// Rows [r0, r1) of a row-major bfloat16 matrix with N columns (row stride lds), r0 even, in pairs:
-// row r to dst[(r - r % 2) * N + 2 * j + r % 2], the layout of bfloat16 panels (and of a transposed
-// a, see tile). An odd r1 gets a zero partner row: a zero times a poisoned NaN would not vanish.
-__attribute__((target("avx512f,avx512bw"))) void interleave_pairs(const BF16* src, int64_t lds, int64_t r0,
-                                                                  int64_t r1, int64_t N, BF16* dst) {
-  const __m512i lo = _mm512_load_si512(kPairOrder.data()), hi = _mm512_load_si512(kPairOrder.data() + 32);
-  for (int64_t r = r0; r < r1; r += 2) {
-    const BF16* a = src + r * lds;
-    const BF16* b = src + (r + 1) * lds;
-    BF16* d = dst + r * N;
-    for (int64_t j = 0; j < N; j += 32) {
-      const int64_t n = std::min<int64_t>(32, N - j);
-      const __mmask32 live = static_cast<__mmask32>((uint64_t(1) << n) - 1);
-      const __m512i va = _mm512_maskz_loadu_epi16(live, a + j);
-      const __m512i vb = r + 1 < r1 ? _mm512_maskz_loadu_epi16(live, b + j) : _mm512_setzero_si512();
-      const uint64_t both = (uint64_t(1) << (2 * n - 1) << 1) - 1;  // 2n words
-      _mm512_mask_storeu_epi16(d + 2 * j, static_cast<__mmask32>(both), _mm512_permutex2var_epi16(va, lo, vb));
-      _mm512_mask_storeu_epi16(d + 2 * j + 32, static_cast<__mmask32>(both >> 32),
-                               _mm512_permutex2var_epi16(va, hi, vb));
-    }
-  }
-}
-
-// Rows [r0, r1) of a row-major bfloat16 matrix with N columns (row stride lds), r0 even, in pairs
-// as bfloat16 panels of 64 columns hold them on AMX (tiled, see pack and PanelTiles): tile (k, v) of
-// panel nb, 1 KB at dst + nb * pstride + k * 2048 + v * 512, holds pairs 16 k to 16 k + 15 of
-// columns 64 nb + 16 v to + 15. Rows from `live` on (an odd end's partner, K's padding) and columns
-// past N are zero. On untiled pairs (rows 4 KB apart at G H 1024) a tile's 16 rows share one L1 set
-// and no prefetcher follows them across pages: tiles made bfloat16 LSTM H256 B64 training 1.03x as
-// fast, 2 layers 1.06x (2-core Xeon, interleaved runs).
-__attribute__((target("avx512f,avx512bw"))) void interleave_tiles(const BF16* src, int64_t lds, int64_t r0,
-                                                                  int64_t r1, int64_t live, int64_t N,
-                                                                  int64_t pstride, BF16* dst) {
-  const __m512i lo = _mm512_load_si512(kPairOrder.data()), hi = _mm512_load_si512(kPairOrder.data() + 32);
-  const int64_t NB = (N + 63) / 64;
-  for (int64_t r = r0; r < r1; r += 2) {
-    const BF16* a = src + r * lds;
-    const BF16* b = src + (r + 1) * lds;
-    BF16* d = dst + (r / 32) * 2048 + (r / 2 % 16) * 32;
-    const bool has_a = r < live, has_b = r + 1 < std::min(r1, live);
-    for (int64_t j = 0; j < NB * 64; j += 32) {
-      const int64_t n = std::clamp<int64_t>(N - j, 0, 32);
-      const __mmask32 cols = static_cast<__mmask32>((uint64_t(1) << n) - 1);
-      const __m512i va = has_a ? _mm512_maskz_loadu_epi16(cols, a + j) : _mm512_setzero_si512();
-      const __m512i vb = has_b ? _mm512_maskz_loadu_epi16(cols, b + j) : _mm512_setzero_si512();
-      BF16* tile = d + (j / 64) * pstride + (j % 64 / 16) * 512;
-      _mm512_storeu_si512(tile, _mm512_permutex2var_epi16(va, lo, vb));
-      _mm512_storeu_si512(tile + 512, _mm512_permutex2var_epi16(va, hi, vb));
-    }
-  }
 }
 
 #define RNNFAST_TILE_INLINE inline __attribute__((always_inline, target("avx512f")))
@@ -513,6 +454,47 @@ struct PanelTiles {
         stride(p.tiled ? 64 : 2 * p.ldb) {}
   const BF16* operator()(int64_t k, int64_t v) const { return b + k * kstep + v * vstep; }
 };
+
+// The words of two rows a and b in pairs, a0 b0 a1 b1 ..., as _mm512_permutex2var_epi16 picks them
+// from a's 32 values and b's (the first 32 of the order, then the next 32).
+alignas(64) constexpr std::array<uint16_t, 64> kPairOrder = [] {
+  std::array<uint16_t, 64> o{};
+  for (int q = 0; q < 64; ++q) o[q] = static_cast<uint16_t>((q % 2) * 32 + q / 2);
+  return o;
+}();
+
+// Rows [r0, r1) of a row-major bfloat16 matrix (row stride lds), r0 even, into dst's rows in pairs,
+// the layout of bfloat16 panels (row r's value j beside row r + 1's): dst from direct (and so also a
+// transposed a, see tile) or, on AMX, direct_tiled, whose 1 KB tiles also get the columns past N to
+// the panel's end, as zeros. Rows from `live` on are zero (an odd end's partner, K's padding): a zero
+// times a poisoned NaN would not vanish. On untiled pairs (rows 4 KB apart at G H 1024) a tile's 16
+// rows share one L1 set and no prefetcher follows them across pages: tiles made bfloat16 LSTM H256
+// B64 training 1.03x as fast, 2 layers 1.06x (2-core Xeon, interleaved runs).
+__attribute__((target("avx512f,avx512bw"))) void interleave_pairs(const BF16* src, int64_t lds, int64_t r0,
+                                                                  int64_t r1, int64_t live,
+                                                                  const Panels<BF16>& dst) {
+  const __m512i lo = _mm512_load_si512(kPairOrder.data()), hi = _mm512_load_si512(kPairOrder.data() + 32);
+  const int64_t N = dst.N, end = dst.tiled ? dst.NB * 64 : N;
+  const PanelTiles tiles(dst, 0);
+  const int64_t pair_ld = tiles.stride / int64_t(sizeof(BF16));
+  for (int64_t r = r0; r < r1; r += 2) {
+    const BF16* a = src + r * lds;
+    const BF16* b = a + lds;
+    const bool has_a = r < live, has_b = r + 1 < std::min(r1, live);
+    BF16* const d = const_cast<BF16*>(tiles(r / kTileK, 0)) + (r / 2 % kTileRows) * pair_ld;
+    for (int64_t j = 0; j < end; j += 32) {
+      const int64_t n = std::clamp<int64_t>(N - j, 0, 32);
+      const __mmask32 cols = static_cast<__mmask32>((uint64_t(1) << n) - 1);
+      const __m512i va = has_a ? _mm512_maskz_loadu_epi16(cols, a + j) : _mm512_setzero_si512();
+      const __m512i vb = has_b ? _mm512_maskz_loadu_epi16(cols, b + j) : _mm512_setzero_si512();
+      BF16* const at = d + j / 64 * dst.pstride + j % 64 / 16 * tiles.vstep;  // column tiles j / 16, + 1
+      const uint64_t both = dst.tiled ? ~uint64_t(0) : (uint64_t(1) << (2 * n - 1) << 1) - 1;  // 2n words
+      _mm512_mask_storeu_epi16(at, static_cast<__mmask32>(both), _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_mask_storeu_epi16(at + tiles.vstep, static_cast<__mmask32>(both >> 32),
+                               _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
+}
 
 // MT row tiles of a (a_tile[mt], row stride lda values) times NT column tiles of a panel (from
 // column tile v) over kt steps of 32 values of K, MT, NT <= 2. Sum tile (mt, nt) is
@@ -1079,7 +1061,7 @@ Tensor transposed(const Tensor& src, at::ScalarType dtype) {
 // the forward's counterpart: the saved gates (ws1, ws2), dh, dc and all sums stay float32; for
 // bfloat16 each row's gate gradients are also rounded into the chunk's buffers that the products
 // read, and the weight gradients read their operands in pairs of rows (interleave_pairs; on AMX
-// transpose_rows and interleave_tiles).
+// a transposed, transpose_rows).
 // Gradients come in the dtypes of the tensors they belong to.
 template <typename E>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop(
@@ -1265,20 +1247,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
           const int64_t padded = (rows + kTileK - 1) / kTileK * kTileK, end = tid == nt - 1 ? padded : x1;
           transpose_rows(x_chunk, I, rows, padded, I, tid, nt, pairs_x);
           transpose_rows(hp_rows.data, H, rows, padded, H, tid, nt, pairs_h);
-          interleave_tiles(dgi_rows.data, ldg, x0, end, rows, GH, padded * 64, pairs_gi);
-          if (gru) interleave_tiles(dgh_rows.data, ldg, x0, end, rows, GH, padded * 64, pairs_gh);
-#pragma omp barrier
           const Panels<E> gi = direct_tiled(pairs_gi, padded, GH), gh = direct_tiled(pairs_gh, padded, GH);
+          interleave_pairs(dgi_rows.data, ldg, x0, end, rows, gi);
+          if (gru) interleave_pairs(dgh_rows.data, ldg, x0, end, rows, gh);
+#pragma omp barrier
           const Share cols(gi, nt, tid);
           gemm(gi, cols.nb0, cols.nb1, pairs_x, padded, I, dw_ih_p, GH, true);
           gemm(gh, cols.nb0, cols.nb1, pairs_h, padded, H, dw_hh_p, GH, true);
 #pragma omp barrier
           continue;
         }
-        interleave_pairs(x_chunk, I, x0, x1, I, pairs_x);
-        interleave_pairs(hp_rows.data, H, x0, x1, H, pairs_h);
-        interleave_pairs(dgi_rows.data, ldg, x0, x1, GH, pairs_gi);
-        if (gru) interleave_pairs(dgh_rows.data, ldg, x0, x1, GH, pairs_gh);
+        interleave_pairs(x_chunk, I, x0, x1, rows, direct(pairs_x, rows, I, I));
+        interleave_pairs(hp_rows.data, H, x0, x1, rows, direct(pairs_h, rows, H, H));
+        interleave_pairs(dgi_rows.data, ldg, x0, x1, rows, direct(pairs_gi, rows, GH, GH));
+        if (gru) interleave_pairs(dgh_rows.data, ldg, x0, x1, rows, direct(pairs_gh, rows, GH, GH));
 #pragma omp barrier
       }
       const E* const a_x = low ? pairs_x : x_chunk;
