@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <dlfcn.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -671,12 +672,21 @@ int64_t block_rows(const Panels<E>& p) {
   return p.V == 4 || !kHasAvx512 ? 12 : 16;
 }
 
-// Panels a step takes through all its rows at a time: as many as fill half of L2, so that each
-// is read from L3 (or memory) once a step, not once per block of rows (LSTM H512 on a 512 KB L2
-// AVX2 EPYC: 0.75x -> 0.87x torch.nn); a thread's whole share where it fits.
-template <typename E>
-int64_t slab_panels(const Panels<E>& p) {
-  return std::max<int64_t>(1, l2_bytes() / 2 / (p.pstride * int64_t(sizeof(E))));
+// One step's recurrent product over a thread's panels [nb0, nb1) and rows [r0, r1), in slabs of
+// panels that fill half of L2, each slab in blocks of RB rows: f(s0, s1, u0, cnt, r, rows) for
+// panels [s0, s1), their units [u0, u0 + cnt), and rows [r, r + rows). Each panel is then read from
+// L3 (or memory) once a step, not once per block of rows; a thread's whole share is one slab where
+// it fits. Forward: LSTM H512 on a 512 KB L2 AVX2 EPYC 0.75x -> 0.87x torch.nn. Backward (dh): LSTM
+// T100 B64 H512 float32 training on a 2 MB L2 Xeon, the dh products 62 -> 52 ms of a 373 ms step
+// (bench/results/2026-12-06-cpu-13-f32-backward-ab.md).
+template <typename E, typename F>
+void for_slabs(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t r0, int64_t r1, int64_t RB, F&& f) {
+  const int64_t slab = std::max<int64_t>(1, l2_bytes() / 2 / (p.pstride * int64_t(sizeof(E))));
+  for (int64_t s0 = nb0; s0 < nb1; s0 += slab) {
+    const int64_t s1 = std::min(nb1, s0 + slab);
+    const int64_t u0 = std::min(p.N, s0 * p.U), cnt = std::min(p.N, s1 * p.U) - u0;
+    for (int64_t r = r0; r < r1; r += RB) f(s0, s1, u0, cnt, r, std::min(RB, r1 - r));
+  }
 }
 
 // The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
@@ -823,6 +833,27 @@ SavedPool& saved_pool() {
 // Rows of a chunk that the weight gradients sum at a time.
 constexpr int64_t kSumRows = 256;
 
+// MKL's sgemm where torch is built with MKL (whose libraries export its ILP64 Fortran sgemm_64), the
+// CPU is Intel's and RNNFAST_CPU_ISA caps nothing; else null. The float32 weight gradients take it,
+// each thread on its columns (inside a parallel region MKL runs on the calling thread): in the loop
+// it ran them in about 90 ms where the tile products took 118 (LSTM T100 B64 H512 training on a
+// 2 MB L2 Xeon; the whole step 1.13x, H1024 B16 1.36x, H256 1.03-1.12x; with the dh slabs 1.16x
+// and 1.27x, bench/results/2026-12-06-cpu-13-f32-backward-ab.md). MKL takes slower paths on AMD
+// CPUs (matmul_nt prefers oneDNN for that): the tile products stay there.
+using Sgemm = void (*)(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const float*,
+                       const float*, const int64_t*, const float*, const int64_t*, const float*, float*,
+                       const int64_t*);
+Sgemm mkl_sgemm() {
+  static const Sgemm f = []() -> Sgemm {
+    __builtin_cpu_init();
+    if (!at::hasMKL() || !kHasAvx512 || !__builtin_cpu_is("intel") || std::getenv("RNNFAST_CPU_ISA") != nullptr) {
+      return nullptr;
+    }
+    return reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "sgemm_64"));
+  }();
+  return f;
+}
+
 // Steps per chunk, about `rows` rows: the forward's input projection 256 at a time, so that
 // its pre-activations stay in L2 (at H 256, 1024 rows did not; 10-15% slower); the backward's
 // gate gradients 512, so that the weight gradients' products run over twice the K (2-core
@@ -869,7 +900,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
                                       [&] { return pack<E>(w_hh, split_biases(mode, b_ih, b_hh).second, G, U); });
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
-  const int64_t RB = block_rows(p), TC = chunk_steps(T, B, kForwardChunkRows), slab = slab_panels(p);
+  const int64_t RB = block_rows(p), TC = chunk_steps(T, B, kForwardChunkRows);
   const Split split(p, B);
   const bool by_rows = split.by_rows;
   const int64_t nt = split.threads;
@@ -916,22 +947,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
           std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * sizeof(float));
           if (low) std::memcpy(nxt_lo + b * H + j0, cur_lo + b * H + j0, m * sizeof(E));
         }
-        for (int64_t s0 = own.nb0; s0 < own.nb1; s0 += slab) {  // slabs of panels that stay in L2
-          const int64_t s1 = std::min(own.nb1, s0 + slab);
-          const int64_t u0 = std::min(H, s0 * p.U), cnt = std::min(H, s1 * p.U) - u0;
-          for (int64_t r0 = rb0; r0 < n; r0 += RB) {
-            const int64_t rows = std::min(RB, n - r0);
-            gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
-            for (int64_t b = r0; b < r0 + rows; ++b) {
-              float* h_new = nxt + b * H + u0;
-              gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
-                           lstm ? c_p + b * H + u0 : nullptr, lstm && save ? cs_rows(t, b) + u0 : nullptr,
-                           (save ? ws1_rows(t, b) : row_ws) + u0, h_new, cnt, H);
-              round_row(out_rows(t, b) + u0, h_new, cnt);
-              if (low) round_row(nxt_lo + b * H + u0, h_new, cnt);
-            }
-          }
-        }
+        for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
+                  [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rows) {
+                    gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
+                    for (int64_t b = r0; b < r0 + rows; ++b) {
+                      float* h_new = nxt + b * H + u0;
+                      gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
+                                   lstm ? c_p + b * H + u0 : nullptr, lstm && save ? cs_rows(t, b) + u0 : nullptr,
+                                   (save ? ws1_rows(t, b) : row_ws) + u0, h_new, cnt, H);
+                      round_row(out_rows(t, b) + u0, h_new, cnt);
+                      if (low) round_row(nxt_lo + b * H + u0, h_new, cnt);
+                    }
+                  });
         if (!by_rows) {
 #pragma omp barrier
         }
@@ -1157,8 +1184,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     float* const row_h = low ? row_gh + GH : nullptr;
     float* const dx_block = low ? row_h + H : nullptr;
     int64_t t0 = 0;  // the chunk's first step
-    // what pointwise(k, r0, r1) will read, fetched while a GEMM block runs
-    auto fetch = [&](int64_t k, int64_t r0, int64_t r1) {
+    // what pointwise(k, r0, r1, j0, m) will read, fetched while a GEMM block runs
+    auto fetch = [&](int64_t k, int64_t r0, int64_t r1, int64_t j0, int64_t m) {
       if (k >= T || r0 >= r1) return;
       const int64_t t = walk.step(k), np = std::min(r1, prev_rows(k)), tp = k + 1 < T ? walk.step(k + 1) : 0;
       prefetch(go_rows, t, r0, r1, j0, m, 1, H);
@@ -1173,8 +1200,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         if (lstm) prefetch(cs_rows, tp, r0, np, j0, m, 1, H);
       }
     };
-    // gate gradients of walked step k, rows [r0, r1), this thread's units
-    auto pointwise = [&](int64_t k, int64_t r0, int64_t r1) {
+    // gate gradients of walked step k, rows [r0, r1), units [j0, j0 + m) (of this thread's)
+    auto pointwise = [&](int64_t k, int64_t r0, int64_t r1, int64_t j0, int64_t m) {
       const int64_t t = walk.step(k), np = prev_rows(k), tp = k + 1 < T ? walk.step(k + 1) : 0;
       for (int64_t b = r0; b < r1 && m > 0; ++b) {
         float* d = dh_p + b * H + j0;
@@ -1219,22 +1246,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
           std::memset(hp_rows.data + r * H + j0, 0, m * sizeof(E));
         }
       }
-      pointwise(k0, rb0, std::min(rb1, bs[walk.step(k0)]));
+      pointwise(k0, rb0, std::min(rb1, bs[walk.step(k0)]), j0, m);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = walk.step(k), n = std::min(bs[t], rb1);
         const int64_t n_next = k + 1 < k1 ? std::min(prev_rows(k), rb1) : 0;
         if (!by_rows) {
 #pragma omp barrier
         }
-        // dh of the rows active at t, block by block, each block's rows going straight
-        // on to the gate gradients of the next walked step of this chunk
-        for (int64_t r0 = rb0; r0 < n; r0 += RB) {
-          const int64_t rb = std::min(RB, n - r0);
-          fetch(k + 1, r0, std::min(r0 + rb, n_next));
-          gemm(p, own.nb0, own.nb1, dgh_rows(t - t0, r0), ldg, rb, dh_p + r0 * H, H, gru);
-          pointwise(k + 1, r0, std::min(r0 + rb, n_next));
-        }
-        if (n_next > std::max(n, rb0)) pointwise(k + 1, std::max(n, rb0), n_next);
+        // dh of the rows active at t, block by block, each block's rows (and the slab's units)
+        // going straight on to the gate gradients of the next walked step of this chunk
+        for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
+                  [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rb) {
+                    fetch(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
+                    gemm(p, s0, s1, dgh_rows(t - t0, r0), ldg, rb, dh_p + r0 * H, H, gru);
+                    pointwise(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
+                  });
+        if (n_next > std::max(n, rb0)) pointwise(k + 1, std::max(n, rb0), n_next, j0, m);
       }
 #pragma omp barrier
       // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
@@ -1268,10 +1295,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       const E* const b_gi = low ? pairs_gi : dgi_rows.data;
       const E* const b_gh = low ? pairs_gh : dgh_rows.data;
       const int64_t ld_g = low ? GH : ldg;  // pairs are packed, the gate gradients' rows padded
-      // the weight gradients transposed, x^T dgi and h_prev^T dgh, in blocks of rows that keep
-      // both operands in L2; the strided operand is the narrower one
+      // the weight gradients transposed, x^T dgi and h_prev^T dgh, by this thread's columns: through
+      // MKL where it is fast (column-major, its C is the sums' columns), else in blocks of rows that
+      // keep both operands in L2, the strided operand the narrower one
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
-      for (int64_t k = 0; k < rows; k += kSumRows) {
+      const Sgemm sgemm = low ? nullptr : mkl_sgemm();
+      if constexpr (!low) {
+        const float one = 1.0f;
+        const int64_t n_cols = cols.cnt, ldc = GH;
+        if (sgemm != nullptr && n_cols > 0) {
+          sgemm("N", "T", &n_cols, &I, &rows, &one, b_gi + cols.u0, &ld_g, a_x, &I, &one, dw_ih_p + cols.u0, &ldc);
+          sgemm("N", "T", &n_cols, &H, &rows, &one, b_gh + cols.u0, &ld_g, a_h, &H, &one, dw_hh_p + cols.u0, &ldc);
+        }
+      }
+      for (int64_t k = 0; sgemm == nullptr && k < rows; k += kSumRows) {
         const int64_t kb = std::min(kSumRows, rows - k);
         gemm(direct(b_gi + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
         gemm(direct(b_gh + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
