@@ -3,7 +3,8 @@
 //
 // Every product is one register-blocked tile kernel (6 rows x 64 columns, 24 zmm
 // accumulators; 6 x 16 in 12 ymm on AVX2) over weights packed once into panels and cached
-// until they change; bfloat16 products run on AMX tiles instead where the CPU has them (gemm_amx).
+// until they change; bfloat16 products run on AMX tiles instead where the CPU has them (gemm_amx),
+// and the float32 weight gradients through MKL's sgemm on Intel CPUs where torch has MKL (mkl_sgemm).
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
@@ -678,7 +679,7 @@ int64_t block_rows(const Panels<E>& p) {
 // L3 (or memory) once a step, not once per block of rows; a thread's whole share is one slab where
 // it fits. Forward: LSTM H512 on a 512 KB L2 AVX2 EPYC 0.75x -> 0.87x torch.nn. Backward (dh): LSTM
 // T100 B64 H512 float32 training on a 2 MB L2 Xeon, the dh products 62 -> 52 ms of a 373 ms step
-// (bench/results/2026-12-06-cpu-13-f32-backward-ab.md).
+// (bench/results/2026-12-06-cpu-f32-backward-ab.md).
 template <typename E, typename F>
 void for_slabs(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t r0, int64_t r1, int64_t RB, F&& f) {
   const int64_t slab = std::max<int64_t>(1, l2_bytes() / 2 / (p.pstride * int64_t(sizeof(E))));
@@ -838,7 +839,7 @@ constexpr int64_t kSumRows = 256;
 // each thread on its columns (inside a parallel region MKL runs on the calling thread): in the loop
 // it ran them in about 90 ms where the tile products took 118 (LSTM T100 B64 H512 training on a
 // 2 MB L2 Xeon; the whole step 1.13x, H1024 B16 1.36x, H256 1.03-1.12x; with the dh slabs 1.16x
-// and 1.27x, bench/results/2026-12-06-cpu-13-f32-backward-ab.md). MKL takes slower paths on AMD
+// and 1.27x, bench/results/2026-12-06-cpu-f32-backward-ab.md). MKL takes slower paths on AMD
 // CPUs (matmul_nt prefers oneDNN for that): the tile products stay there.
 using Sgemm = void (*)(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const float*,
                        const float*, const int64_t*, const float*, const int64_t*, const float*, float*,
