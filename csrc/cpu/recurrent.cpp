@@ -850,7 +850,8 @@ Sgemm mkl_sgemm() {
     if (!at::hasMKL() || !kHasAvx512 || !__builtin_cpu_is("intel") || std::getenv("RNNFAST_CPU_ISA") != nullptr) {
       return nullptr;
     }
-    return reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "sgemm_64"));
+    void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // torch's own MKL, not another BLAS
+    return torch_cpu != nullptr ? reinterpret_cast<Sgemm>(dlsym(torch_cpu, "sgemm_64")) : nullptr;
   }();
   return f;
 }
