@@ -83,6 +83,7 @@ const bool kHasAvx2 = kIsa >= 1;
 const bool kHasAvx512 = kIsa >= 2;
 const bool kHasAvx512Bf16 = kIsa >= 3;
 const bool kHasAmxBf16 = kIsa >= 4;
+const bool kIsaCapped = std::getenv("RNNFAST_CPU_ISA") != nullptr;
 
 int64_t l2_bytes() {
   static const int64_t bytes = [] {

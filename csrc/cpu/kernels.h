@@ -84,6 +84,9 @@ extern const bool kHasAvx512;
 extern const bool kHasAvx512Bf16;
 // ... and AMX-BF16 tiles, usable by this process: the bfloat16 loops' products run on them.
 extern const bool kHasAmxBf16;
+// RNNFAST_CPU_ISA is set, at any level: library paths that pick their own instructions (MKL) stay
+// off, so that a capped run tests rnnfast's own kernels.
+extern const bool kIsaCapped;
 // One core's L2 in bytes (512 KB where the system does not say): what the loops' splits and
 // slabs are sized for.
 int64_t l2_bytes();

@@ -847,7 +847,7 @@ using Sgemm = void (*)(const char*, const char*, const int64_t*, const int64_t*,
 Sgemm mkl_sgemm() {
   static const Sgemm f = []() -> Sgemm {
     __builtin_cpu_init();
-    if (!at::hasMKL() || !kHasAvx512 || !__builtin_cpu_is("intel") || std::getenv("RNNFAST_CPU_ISA") != nullptr) {
+    if (!at::hasMKL() || !kHasAvx512 || kIsaCapped || !__builtin_cpu_is("intel")) {
       return nullptr;
     }
     void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // torch's own MKL, not another BLAS
@@ -1302,18 +1302,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // keep both operands in L2, the strided operand the narrower one
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
       const Sgemm sgemm = low ? nullptr : mkl_sgemm();
-      if constexpr (!low) {
-        const float one = 1.0f;
-        const int64_t n_cols = cols.cnt, ldc = GH;
-        if (sgemm != nullptr && n_cols > 0) {
-          sgemm("N", "T", &n_cols, &I, &rows, &one, b_gi + cols.u0, &ld_g, a_x, &I, &one, dw_ih_p + cols.u0, &ldc);
-          sgemm("N", "T", &n_cols, &H, &rows, &one, b_gh + cols.u0, &ld_g, a_h, &H, &one, dw_hh_p + cols.u0, &ldc);
+      if (sgemm != nullptr) {
+        if constexpr (!low) {
+          const float one = 1.0f;
+          const int64_t n_cols = cols.cnt, ldc = GH;
+          if (n_cols > 0) {
+            sgemm("N", "T", &n_cols, &I, &rows, &one, b_gi + cols.u0, &ld_g, a_x, &I, &one, dw_ih_p + cols.u0, &ldc);
+            sgemm("N", "T", &n_cols, &H, &rows, &one, b_gh + cols.u0, &ld_g, a_h, &H, &one, dw_hh_p + cols.u0, &ldc);
+          }
         }
-      }
-      for (int64_t k = 0; sgemm == nullptr && k < rows; k += kSumRows) {
-        const int64_t kb = std::min(kSumRows, rows - k);
-        gemm(direct(b_gi + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
-        gemm(direct(b_gh + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
+      } else {
+        for (int64_t k = 0; k < rows; k += kSumRows) {
+          const int64_t kb = std::min(kSumRows, rows - k);
+          gemm(direct(b_gi + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
+          gemm(direct(b_gh + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
+        }
       }
 #pragma omp barrier
     }
