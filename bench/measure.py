@@ -4,7 +4,8 @@ Timer: each provider's step is calibrated to a batch of calls lasting about
 ``min_seconds``; then rounds run every provider's batch once, in turn, so machine
 noise hits them alike (the CPU is shared and noisy). On CPU a batch is timed with
 ``perf_counter``, on GPU with CUDA events. A provider's p20/p50/p80 are over its
-rounds' per-call times.
+rounds' per-call times; its speed-up over torch.nn is the median of the per-round
+ratios (``paired_speedup``).
 
 Peak memory of one call: on GPU ``torch.cuda.max_memory_allocated`` during the call,
 minus what was allocated before it; on CPU the peak of torch's CPU allocator during
@@ -61,6 +62,16 @@ def keep_freed_memory() -> str:
     if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and mallopt(M_TOP_PAD, 64 << 20)):
         return "default (mallopt refused)"
     return "glibc malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB, M_TOP_PAD 64 MiB)"
+
+
+def paired_speedup(base: list[float], other: list[float]) -> dict:
+    """The speed-up of ``other`` over ``base`` from their batches in the same rounds: the p20/p50/p80 of
+    the per-round ratios base / other. A round's two batches run seconds apart, so a change in the
+    machine's speed over minutes (up to 1.5x on the 2-vCPU KVM Xeons) divides out of each ratio, where
+    it stays in the ratio of the two medians taken over all rounds."""
+    ratios = np.asarray(base[: len(other)]) / np.asarray(other[: len(base)])
+    p20, p50, p80 = (float(v) for v in np.percentile(ratios, [20, 50, 80]))
+    return {"speedup": p50, "speedup_p20": p20, "speedup_p80": p80, "paired_rounds": len(ratios)}
 
 
 def time_batch(step: Step, calls: int, device: str) -> float:
@@ -168,6 +179,8 @@ def run_case(case: Case, providers: list[Provider], device: str, repeats: int, m
         if name not in built:
             continue
         p20, p50, p80 = (float(v) * 1e3 for v in np.percentile(samples[name], [20, 50, 80]))
+        if "torch" in samples and name != "torch":
+            row.update(paired_speedup(samples["torch"], samples[name]))
         mem, how = peak_memory(built[name].step, device) if name != "onnxruntime" else \
             (None, "not measured (ONNX Runtime's own allocator)")
         row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80, tokens_per_s=case.tokens / (p50 / 1e3),
@@ -250,8 +263,7 @@ def run_grid(grid: list[Case], providers: list[Provider], device: str, repeats: 
                 if r.get("setup_s", 0) > max_setup_s:
                     dropped[r["provider"]] = f"its setup took {r['setup_s']:.0f}s on {case.label} ({case.dtype})"
             rows += case_rows
-            base = next((r["p50_ms"] for r in case_rows if r["provider"] == "torch" and r["status"] == "ok"), None)
-            cells = [f"{r['provider']} {r['p50_ms']:.3f}" + (f" ({base / r['p50_ms']:.2f}x)" if base else "")
+            cells = [f"{r['provider']} {r['p50_ms']:.3f}" + (f" ({r['speedup']:.2f}x)" if "speedup" in r else "")
                      if r["status"] == "ok" else f"{r['provider']} {r['status']}" for r in case_rows]
             log(f"[{k + 1}/{len(grid)} {time.monotonic() - t_start:5.0f}s] {case.dtype} {case.label} ms: "
                 + ", ".join(cells))

@@ -169,8 +169,9 @@ def markdown(env: dict, providers: dict, rows: list[dict], base: Optional[str] =
            f"({env['cpu_count']} CPUs), torch {env['torch']}{gpu}, {versions}."
            + "".join(f" rnnfast's {d} products: {isa}." for d, isa in env.get("rnnfast_products", {}).items())
            + (f" Host allocator: {env['allocator']}." if "allocator" in env else ""), "",
-           "Each cell: median ms (speed-up over torch.nn at the same dtype: torch ms / provider ms, >1 faster). "
-           "Timing: interleaved rounds of calibrated batches of calls; p20-p80 in the JSON. "
+           "Each cell: median ms (speed-up over torch.nn at the same dtype, >1 faster: the median over rounds "
+           "of torch's time / the provider's time in the same round). "
+           "Timing: interleaved rounds of calibrated batches of calls; p20-p80 of times and speed-ups in the JSON. "
            "Peak memory: what one call allocates beyond the model and input. "
            "Error: max |output - torch.nn float32 output| on the same weights and input.", "",
            "## Providers", "", "| provider | what | here |", "|---|---|---|"]
@@ -224,7 +225,10 @@ def _time_cell(r: Optional[dict], base: Optional[dict]) -> str:
         return ""
     if r["status"] != "ok":
         return r["status"]
-    ratio = f" ({base['p50_ms'] / r['p50_ms']:.2f}×)" if base and base["status"] == "ok" else ""
+    if "speedup" in r:  # paired per round (this harness since 2026-12-06)
+        ratio = f" ({r['speedup']:.2f}×)"
+    else:  # torch.nn's own cell, and older files: the ratio of the two medians
+        ratio = f" ({base['p50_ms'] / r['p50_ms']:.2f}×)" if base and base["status"] == "ok" else ""
     return f"{r['p50_ms']:.3f}{ratio}"
 
 

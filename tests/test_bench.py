@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import rnnfast
@@ -63,6 +64,11 @@ def test_every_cpu_provider_appears_timed_or_with_a_reason(tiny_run):
         # float32 providers on torch's weights match torch.nn; bfloat16 and int8 within their precision
         if r["max_abs_err"] is not None:
             assert r["max_abs_err"] < (1e-4 if r["dtype"] == "float32" and "int8" not in r["provider"] else 0.1), r
+    # every provider timed beside torch.nn carries its speed-up paired per round, shown in the report
+    torch_ok = {(r["label"], r["dtype"]) for r in rows if r["provider"] == "torch" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] == "ok" and r["provider"] != "torch" and (r["label"], r["dtype"]) in torch_ok:
+            assert 0 < r["speedup_p20"] <= r["speedup"] <= r["speedup_p80"] and r["paired_rounds"] >= 3, r
     # the int8 providers really quantize (their output differs from float32)
     assert all(r["max_abs_err"] > 0 for r in rows if "int8" in r["provider"] and r["status"] == "ok")
     # a training step allocates what backward needs: more than nothing
@@ -78,6 +84,17 @@ def test_report_plots_and_base(tiny_run):
     pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
     assert pngs == [], "the tiny grid has no sweep of 3 sizes: no plot expected"
     assert "Change against an earlier run" in report and "2026-11 cpu" in stdout
+
+
+def test_paired_speedup_divides_out_the_machines_drift():
+    from bench.measure import paired_speedup
+
+    drift = np.array([1.0] * 4 + [1.5] * 5)  # the host slows down 1.5x after four rounds
+    torch_s, fast_s = list(0.010 * drift), list(0.008 * drift[:7])  # fewer rounds for one: paired on 7
+    got = paired_speedup(torch_s, fast_s)
+    assert got["speedup_p20"] == pytest.approx(1.25) and got["speedup_p80"] == pytest.approx(1.25)
+    assert got["speedup"] == pytest.approx(1.25) and got["paired_rounds"] == 7
+    assert np.median(torch_s) / np.median(fast_s) == pytest.approx(1.875)  # the two medians alone: off
 
 
 def test_old_results_files_load():
