@@ -167,7 +167,7 @@ def test_narrower_kernel_builds(isa):
     """CPUs without AVX-512 run the fused loop on AVX2 registers (tile_avx2), CPUs without AVX2 the
     stepwise loop, each with its build of the gate kernels: the same parity, checked here by capping
     the kernels this machine picks (RNNFAST_CPU_ISA); isa-rows fills whole row tiles each step. Any
-    cap also keeps the float32 weight gradients off MKL (mkl_sgemm): "avx512" runs them on the AVX-512
+    cap also keeps the float32 weight gradients off MKL (mkl()): "avx512" runs them on the AVX-512
     tile products, as on AMD CPUs, where this machine is an Intel one."""
     script = textwrap.dedent(f"""
         import sys
@@ -200,6 +200,31 @@ def test_any_thread_count(family, threads):
     """The fused loop splits hidden units by whole panels; odd thread counts leave uneven shares."""
     with num_threads(threads):
         check_layer(family, Case("threads", dict(bidirectional=True), I=11, H=70, T=6, B=13, packed="unsorted"), "cpu")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two threads need two CPUs")
+def test_two_threads_no_slower_than_one_on_a_small_training_step():
+    """A small LSTM (T100 B4 H32: one panel a thread, split by units) trains about as fast on two
+    threads as on one. MKL's weight-gradient calls, left to split themselves inside the loop's
+    threads, had made two threads 8x slower than one on Intel CPUs (mkl() in recurrent.cpp)."""
+    import time
+
+    lstm = rnnfast.LSTM(32, 32, backend="cpu")
+    x = torch.randn(100, 4, 32, requires_grad=True)
+
+    def step_s(threads):
+        with num_threads(threads):
+            t0 = time.perf_counter()
+            lstm(x)[0].sum().backward()
+            return time.perf_counter() - t0
+
+    step_s(1), step_s(2)
+    times = {1: [], 2: []}
+    for _ in range(15):
+        for n in times:
+            times[n].append(step_s(n))
+    one, two = (sorted(v)[len(v) // 2] for v in times.values())
+    assert two < 2.5 * one, f"2 threads {two * 1e3:.2f} ms, 1 thread {one * 1e3:.2f} ms"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

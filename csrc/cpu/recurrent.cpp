@@ -4,7 +4,7 @@
 // Every product is one register-blocked tile kernel (6 rows x 64 columns, 24 zmm
 // accumulators; 6 x 16 in 12 ymm on AVX2) over weights packed once into panels and cached
 // until they change; bfloat16 products run on AMX tiles instead where the CPU has them (gemm_amx),
-// and the float32 weight gradients through MKL's sgemm on Intel CPUs where torch has MKL (mkl_sgemm).
+// and the float32 weight gradients through MKL's sgemm on Intel CPUs where torch has MKL (mkl).
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
@@ -836,24 +836,28 @@ constexpr int64_t kSumRows = 256;
 
 // MKL's sgemm where torch is built with MKL (whose libraries export its ILP64 Fortran sgemm_64), the
 // CPU is Intel's and RNNFAST_CPU_ISA caps nothing; else null. The float32 weight gradients take it,
-// each thread on its columns (inside a parallel region MKL runs on the calling thread): in the loop
-// it ran them in about 90 ms where the tile products took 118 (LSTM T100 B64 H512 training on a
-// 2 MB L2 Xeon; the whole step 1.13x, H1024 B16 1.36x, H256 1.03-1.12x; with the dh slabs 1.16x
-// and 1.27x, bench/results/2026-12-06-cpu-f32-backward-ab.md). MKL takes slower paths on AMD
-// CPUs (matmul_nt prefers oneDNN for that): the tile products stay there.
+// each thread on its columns: in the loop it ran them in about 90 ms where the tile products took
+// 118 (LSTM T100 B64 H512 training on a 2 MB L2 Xeon; the whole step 1.13x, H1024 B16 1.36x, H256
+// 1.03-1.12x; with the dh slabs 1.16x and 1.27x, bench/results/2026-12-06-cpu-f32-backward-ab.md).
+// MKL takes slower paths on AMD CPUs (matmul_nt prefers oneDNN for that): the tile products stay there.
 using Sgemm = void (*)(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const float*,
                        const float*, const int64_t*, const float*, const int64_t*, const float*, float*,
                        const int64_t*);
-Sgemm mkl_sgemm() {
-  static const Sgemm f = []() -> Sgemm {
+struct Mkl {
+  Sgemm sgemm = nullptr;
+  int (*set_local_threads)(int) = nullptr;  // MKL_Set_Num_Threads_Local: returns the setting it replaces
+};
+const Mkl& mkl() {
+  static const Mkl m = [] {
     __builtin_cpu_init();
-    if (!at::hasMKL() || !kHasAvx512 || kIsaCapped || !__builtin_cpu_is("intel")) {
-      return nullptr;
-    }
+    if (!at::hasMKL() || !kHasAvx512 || kIsaCapped || !__builtin_cpu_is("intel")) return Mkl{};
     void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // torch's own MKL, not another BLAS
-    return torch_cpu != nullptr ? reinterpret_cast<Sgemm>(dlsym(torch_cpu, "sgemm_64")) : nullptr;
+    if (torch_cpu == nullptr) return Mkl{};
+    Mkl found{reinterpret_cast<Sgemm>(dlsym(torch_cpu, "sgemm_64")),
+              reinterpret_cast<int (*)(int)>(dlsym(torch_cpu, "MKL_Set_Num_Threads_Local"))};
+    return found.sgemm != nullptr && found.set_local_threads != nullptr ? found : Mkl{};
   }();
-  return f;
+  return m;
 }
 
 // Steps per chunk, about `rows` rows: the forward's input projection 256 at a time, so that
@@ -1301,14 +1305,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // MKL where it is fast (column-major, its C is the sums' columns), else in blocks of rows that
       // keep both operands in L2, the strided operand the narrower one
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
-      const Sgemm sgemm = low ? nullptr : mkl_sgemm();
-      if (sgemm != nullptr) {
+      const Mkl& m = mkl();
+      if (!low && m.sgemm != nullptr) {
         if constexpr (!low) {
           const float one = 1.0f;
           const int64_t n_cols = cols.cnt, ldc = GH;
           if (n_cols > 0) {
-            sgemm("N", "T", &n_cols, &I, &rows, &one, b_gi + cols.u0, &ld_g, a_x, &I, &one, dw_ih_p + cols.u0, &ldc);
-            sgemm("N", "T", &n_cols, &H, &rows, &one, b_gh + cols.u0, &ld_g, a_h, &H, &one, dw_hh_p + cols.u0, &ldc);
+            // each call on its own thread alone: left to split them, MKL ran our two threads' calls
+            // 8x slower than one thread's (LSTM T100 B4 H32 training 6.3 -> 0.8 ms, T1000 B4 H64
+            // 2.3x; 2 threads, KVM Xeon), though no new thread appeared
+            const int was = m.set_local_threads(1);
+            m.sgemm("N", "T", &n_cols, &I, &rows, &one, b_gi + cols.u0, &ld_g, a_x, &I, &one, dw_ih_p + cols.u0, &ldc);
+            m.sgemm("N", "T", &n_cols, &H, &rows, &one, b_gh + cols.u0, &ld_g, a_h, &H, &one, dw_hh_p + cols.u0, &ldc);
+            m.set_local_threads(was);
           }
         }
       } else {
