@@ -847,6 +847,7 @@ struct Mkl {
   Sgemm sgemm = nullptr;
   int (*set_local_threads)(int) = nullptr;  // MKL_Set_Num_Threads_Local: returns the setting it replaces
 };
+constexpr Mkl kNoMkl{};
 const Mkl& mkl() {
   static const Mkl m = [] {
     __builtin_cpu_init();
@@ -1109,10 +1110,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   Tensor dx = at::empty({T, B, I}, opts);
   Tensor dh = grad_hn.to(at::kFloat, false, /*copy=*/true).contiguous();
   Tensor dc = lstm ? grad_cn.to(at::kFloat, false, /*copy=*/true).contiguous() : none;
-  // the weight gradients' float32 sums, transposed, in scratch: zeroing it costs less than the
-  // page faults of a fresh zeroed tensor (at H 256 about 5% of a bfloat16 training step)
-  Tensor dw_sums = workspace(kWeightGrads, {(I + H) * GH}).zero_();
-  Tensor dw_ih_t = dw_sums.narrow(0, 0, I * GH).view({I, GH}), dw_hh_t = dw_sums.narrow(0, I * GH, H * GH).view({H, GH});
+  // the weight gradients: through MKL (float32) straight into fresh (GH, I) and (GH, H) tensors,
+  // which the first chunk writes and the others add to; else their float32 sums, transposed, in
+  // scratch, zeroed (which costs less than the page faults of a fresh zeroed tensor: at H 256 about
+  // 5% of a bfloat16 training step), then transposed out. Without the zeroing and the transposes a
+  // cell's training step (T 1) ran 1.30-1.44x as fast (bench/results/2026-12-06-cpu-dw-layout-ab.md).
+  const Mkl& mkl_dw = low ? kNoMkl : mkl();
+  Tensor dw_ih, dw_hh, dw_ih_t, dw_hh_t;
+  if (mkl_dw.sgemm != nullptr) {
+    dw_ih = T * B > 0 ? at::empty({GH, I}, fopts) : at::zeros({GH, I}, fopts);
+    dw_hh = T * B > 0 ? at::empty({GH, H}, fopts) : at::zeros({GH, H}, fopts);
+  } else {
+    Tensor dw_sums = workspace(kWeightGrads, {(I + H) * GH}).zero_();
+    dw_ih_t = dw_sums.narrow(0, 0, I * GH).view({I, GH});
+    dw_hh_t = dw_sums.narrow(0, I * GH, H * GH).view({H, GH});
+  }
   Tensor db_i = at::zeros({GH}, fopts), db_h = gru ? at::zeros({GH}, fopts) : db_i;
   auto grads = [&]() -> std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> {
     const auto wt = w_ih.scalar_type();
@@ -1120,7 +1132,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     const Tensor db_hh = !has_bias ? none : gru ? db_h.to(wt) : db_ih.clone();
     // fresh tensors in the weights' dtypes (the sums stay in scratch)
     return {dx, dh.to(h0.scalar_type()), lstm ? dc.to(c0.scalar_type()) : none,
-            transposed(dw_ih_t, w_ih.scalar_type()), transposed(dw_hh_t, w_hh.scalar_type()),
+            dw_ih.defined() ? dw_ih.to(w_ih.scalar_type()) : transposed(dw_ih_t, w_ih.scalar_type()),
+            dw_hh.defined() ? dw_hh.to(w_hh.scalar_type()) : transposed(dw_hh_t, w_hh.scalar_type()),
             db_ih, db_hh};
   };
   if (B == 0) return grads();
@@ -1170,8 +1183,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const float* const c0_p = lstm ? c0_f.data_ptr<float>() : nullptr;
   const E* const x_p = x.data_ptr<E>();
   E* const dx_p = dx.data_ptr<E>();
-  float* const dw_ih_p = dw_ih_t.data_ptr<float>();
-  float* const dw_hh_p = dw_hh_t.data_ptr<float>();
+  float* const dw_ih_p = (dw_ih.defined() ? dw_ih : dw_ih_t).data_ptr<float>();
+  float* const dw_hh_p = (dw_hh.defined() ? dw_hh : dw_hh_t).data_ptr<float>();
   float* const scratch_p = low ? scratch.data_ptr<float>() : nullptr;
   E* const pairs_x = low ? pairs.data_ptr<E>() : nullptr;
   E* const pairs_h = low ? pairs_x + pair_rows * I : nullptr;
@@ -1301,23 +1314,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       const E* const b_gi = low ? pairs_gi : dgi_rows.data;
       const E* const b_gh = low ? pairs_gh : dgh_rows.data;
       const int64_t ld_g = low ? GH : ldg;  // pairs are packed, the gate gradients' rows padded
-      // the weight gradients transposed, x^T dgi and h_prev^T dgh, by this thread's columns: through
-      // MKL where it is fast (column-major, its C is the sums' columns), else in blocks of rows that
-      // keep both operands in L2, the strided operand the narrower one
+      // the weight gradients, dgi^T x and dgh^T h_prev, by this thread's columns of the gate
+      // gradients: through MKL (its column-major C is their rows, beta 0 on the first chunk), else
+      // transposed, in blocks of rows that keep both operands in L2, the strided operand the narrower
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
-      const Mkl& m = mkl();
-      if (!low && m.sgemm != nullptr) {
-        if constexpr (!low) {
-          const float one = 1.0f;
-          const int64_t n_cols = cols.cnt, ldc = GH;
-          if (n_cols > 0) {
+      if (mkl_dw.sgemm != nullptr) {
+        if constexpr (!low) {  // (bfloat16 has kNoMkl)
+          const float one = 1.0f, beta = k0 == 0 ? 0.0f : 1.0f;
+          const int64_t u0 = cols.u0, cnt = cols.cnt;
+          if (cnt > 0) {
             // each call on its own thread alone: left to split them, MKL ran our two threads' calls
             // 8x slower than one thread's (LSTM T100 B4 H32 training 6.3 -> 0.8 ms, T1000 B4 H64
             // 2.3x; 2 threads, KVM Xeon), though no new thread appeared
-            const int was = m.set_local_threads(1);
-            m.sgemm("N", "T", &n_cols, &I, &rows, &one, b_gi + cols.u0, &ld_g, a_x, &I, &one, dw_ih_p + cols.u0, &ldc);
-            m.sgemm("N", "T", &n_cols, &H, &rows, &one, b_gh + cols.u0, &ld_g, a_h, &H, &one, dw_hh_p + cols.u0, &ldc);
-            m.set_local_threads(was);
+            const int was = mkl_dw.set_local_threads(1);
+            mkl_dw.sgemm("N", "T", &I, &cnt, &rows, &one, a_x, &I, b_gi + u0, &ld_g, &beta, dw_ih_p + u0 * I, &I);
+            mkl_dw.sgemm("N", "T", &H, &cnt, &rows, &one, a_h, &H, b_gh + u0, &ld_g, &beta, dw_hh_p + u0 * H, &H);
+            mkl_dw.set_local_threads(was);
           }
         }
       } else {
