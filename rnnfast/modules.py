@@ -315,6 +315,9 @@ class _Cell(_BackendChoice):
         """Same inputs and outputs as the torch.nn cell's ``forward``."""
         if capturing():  # as for the layers
             return super().forward(input, hx)
+        plain = self._plain_step(input, hx)
+        if plain is not None:
+            return plain
         mode = self._mode()
         input, hx, autocast_dtype, products = _autocast(mode, True, input, hx)
         name = type(self).__name__
@@ -347,6 +350,35 @@ class _Cell(_BackendChoice):
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
         return (h, c) if mode == "LSTM" else h
+
+    def _plain_step(self, input, hx):
+        """The common call straight to the backend, or None for anything else (the full forward then
+        checks it and raises as torch.nn does): a 2-D CPU tensor of the cell's input size, hx None, a
+        tensor, or for LSTMCell a tuple of two, each (B, hidden) on the CPU in the input's dtype, the
+        weights in that dtype, no autocast. A cell's step is short: the full forward's casts and
+        checks cost about as much Python as a B8 H256 step's products take."""
+        if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or input.size(1) != self.input_size
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        mode = self._mode()
+        lstm = mode == "LSTM"
+        shape = (input.size(0), self.hidden_size)
+        if hx is None:
+            zeros = input.new_zeros(shape)
+            states = (zeros, zeros) if lstm else (zeros,)
+        elif lstm and (type(hx) is not tuple or len(hx) != 2):
+            return None
+        else:
+            states = hx if lstm else (hx,)
+        if any(type(s) is not Tensor or s.shape != shape or s.dtype != input.dtype or not s.is_cpu for s in states):
+            return None
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once
+        if weights[0].dtype != input.dtype:
+            return None
+        spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+        h, c = resolve(self._backend, spec, input, False).cell(mode, input, states[0], states[-1] if lstm else None,
+                                                              *weights)
+        return (h, c) if lstm else h
 
     def _check_step(self, input: Tensor, states: tuple[Tensor, ...], weight_dtype: torch.dtype,
                     autocast: bool) -> None:

@@ -119,8 +119,8 @@ def test_fake_kernels_match_the_operators(name, dtype, packed, grad):
     model = rnnfast.convert(FAKE_CASES[name](), backend="cpu")
     if dtype in ("float64", "bfloat16"):
         model = model.to(getattr(torch, dtype))
-    # T = 20: past the whole-stack decode (not an operator) for float64 too
-    x = torch.randn((3, 5) if cell else (20, 3, 5), dtype=next(model.parameters()).dtype)
+    # T = 20, and B = 9 for cells: past the decode path (not an operator) for float64 too
+    x = torch.randn((9, 5) if cell else (20, 3, 5), dtype=next(model.parameters()).dtype)
     if packed:
         x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([20, 4, 1]), enforce_sorted=False)
     recorder = _RecordOps()

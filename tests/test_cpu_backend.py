@@ -63,6 +63,24 @@ def test_decode_path_matches_torch(family, kwargs, T, B, dtype, decode_calls):
     assert len(decode_calls) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("family, kwargs", [("LSTMCell", {}), ("GRUCell", dict(bias=False)),
+                                            ("RNNCell", dict(nonlinearity="relu"))], ids=["lstm", "gru-nobias", "relu"])
+@pytest.mark.parametrize("B", [1, 2, 9])
+def test_cells_decode_one_or_two_rows(family, kwargs, B, dtype, decode_calls):
+    """A cell's inference step on one or two rows (float64: up to 8) takes the decode path, as a
+    layer's short calls do; the state carried from step to step, hx None at first, then given."""
+    ref, ours = twins(family, "cpu", 19, 40, dtype=dtype, **kwargs)
+    x = torch.randn(3, B, 19, dtype=dtype)
+    state_ref = state_ours = None
+    with torch.no_grad():
+        for t in range(3):
+            state_ref, state_ours = ref(x[t], state_ref), ours(x[t], state_ours)
+            assert_same(state_ours, state_ref, dtype)
+    takes = B <= 2 or (dtype == torch.float64 and B <= 8)
+    assert len(decode_calls) == (3 if takes else 0)
+
+
 def test_decode_path_not_taken_with_grad(decode_calls):
     _, ours = twins("LSTM", "cpu", 8, 16)
     out, _ = ours(torch.randn(1, 1, 8))

@@ -722,7 +722,9 @@ int64_t threads_for(const Panels<E>& p) {
 // 2 rows a thread (by rows took 1.13x its time at B4) and where W_hh outgrew L2 (1.21x at float32
 // H1024 B8, 1.07x at H512 B16). On AMX tiles (16 rows) by units stayed ahead up to 8 rows a thread
 // (2-core Xeon, bfloat16 LSTM H256 inference B8 1.42x vs 0.87x torch.nn, B16 1.10x vs 0.91x) and
-// fell behind from 12 (B24 0.99x vs 1.27x, B32 H128 1.14x vs 1.98x).
+// fell behind from 12 (B24 0.99x vs 1.27x, B32 H128 1.14x vs 1.98x). A single step (a cell's) goes
+// by units: it has its one barrier either way, and each thread then reads half of the weights
+// (LSTMCell B8 H256 inference 1.39x, training 1.08x; GRUCell 1.27x, 1.09x; 2-core Xeon).
 struct Split {
   bool by_rows;
   int64_t threads;  // threads to start
@@ -733,9 +735,9 @@ struct Split {
   };
 
   template <typename E>
-  Split(const Panels<E>& p, int64_t B) {
+  Split(const Panels<E>& p, int64_t B, int64_t T) {
     const int64_t nt = at::get_num_threads(), min_rows = std::is_same_v<E, BF16> && kHasAmxBf16 ? 12 : 3;
-    by_rows = nt > 1 && B >= min_rows * nt && p.NB * p.pstride * int64_t(sizeof(E)) <= l2_bytes();
+    by_rows = nt > 1 && B >= min_rows * nt && p.NB * p.pstride * int64_t(sizeof(E)) <= l2_bytes() && T > 1;
     threads = by_rows ? std::min(nt, B) : threads_for(p);
   }
 
@@ -908,7 +910,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B, kForwardChunkRows);
-  const Split split(p, B);
+  const Split split(p, B, T);
   const bool by_rows = split.by_rows;
   const int64_t nt = split.threads;
   const Walk walk{T, reverse};
@@ -1151,7 +1153,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
                                                [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); })
                              : direct(w_ih_c.data_ptr<E>(), GH, I, I);
   const int64_t RB = block_rows(p), TC = chunk_steps(T, B, kBackwardChunkRows);
-  const Split split(p, B);
+  const Split split(p, B, T);
   const bool by_rows = split.by_rows;
   const int64_t nt_max = split.threads;
   // by rows, each thread sums its rows' bias gradients apart (i, and h for GRU), added up at the end
