@@ -16,10 +16,12 @@ class Case:
     ``mode``: ``fwd`` (a forward without autograd), ``fwdbwd`` (forward and
     backward) or ``decode`` (one step, T=1, state carried from the previous
     step). ``dtype`` is the activations' precision: a provider runs a bfloat16
-    case in its own bfloat16 way (a cast module, or autocast).
+    case in its own bfloat16 way (a cast module, or autocast). A cell's case
+    (``LSTMCell``, ...) is T calls of the cell in a Python loop, the state carried,
+    as a decoder with attention steps one.
     """
 
-    family: str  # "LSTM", "GRU" or "RNN"
+    family: str  # "LSTM", "GRU" or "RNN", or a cell: "LSTMCell", "GRUCell" or "RNNCell"
     mode: str
     T: int
     B: int
@@ -38,6 +40,10 @@ class Case:
         return f"{self.family} {self.mode} {shape}"
 
     @property
+    def cell(self) -> bool:
+        return self.family.endswith("Cell")
+
+    @property
     def tokens(self) -> int:
         """Sequence elements one call processes (T * B)."""
         return self.T * self.B
@@ -47,7 +53,7 @@ class Case:
         """The GEMM work of one call: 2 G H (I + H) per row and step of the first layer (G: 4 gates
         for LSTM, 3 for GRU, 1 for RNN), 2 G H (2 H) per later layer; a forward + backward is 3 times
         the forward (dx and dh, then the weight gradients). The gate math is left out."""
-        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[self.family]
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[self.family.removesuffix("Cell")]
         per_row = 2 * gates * self.H * ((self.I + self.H) + (self.layers - 1) * 2 * self.H)
         return self.T * self.B * per_row * (3 if self.mode == "fwdbwd" else 1)
 
@@ -85,23 +91,28 @@ def cpu_grid() -> list[Case]:
         Case("GRU", "decode", 1, 1, 256, 256),
         Case("LSTM", "decode", 1, 1, 1024, 1024),
     ]
+    # added 2026-12-06: cells, 10 steps of a Python loop
+    cells = [("LSTMCell", 10, 8, 256, 256, 1), ("GRUCell", 10, 8, 256, 256, 1), ("RNNCell", 10, 32, 256, 256, 1),
+             ("LSTMCell", 10, 1, 128, 128, 1)]
     bf16 = [shapes[i] for i in (0, 1, 3, 5, 8)]  # LSTM and GRU B64 H256; LSTM B32 H128, B8 H256, 2 layers
-    return (_both_modes(shapes) + decode + _both_modes(bf16, "bfloat16")
+    return (_both_modes(shapes) + decode + _both_modes(cells) + _both_modes(bf16, "bfloat16")
             + [Case("LSTM", "decode", 1, 1, 512, 512, 2, "bfloat16")])
 
 
 def quick_grid() -> list[Case]:
     """Small shapes touching every mode, dtype and provider, with 3-point sweeps for the plots."""
     return (_both_modes([("LSTM", 20, 1, 32, 32, 1), ("LSTM", 20, 8, 32, 32, 1), ("LSTM", 20, 32, 32, 32, 1),
-                         ("LSTM", 20, 8, 16, 16, 1), ("LSTM", 20, 8, 64, 64, 1), ("GRU", 20, 8, 32, 32, 1)])
+                         ("LSTM", 20, 8, 16, 16, 1), ("LSTM", 20, 8, 64, 64, 1), ("GRU", 20, 8, 32, 32, 1),
+                         ("LSTMCell", 5, 8, 32, 32, 1)])
             + [Case("LSTM", "decode", 1, 1, 64, 64, 2), Case("GRU", "decode", 1, 1, 64, 64)]
             + _both_modes([("LSTM", 20, 8, 32, 32, 1)], "bfloat16", ("fwd",)))
 
 
 def tiny_grid() -> list[Case]:
-    """The CI smoke test's grid: one case per mode, one bfloat16 case."""
+    """The CI smoke test's grid: one case per mode, a cell's, one bfloat16 case."""
     return [Case("LSTM", "fwd", 4, 2, 8, 8), Case("GRU", "fwdbwd", 4, 2, 8, 8),
-            Case("LSTM", "decode", 1, 1, 8, 8, 2), Case("LSTM", "fwd", 4, 2, 8, 8, 1, "bfloat16")]
+            Case("LSTM", "decode", 1, 1, 8, 8, 2), Case("LSTMCell", "fwdbwd", 3, 2, 8, 8),
+            Case("LSTM", "fwd", 4, 2, 8, 8, 1, "bfloat16")]
 
 
 def gpu_grid() -> list[Case]:

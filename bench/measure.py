@@ -22,7 +22,7 @@ import ctypes.util
 import math
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -33,7 +33,7 @@ import rnnfast
 from rnnfast.backend import BackendFallbackWarning
 
 from .cases import Case
-from .providers import Built, Inputs, Provider, Unsupported
+from .providers import Built, Inputs, Provider, Unsupported, module_step
 
 Step = Callable[[], Any]
 
@@ -135,12 +135,13 @@ def run_case(case: Case, providers: list[Provider], device: str, repeats: int, m
              max_provider_s: float = 12.0) -> list[dict]:
     """One result row per provider in scope for ``case`` (timed, or with the reason it is not)."""
     torch.manual_seed(0)
-    ref = getattr(torch.nn, case.family)(case.I, case.H, num_layers=case.layers).to(device)
+    layers = {} if case.cell else {"num_layers": case.layers}
+    ref = getattr(torch.nn, case.family)(case.I, case.H, **layers).to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(case.T, case.B, case.I, generator=g).to(device)
     inputs = Inputs(x, torch.randn(case.T, case.B, case.H, generator=g).to(device))
     with torch.no_grad():
-        expected = ref(x)[0]
+        expected = module_step(ref, replace(case, mode="fwd"), inputs, torch.float32)()
     rows, built = [], {}
     for p in providers:
         if not p.applies(case):

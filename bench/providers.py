@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import rnnfast
-from rnnfast.backend import get_backend
+from rnnfast.backend import RNNSpec, get_backend
 
 from .cases import Case
 
@@ -57,22 +57,24 @@ def module_step(module: nn.Module, case: Case, inputs: Inputs, dtype: torch.dtyp
     """One unit of ``case`` on a module with torch.nn's call convention, under ``context``.
 
     fwd: a forward without autograd; fwdbwd: forward and backward from a fixed output
-    gradient; decode: one step from the previous step's state (zeros on the first).
+    gradient; decode: one step from the previous step's state (zeros on the first). A cell
+    steps through x in a Python loop, its output the states stacked.
     """
     x = inputs.x.to(dtype)
+    call = _stepping(module) if case.cell else module
     if case.mode == "decode":
         state: list = [None]
 
         def decode() -> Tensor:
             with torch.no_grad(), context():
-                out, state[0] = module(x, state[0])
+                out, state[0] = call(x, state[0])
             return out
 
         return decode
     if case.mode == "fwd":
         def fwd() -> Tensor:
             with torch.no_grad(), context():
-                return module(x)[0]
+                return call(x)[0]
 
         return fwd
     xg = x.clone().requires_grad_()
@@ -84,13 +86,26 @@ def module_step(module: nn.Module, case: Case, inputs: Inputs, dtype: torch.dtyp
             p.grad = None
         xg.grad = None
         with context():
-            out = module(xg)[0]
+            out = call(xg)[0]
         if out.dtype not in grads:  # the output dtype depends on the provider (autocast): cast once
             grads[out.dtype] = inputs.grad_out.to(out.dtype)
         out.backward(grads[out.dtype])
         return out
 
     return fwdbwd
+
+
+def _stepping(cell: nn.Module) -> Callable:
+    """A cell as a layer: ``(x, None) -> (the states stacked, last state)``, one call a step."""
+
+    def run(x: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
+        outs = []
+        for x_t in x:
+            hx = cell(x_t, hx)
+            outs.append(hx[0] if isinstance(hx, tuple) else hx)
+        return torch.stack(outs), hx
+
+    return run
 
 
 class Provider:
@@ -100,10 +115,11 @@ class Provider:
     what = ""  # one line for the report
     dtypes: tuple = ("float32", "bfloat16")
     modes: tuple = ("fwd", "fwdbwd", "decode")
+    cells = True  # whether it runs the cells' cases
 
     def applies(self, case: Case) -> bool:
         """Whether the case is in this provider's scope by design (no row at all when not)."""
-        return case.dtype in self.dtypes and case.mode in self.modes
+        return case.dtype in self.dtypes and case.mode in self.modes and (self.cells or not case.cell)
 
     def unavailable(self) -> Optional[str]:
         """``None`` when the provider can run here, else why not (reported once per run)."""
@@ -158,32 +174,33 @@ class TorchInt8(Provider):
     def build(self, case: Case, ref: nn.Module, inputs: Inputs) -> Built:
         if case.family == "RNN":
             raise Unsupported("torch's quantize_dynamic does not quantize nn.RNN")
-        m = _quantized(torch.ao.quantization.quantize_dynamic, ref, {nn.LSTM, nn.GRU})
+        m = _quantized(torch.ao.quantization.quantize_dynamic, ref,
+                       {nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell})
         return Built(module_step(m, case, inputs, torch.float32),
                      f"quantized engine {torch.backends.quantized.engine}")
 
 
 @contextlib.contextmanager
 def _record_backends(names: list[str]) -> Any:
-    """Record the rnnfast backends whose ``rnn`` runs inside the block (patched on the instances)."""
+    """Record the rnnfast backends whose ``rnn`` or ``cell`` runs inside the block (patched on the instances)."""
     seen: list[str] = []
     patched = []
     for n in names:
         b = get_backend(n)
         if b.unavailable_reason() is not None:
             continue
+        for method in ("rnn", "cell"):
+            def wrapper(*args, _b=b, _orig=getattr(b, method), **kwargs):
+                seen.append(_b.name)
+                return _orig(*args, **kwargs)
 
-        def wrapper(*args, _b=b, _orig=b.rnn, **kwargs):
-            seen.append(_b.name)
-            return _orig(*args, **kwargs)
-
-        b.rnn = wrapper
+            setattr(b, method, wrapper)
         patched.append(b)
     try:
         yield seen
     finally:
         for b in patched:
-            del b.rnn
+            del b.rnn, b.cell
 
 
 def _built_recording(step: Callable[[], Any], suffix: str = "") -> Built:
@@ -194,9 +211,10 @@ def _built_recording(step: Callable[[], Any], suffix: str = "") -> Built:
 
 
 def _rnnfast_module(case: Case, ref: nn.Module, backend: str) -> nn.Module:
-    m = getattr(rnnfast, case.family)(case.I, case.H, num_layers=case.layers, backend=backend)
+    layers = {} if case.cell else {"num_layers": case.layers}
+    m = getattr(rnnfast, case.family)(case.I, case.H, backend=backend, **layers)
     m.load_state_dict(ref.state_dict())
-    return m.to(ref.weight_ih_l0.device)
+    return m.to(next(ref.parameters()).device)
 
 
 class RnnfastBackend(Provider):
@@ -240,7 +258,8 @@ class RnnfastBackend(Provider):
         m.train(case.mode == "fwdbwd")
         x = inputs.x.to(dtype)
         b = get_backend(self.backend)
-        why = b.unsupported_reason(m._spec(), x, False)
+        spec = RNNSpec(mode=m._mode(), input_size=case.I, hidden_size=case.H) if case.cell else m._spec()
+        why = b.unsupported_reason(spec, x, False)
         if why is not None:
             raise Unsupported(f"falls back to reference: {why}")
         suffix = f" ({self.kernel} kernels)" if self.kernel else ""
@@ -281,6 +300,7 @@ class OnnxRuntime(Provider):
     what = "ONNX Runtime (CPU), torch.nn exported with `torch.onnx.export`, same thread count, inference only"
     dtypes = ("float32",)
     modes = INFERENCE
+    cells = False  # a cell's Python loop: no ONNX graph of its own
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
