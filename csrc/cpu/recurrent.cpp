@@ -784,10 +784,13 @@ Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kF
   return t.narrow(0, 0, numel).view(sizes);
 }
 
-// Buffers for what the forward saves for backward, recycled when autograd frees them:
-// the first touch of a fresh multi-megabyte allocation page-faults every 4 KiB, which
-// costs about as much as the arithmetic that fills it. Holds at most kPoolBytes idle.
-class SavedPool {
+// float32 buffers that leave a call (what the forward saves for backward, the weight gradients
+// MKL writes), recycled when autograd frees them: the first touch of a fresh multi-megabyte
+// allocation page-faults every 4 KiB, which costs about as much as the arithmetic that fills it
+// (with the weight gradients from here an LSTMCell B32 H256 training step ran 1.45x as fast under
+// glibc's default malloc, bench/results/2026-12-06-cpu-recycled-grads-ab.md). Holds at most
+// kPoolBytes idle.
+class RecyclingPool {
  public:
   Tensor empty(at::IntArrayRef sizes, bool zero) {
     const size_t bytes = c10::multiply_integers(sizes) * sizeof(float);
@@ -801,10 +804,12 @@ class SavedPool {
  private:
   static constexpr size_t kPoolBytes = size_t(256) << 20;
 
+  // the block of this size given back last: the likeliest to be in cache
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = idle_.find(bytes);
-    if (it == idle_.end()) return nullptr;
+    const auto same = idle_.equal_range(bytes);
+    if (same.first == same.second) return nullptr;
+    const auto it = std::prev(same.second);
     void* p = it->second;
     idle_.erase(it);
     held_ -= bytes;
@@ -828,8 +833,8 @@ class SavedPool {
   std::multimap<size_t, void*> idle_;
   size_t held_ = 0;
 };
-SavedPool& saved_pool() {
-  static SavedPool* pool = new SavedPool;  // never destroyed: deleters may run at exit
+RecyclingPool& recycling_pool() {
+  static RecyclingPool* pool = new RecyclingPool;  // never destroyed: deleters may run at exit
   return *pool;
 }
 
@@ -900,8 +905,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   Tensor out = packed ? at::zeros({T, B, H}, oopts) : at::empty({T, B, H}, oopts);
   Tensor c = lstm ? c0.to(at::kFloat).contiguous().clone() : at::empty({0}, fopts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
-  Tensor ws1 = save && (lstm || gru) ? saved_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, fopts);
-  Tensor ws2 = save && lstm ? saved_pool().empty({1, T, B, H}, packed) : at::empty({0}, fopts);
+  Tensor ws1 = save && (lstm || gru) ? recycling_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, fopts);
+  Tensor ws2 = save && lstm ? recycling_pool().empty({1, T, B, H}, packed) : at::empty({0}, fopts);
   if (B == 0) return {out, h0.clone(), c.to(h0.scalar_type()), ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
   const int64_t U = G == 1 ? 64 : 16;
@@ -1112,16 +1117,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   Tensor dx = at::empty({T, B, I}, opts);
   Tensor dh = grad_hn.to(at::kFloat, false, /*copy=*/true).contiguous();
   Tensor dc = lstm ? grad_cn.to(at::kFloat, false, /*copy=*/true).contiguous() : none;
-  // the weight gradients: through MKL (float32) straight into fresh (GH, I) and (GH, H) tensors,
-  // which the first chunk writes and the others add to; else their float32 sums, transposed, in
+  // the weight gradients: through MKL (float32) straight into (GH, I) and (GH, H) tensors from the
+  // recycling pool, which the first chunk writes and the others add to; else their float32 sums, transposed, in
   // scratch, zeroed (which costs less than the page faults of a fresh zeroed tensor: at H 256 about
   // 5% of a bfloat16 training step), then transposed out. Without the zeroing and the transposes a
   // cell's training step (T 1) ran 1.30-1.44x as fast (bench/results/2026-12-06-cpu-dw-layout-ab.md).
   const Mkl& mkl_dw = low ? kNoMkl : mkl();
   Tensor dw_ih, dw_hh, dw_ih_t, dw_hh_t;
   if (mkl_dw.sgemm != nullptr) {
-    dw_ih = T * B > 0 ? at::empty({GH, I}, fopts) : at::zeros({GH, I}, fopts);
-    dw_hh = T * B > 0 ? at::empty({GH, H}, fopts) : at::zeros({GH, H}, fopts);
+    dw_ih = recycling_pool().empty({GH, I}, T * B == 0);
+    dw_hh = recycling_pool().empty({GH, H}, T * B == 0);
   } else {
     Tensor dw_sums = workspace(kWeightGrads, {(I + H) * GH}).zero_();
     dw_ih_t = dw_sums.narrow(0, 0, I * GH).view({I, GH});
