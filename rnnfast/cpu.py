@@ -155,12 +155,14 @@ class _EagerLayer(torch.autograd.Function):
 
 
 def _layer_fwd(*args):
-    """layer_fwd: under torch.compile the operator; under torch.func transforms _Layer when autograd
-    will ask for gradients (its last argument, ``save``), else the operator; in plain eager calls
-    _EagerLayer, else the operator below autograd (which the registered autograd would only pass
-    on, at 10 us a call)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return _Layer.apply(*args) if args[-1] and not torch.compiler.is_compiling() else _ops.layer_fwd(*args)
+    """layer_fwd, its last argument (``save``) saying whether autograd will ask for gradients. Eager
+    calls take _EagerLayer, or without gradients the operator below autograd (its registered autograd
+    would only pass the call on, at 10 us a call); torch.compile traces the operator; torch.func
+    transforms take _Layer, whose ``setup_context`` they require."""
+    if torch.compiler.is_compiling():
+        return _ops.layer_fwd(*args)
+    if torch._C._are_functorch_transforms_active():
+        return _Layer.apply(*args) if args[-1] else _ops.layer_fwd(*args)
     if args[-1]:
         return _EagerLayer.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():

@@ -373,8 +373,8 @@ class _Cell(_BackendChoice):
         if any(type(s) is not Tensor or s.shape != shape or s.dtype != input.dtype or not s.is_cpu for s in states):
             return None
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once
-        if weights[0].dtype != input.dtype:
-            return None
+        if weights[0].dtype != input.dtype:  # torch.nn's error (not the full forward: no second read)
+            self._check_step(input, states, weights[0].dtype, False)
         spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
         h, c = resolve(self._backend, spec, input, False).cell(mode, input, states[0], states[-1] if lstm else None,
                                                               *weights)

@@ -95,6 +95,20 @@ def test_cell_bad_input(backend, name):
     _same_error(cls, backend, error, match, x, hx)
 
 
+def test_parametrized_cell_reads_its_weights_once_on_a_bad_dtype(backend):
+    """A call that raises for its input's dtype has read the weights as often as torch.nn's cell
+    (once): a stateful parametrization (spectral norm's power iteration) steps alike."""
+    ref, ours = twins("GRUCell", backend, 5, 7, device=backend_device(backend))
+    for m in (ref, ours):
+        torch.manual_seed(0)
+        torch.nn.utils.parametrizations.spectral_norm(m, "weight_hh")
+        m.train()
+        with pytest.raises(RuntimeError):
+            m(torch.randn(2, 5, dtype=torch.float64, device=backend_device(backend)))
+    u = [m.parametrizations.weight_hh[0]._u for m in (ref, ours)]
+    assert torch.equal(u[0], u[1])
+
+
 def test_rnn_cell_unknown_nonlinearity_at_forward():
     _same_error("RNNCell", "reference", RuntimeError, None, torch.randn(2, 5), None, nonlinearity="sigmoid")
 
