@@ -905,7 +905,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   Tensor out = packed ? at::zeros({T, B, H}, oopts) : at::empty({T, B, H}, oopts);
   Tensor c = lstm ? c0.to(at::kFloat).contiguous().clone() : at::empty({0}, fopts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
-  Tensor ws1 = save && (lstm || gru) ? recycling_pool().empty({T, B, lstm ? GH : 4 * H}, packed) : at::empty({0}, fopts);
+  Tensor ws1 = save && (lstm || gru) ? recycling_pool().empty({T, B, lstm ? GH : 4 * H}, packed)
+                                     : at::empty({0}, fopts);
   Tensor ws2 = save && lstm ? recycling_pool().empty({1, T, B, H}, packed) : at::empty({0}, fopts);
   if (B == 0) return {out, h0.clone(), c.to(h0.scalar_type()), ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
@@ -1118,10 +1119,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   Tensor dh = grad_hn.to(at::kFloat, false, /*copy=*/true).contiguous();
   Tensor dc = lstm ? grad_cn.to(at::kFloat, false, /*copy=*/true).contiguous() : none;
   // the weight gradients: through MKL (float32) straight into (GH, I) and (GH, H) tensors from the
-  // recycling pool, which the first chunk writes and the others add to; else their float32 sums, transposed, in
-  // scratch, zeroed (which costs less than the page faults of a fresh zeroed tensor: at H 256 about
-  // 5% of a bfloat16 training step), then transposed out. Without the zeroing and the transposes a
-  // cell's training step (T 1) ran 1.30-1.44x as fast (bench/results/2026-12-06-cpu-dw-layout-ab.md).
+  // recycling pool, which the first chunk writes and the others add to; else their float32 sums,
+  // transposed, in scratch, zeroed (which costs less than the page faults of a fresh zeroed tensor:
+  // at H 256 about 5% of a bfloat16 training step), then transposed out. Without the zeroing and the
+  // transposes a cell's training step (T 1) ran 1.30-1.44x as fast
+  // (bench/results/2026-12-06-cpu-dw-layout-ab.md).
   const Mkl& mkl_dw = low ? kNoMkl : mkl();
   Tensor dw_ih, dw_hh, dw_ih_t, dw_hh_t;
   if (mkl_dw.sgemm != nullptr) {
@@ -1137,7 +1139,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     const auto wt = w_ih.scalar_type();
     const Tensor db_ih = has_bias ? db_i.to(wt) : none;
     const Tensor db_hh = !has_bias ? none : gru ? db_h.to(wt) : db_ih.clone();
-    // fresh tensors in the weights' dtypes (the sums stay in scratch)
+    // in the weights' dtypes: the MKL path's pooled tensors, else the scratch sums transposed out
     return {dx, dh.to(h0.scalar_type()), lstm ? dc.to(c0.scalar_type()) : none,
             dw_ih.defined() ? dw_ih.to(w_ih.scalar_type()) : transposed(dw_ih_t, w_ih.scalar_type()),
             dw_hh.defined() ? dw_hh.to(w_hh.scalar_type()) : transposed(dw_hh_t, w_hh.scalar_type()),
