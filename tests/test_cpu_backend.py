@@ -249,15 +249,16 @@ def test_two_threads_no_slower_than_one_on_a_small_training_step():
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
 def test_rows_and_units_splits_agree(family, dtype):
     """On 2 threads, a batch of 24 splits each step by rows (Split: 12 rows a thread, enough on AMX
-    tiles too) and one of 2 by units; every row's arithmetic is the same either way, so the outputs,
+    tiles too) and one of 2 by units (hidden 48: LSTM and GRU have 3 panels of 48 rows of K, enough
+    for two threads, threads_for); every row's arithmetic is the same either way, so the outputs,
     states and input gradients of the big batch equal those of its 2-row slices exactly (the weight
     gradients sum the rows in another order, and in bfloat16 each slice's is rounded apart)."""
     with num_threads(2):
-        _, ours = twins(family, "cpu", 5, 24, num_layers=2, bidirectional=True, dtype=dtype)
+        _, ours = twins(family, "cpu", 5, 48, num_layers=2, bidirectional=True, dtype=dtype)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(9, 24, 5, generator=g).to(dtype)
-        h0 = torch.randn(4, 24, 24, generator=g).to(dtype)
-        hx = (h0, torch.randn(4, 24, 24, generator=g).to(dtype)) if family == "LSTM" else h0
+        h0 = torch.randn(4, 24, 48, generator=g).to(dtype)
+        hx = (h0, torch.randn(4, 24, 48, generator=g).to(dtype)) if family == "LSTM" else h0
 
         def run(rows):
             xs = x[:, rows].clone().requires_grad_()

@@ -708,9 +708,13 @@ std::pair<int64_t, int64_t> row_share(int64_t n, int64_t nt, int64_t tid) {
   return {std::min(n, tiles * tid / nt * 6), std::min(n, tiles * (tid + 1) / nt * 6)};
 }
 
+// Threads for a split by units: whole panels each, of 64 rows of K or more in all. Below that a
+// thread's share of a step (under 4096 multiply-adds a row) costs less than the barrier: LSTM and GRU
+// at H 32, B 1-5, on one thread 1.17-1.26x as fast in inference, 1.09-1.11x in training (2-core Xeon,
+// bench/results/2026-12-06-cpu-small-threads-ab.md).
 template <typename E>
 int64_t threads_for(const Panels<E>& p) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.NB));
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), p.NB, p.NB * p.K / 64}));
 }
 
 // How the loops split a step among threads. By rows: each thread runs every unit of its B / nt
