@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import rnnfast
-from rnnfast.backend import RNNSpec, get_backend
+from rnnfast.backend import get_backend
 
 from .cases import Case
 
@@ -258,8 +258,7 @@ class RnnfastBackend(Provider):
         m.train(case.mode == "fwdbwd")
         x = inputs.x.to(dtype)
         b = get_backend(self.backend)
-        spec = RNNSpec(mode=m._mode(), input_size=case.I, hidden_size=case.H) if case.cell else m._spec()
-        why = b.unsupported_reason(spec, x, False)
+        why = b.unsupported_reason(m._spec(), x, False)
         if why is not None:
             raise Unsupported(f"falls back to reference: {why}")
         suffix = f" ({self.kernel} kernels)" if self.kernel else ""

@@ -311,6 +311,9 @@ class _Cell(_BackendChoice):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         return "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
 
+    def _spec(self) -> RNNSpec:
+        return RNNSpec(mode=self._mode(), input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+
     def forward(self, input: Tensor, hx=None):
         """Same inputs and outputs as the torch.nn cell's ``forward``."""
         if capturing():  # as for the layers
@@ -339,7 +342,7 @@ class _Cell(_BackendChoice):
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once, as torch's cells do
         self._check_step(input, states, weights[0].dtype, autocast_dtype is not None)
 
-        spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+        spec = self._spec()
         backend = resolve(self._backend, spec, input, False)
         if autocast_dtype is not None:
             input, present = backend.autocast(input, [w for w in weights if w is not None], autocast_dtype, products)
@@ -375,7 +378,7 @@ class _Cell(_BackendChoice):
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once
         if weights[0].dtype != input.dtype:  # torch.nn's error (not the full forward: no second read)
             self._check_step(input, states, weights[0].dtype, False)
-        spec = RNNSpec(mode=mode, input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias)
+        spec = self._spec()
         h, c = resolve(self._backend, spec, input, False).cell(mode, input, states[0], states[-1] if lstm else None,
                                                               *weights)
         return (h, c) if lstm else h

@@ -1129,14 +1129,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   // transposes a cell's training step (T 1) ran 1.30-1.44x as fast
   // (bench/results/2026-12-06-cpu-dw-layout-ab.md).
   const Mkl& mkl_dw = low ? kNoMkl : mkl();
-  Tensor dw_ih, dw_hh, dw_ih_t, dw_hh_t;
-  if (mkl_dw.sgemm != nullptr) {
+  const bool by_mkl = mkl_dw.sgemm != nullptr;
+  Tensor dw_ih, dw_hh;  // by MKL (GH, I) and (GH, H), else transposed
+  if (by_mkl) {
     dw_ih = recycling_pool().empty({GH, I}, T * B == 0);
     dw_hh = recycling_pool().empty({GH, H}, T * B == 0);
   } else {
     Tensor dw_sums = workspace(kWeightGrads, {(I + H) * GH}).zero_();
-    dw_ih_t = dw_sums.narrow(0, 0, I * GH).view({I, GH});
-    dw_hh_t = dw_sums.narrow(0, I * GH, H * GH).view({H, GH});
+    dw_ih = dw_sums.narrow(0, 0, I * GH).view({I, GH});
+    dw_hh = dw_sums.narrow(0, I * GH, H * GH).view({H, GH});
   }
   Tensor db_i = at::zeros({GH}, fopts), db_h = gru ? at::zeros({GH}, fopts) : db_i;
   auto grads = [&]() -> std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> {
@@ -1145,8 +1146,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     const Tensor db_hh = !has_bias ? none : gru ? db_h.to(wt) : db_ih.clone();
     // in the weights' dtypes: the MKL path's pooled tensors, else the scratch sums transposed out
     return {dx, dh.to(h0.scalar_type()), lstm ? dc.to(c0.scalar_type()) : none,
-            dw_ih.defined() ? dw_ih.to(w_ih.scalar_type()) : transposed(dw_ih_t, w_ih.scalar_type()),
-            dw_hh.defined() ? dw_hh.to(w_hh.scalar_type()) : transposed(dw_hh_t, w_hh.scalar_type()),
+            by_mkl ? dw_ih.to(w_ih.scalar_type()) : transposed(dw_ih, w_ih.scalar_type()),
+            by_mkl ? dw_hh.to(w_hh.scalar_type()) : transposed(dw_hh, w_hh.scalar_type()),
             db_ih, db_hh};
   };
   if (B == 0) return grads();
@@ -1196,8 +1197,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const float* const c0_p = lstm ? c0_f.data_ptr<float>() : nullptr;
   const E* const x_p = x.data_ptr<E>();
   E* const dx_p = dx.data_ptr<E>();
-  float* const dw_ih_p = (dw_ih.defined() ? dw_ih : dw_ih_t).data_ptr<float>();
-  float* const dw_hh_p = (dw_hh.defined() ? dw_hh : dw_hh_t).data_ptr<float>();
+  float* const dw_ih_p = dw_ih.data_ptr<float>();
+  float* const dw_hh_p = dw_hh.data_ptr<float>();
   float* const scratch_p = low ? scratch.data_ptr<float>() : nullptr;
   E* const pairs_x = low ? pairs.data_ptr<E>() : nullptr;
   E* const pairs_h = low ? pairs_x + pair_rows * I : nullptr;
@@ -1331,7 +1332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // gradients: through MKL (its column-major C is their rows, beta 0 on the first chunk), else
       // transposed, in blocks of rows that keep both operands in L2, the strided operand the narrower
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
-      if (mkl_dw.sgemm != nullptr) {
+      if (by_mkl) {
         if constexpr (!low) {  // (bfloat16 has kNoMkl)
           const float one = 1.0f, beta = k0 == 0 ? 0.0f : 1.0f;
           const int64_t u0 = cols.u0, cnt = cols.cnt;
