@@ -138,35 +138,18 @@ class _Layer(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-class _EagerLayer(torch.autograd.Function):
-    """_Layer for eager calls outside torch.func, cheaper per call: no ``setup_context`` (for which
-    Function.apply binds the arguments through ``inspect.signature`` every call), and the operator
-    called below autograd (not through the Python autograd kernel that torch.library registers).
-    40 -> 25 us of overhead a call, as long as a small cell's whole step."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = _ops.layer_fwd(*args)
-        _setup_context(ctx, args, output)
-        return output
-
-    backward = staticmethod(_backward)
-
-
 def _layer_fwd(*args):
     """layer_fwd, its last argument (``save``) saying whether autograd will ask for gradients. Eager
-    calls take _EagerLayer, or without gradients the operator below autograd (its registered autograd
-    would only pass the call on, at 10 us a call); torch.compile traces the operator; torch.func
-    transforms take _Layer, whose ``setup_context`` they require."""
+    calls take ``_C.layer_fwd_eager``: with gradients the same backward as a C++ autograd node (no
+    Python per call in either direction, 50 us less than an autograd.Function, as long as a small
+    cell's step), without them the operator below autograd (its registered autograd would only
+    pass the call on, at 10 us a call); torch.compile traces the operator; torch.func transforms
+    take _Layer, whose ``setup_context`` they require."""
     if torch.compiler.is_compiling():
         return _ops.layer_fwd(*args)
     if torch._C._are_functorch_transforms_active():
         return _Layer.apply(*args) if args[-1] else _ops.layer_fwd(*args)
-    if args[-1]:
-        return _EagerLayer.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _ops.layer_fwd(*args)
+    return _C.layer_fwd_eager(*args)
 
 
 def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
@@ -257,10 +240,10 @@ class CPUBackend(Backend):
         """One step; inference on one or two rows takes the decode path, as a layer's short calls do."""
         weights = [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None]
         save = _needs_grad(x, h, c, weights)
-        if not save and _takes_decode(x.unsqueeze(0)) and not torch.compiler.is_compiling():
-            _, h_n, c_n = _C.decode(MODE_ID[mode], weights, 1, b_ih is not None, x.unsqueeze(0), h.unsqueeze(0),
+        x = x.unsqueeze(0)  # one step
+        if not save and _takes_decode(x) and not torch.compiler.is_compiling():
+            _, h_n, c_n = _C.decode(MODE_ID[mode], weights, 1, b_ih is not None, x, h.unsqueeze(0),
                                     None if c is None else c.unsqueeze(0))
             return h_n[0], None if c_n is None else c_n[0]
-        _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
-                                       False, save)
+        _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, save)
         return h_n, c_n if mode == "LSTM" else None

@@ -363,7 +363,8 @@ class _Cell(_BackendChoice):
         if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or input.size(1) != self.input_size
                 or torch.is_autocast_enabled("cpu")):
             return None
-        mode = self._mode()
+        spec = self._spec()
+        mode = spec.mode
         lstm = mode == "LSTM"
         shape = (input.size(0), self.hidden_size)
         if hx is None:
@@ -378,7 +379,6 @@ class _Cell(_BackendChoice):
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once
         if weights[0].dtype != input.dtype:  # torch.nn's error (not the full forward: no second read)
             self._check_step(input, states, weights[0].dtype, False)
-        spec = self._spec()
         h, c = resolve(self._backend, spec, input, False).cell(mode, input, states[0], states[-1] if lstm else None,
                                                               *weights)
         return (h, c) if lstm else h

@@ -81,6 +81,21 @@ def torch_autocast_lstm_fails() -> bool:
     return False
 
 
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every call to an ``rnnfast::`` operator under it, with its arguments and real outputs
+    (including the calls the C++ eager autograd entry makes through the dispatcher)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "rnnfast":
+            self.calls.append((func, args, kwargs or {}, out))
+        return out
+
+
 def backend_device(name: str) -> str:
     """The device a backend's parity tests run on here."""
     return "cpu" if name in ("reference", "cpu") else DEVICE

@@ -12,7 +12,7 @@ from torch import nn
 
 import rnnfast
 
-from conftest import backend_device
+from conftest import RecordOps, backend_device
 
 
 class Tagger(nn.Module):
@@ -69,6 +69,24 @@ def test_compile_matches_eager(backend, fullgraph):
 
 
 @pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+def test_compiled_autograd_matches_eager():
+    """An eager forward whose backward runs under compiled autograd: the cpu backend's eager
+    training calls leave C++ autograd nodes (rnnfast._C.layer_fwd_eager), traced with the
+    gradients of plain eager."""
+    torch.manual_seed(0)
+    gru, cell = rnnfast.GRU(3, 4, backend="cpu"), rnnfast.LSTMCell(4, 4, backend="cpu")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    params = [x, *gru.parameters(), *cell.parameters()]
+    y, h = gru(x)
+    loss = y.square().sum() + cell(y[-1], (h[0], h[0]))[1].square().sum()
+    want = torch.autograd.grad(loss, params, retain_graph=True)
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    torch.testing.assert_close(tuple(p.grad for p in params), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 @torch._dynamo.config.patch(allow_rnn=True)
 def test_inductor_keeps_the_cpu_operators():
     """Inductor compiles the graph around rnnfast's operators, which stay calls to the C++ kernels."""
@@ -76,20 +94,6 @@ def test_inductor_keeps_the_cpu_operators():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(run(compiled, model, x), run(model, model, x), atol=1e-5, rtol=1e-5)
-
-
-class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every call to an ``rnnfast::`` operator under it, with its arguments and real outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.namespace == "rnnfast":
-            self.calls.append((func, args, kwargs or {}, out))
-        return out
 
 
 # the operator calls that layers make: every mode, projection, two directions, packed input,
@@ -123,7 +127,7 @@ def test_fake_kernels_match_the_operators(name, dtype, packed, grad):
     x = torch.randn((9, 5) if cell else (20, 3, 5), dtype=next(model.parameters()).dtype)
     if packed:
         x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([20, 4, 1]), enforce_sorted=False)
-    recorder = _RecordOps()
+    recorder = RecordOps()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"), recorder:
         with torch.set_grad_enabled(grad):
             leaves = [t for t in torch.utils._pytree.tree_leaves(model(x)) if t.requires_grad]

@@ -10,6 +10,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "kernels.h"
+#include "layer.h"
 
 namespace rnnfast {
 namespace {
@@ -146,7 +147,7 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
 }  // namespace rnnfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rnnfast CPU kernels; the autograd-aware entry points are torch.ops.rnnfast.*";
+  m.doc() = "rnnfast CPU kernels; the autograd-aware entry points are torch.ops.rnnfast.* and layer_fwd_eager";
   m.def("has_fused_loop", [] { return rnnfast::kHasAvx2; },
         "Whether float32 layers run the fused loop (AVX2 or AVX-512; else the stepwise loop).");
   m.def("has_bf16_loop", [] { return rnnfast::kHasAvx512Bf16; },
@@ -157,4 +158,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dtype"), pybind11::arg("seconds") = 0.3);
   m.def("decode", &rnnfast::decode,
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
+  m.def("layer_fwd_eager", &rnnfast::layer_fwd_eager,
+        "layer_fwd for eager calls: with save, its backward a C++ autograd node; without, the operator alone.");
 }

@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "kernels.h"
+#include "layer.h"
 
 namespace rnnfast {
 namespace {
@@ -57,7 +58,6 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
 Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
 Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); }
-Tensor narrow_to(const Tensor& t, const OptTensor& like) { return present(like) ? narrow_to(t, *like) : t; }
 
 // A step's recurrent product runs on this thread with the GEMV kernel when the
 // batch is tiny or the product is: the GEMV reads the weight once per row, so past
@@ -281,6 +281,9 @@ TORCH_LIBRARY(rnnfast, m) {
       "Tensor? w_hr, bool has_bias, bool reverse, Tensor out, Tensor ws1, Tensor ws2, Tensor grad_out, "
       "Tensor grad_hn, Tensor grad_cn) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
+
+static_assert(std::is_same_v<decltype(layer_fwd), LayerFwdSignature>);
+static_assert(std::is_same_v<decltype(layer_bwd), LayerBwdSignature>);
 
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("layer_fwd", &layer_fwd);

@@ -1,0 +1,34 @@
+// The operators rnnfast::layer_fwd / layer_bwd (layer.cpp) as C++ signatures, and their eager
+// autograd entry (autograd.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "kernels.h"
+
+namespace rnnfast {
+
+using LayerFwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
+using LayerBwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor>(
+    int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& w_hr, bool has_bias, bool reverse, const at::Tensor& out, const at::Tensor& ws1,
+    const at::Tensor& ws2, const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& grad_cn);
+
+// layer_fwd for eager calls: with save, its outputs tied to a C++ autograd node that runs layer_bwd
+// (as the Python registration does; compiled autograd takes the node as it is); without, the
+// operator below autograd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_eager(
+    int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
+
+}  // namespace rnnfast
