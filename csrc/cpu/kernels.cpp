@@ -175,6 +175,61 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(const E* w, int64_t ldw, 
   }
 }
 
+// Sixteen float32 lanes of a row, the lanes from n on zero: float32 as it is, bfloat16 widened exactly.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const float* p, __mmask16 live) {
+  return _mm512_maskz_loadu_ps(live, p);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const at::BFloat16* p, __mmask16 live) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// Q rows' sums over n of w * v, 16 lanes each (the tail masked): Q chains sharing each load of v.
+template <int Q, typename E>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void row_sums16(const E* w, int64_t ldw, const E* v,
+                                                                            int64_t n, __m512* acc) {
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 live = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+    const __m512 x = load16(v + k, live);
+    for (int q = 0; q < Q; ++q) acc[q] = _mm512_fmadd_ps(load16(w + q * ldw + k, live), x, acc[q]);
+  }
+}
+
+// dot_rows_avx2 on 16 lanes: eight rows at a time, their sums reduced together (halves added,
+// then a tree of horizontal adds) into one store.
+template <typename E>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dot_rows_avx512(const E* w, int64_t ldw, int64_t rows,
+                                                                          const E* v, int64_t n, float* res,
+                                                                          int64_t res_stride) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    __m512 acc[8];
+    row_sums16<8>(w + r * ldw, ldw, v, n, acc);
+    __m256 half[8];
+    for (int q = 0; q < 8; ++q) {
+      half[q] = _mm256_add_ps(_mm512_castps512_ps256(acc[q]),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[q]), 1)));
+    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
+    // u0: rows 0-3 over the low 128 bits, then over the high; u1 the same for rows 4-7
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    if (res_stride == 1) {
+      _mm256_storeu_ps(res + r, sums);
+    } else {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, sums);
+      for (int q = 0; q < 8; ++q) res[(r + q) * res_stride] = lanes[q];
+    }
+  }
+  for (; r < rows; ++r) {
+    __m512 acc[1];
+    row_sums16<1>(w + r * ldw, ldw, v, n, acc);
+    res[r * res_stride] = _mm512_reduce_add_ps(acc[0]);
+  }
+}
+
 // Q rows of bfloat16 dot products, each vdpbf16ps summing 32 products into 16 float32 lanes.
 template <int Q>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows_bf16(const at::BFloat16* w, int64_t ldw,
@@ -205,6 +260,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_row_b
 
 void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
               int64_t res_stride) {
+  if (!kHasAvx512Bf16 && kHasAvx512) return dot_rows_avx512(w, ldw, rows, v, n, res, res_stride);
   if (!kHasAvx512Bf16 && kHasAvx2) return dot_rows_avx2(w, ldw, rows, v, n, res, res_stride);
   if (!kHasAvx512Bf16) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -225,7 +281,9 @@ void round_row(at::BFloat16* dst, const float* src, int64_t n) {
 }
 
 void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t n, float* res, int64_t res_stride) {
-  if (kHasAvx2) {
+  if (kHasAvx512) {
+    dot_rows_avx512(w, ldw, rows, v, n, res, res_stride);
+  } else if (kHasAvx2) {
     dot_rows_avx2(w, ldw, rows, v, n, res, res_stride);
   } else {
     dot_rows_generic(w, ldw, rows, v, n, res, res_stride);
