@@ -34,12 +34,13 @@ _FUSED_LOOP = _C.has_fused_loop()
 _BF16_LOOP = _C.has_bf16_loop()
 
 
-def _takes_decode(x: Tensor) -> bool:
-    if x.dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 or AVX2 (widening) to beat the loops
-        return (_BF16_LOOP or _FUSED_LOOP) and x.size(0) * x.size(1) <= DECODE_MAX_ROWS
-    if x.dtype == torch.float32 and _FUSED_LOOP:
-        return x.size(0) * x.size(1) <= DECODE_MAX_ROWS
-    return x.size(0) <= DECODE_MAX_T and x.size(1) <= DECODE_MAX_B
+def _takes_decode(dtype: torch.dtype, T: int, B: int) -> bool:
+    """Whether T steps of B rows in dtype run faster on the decode path than in the loops."""
+    if dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 or AVX2 (widening) to beat the loops
+        return (_BF16_LOOP or _FUSED_LOOP) and T * B <= DECODE_MAX_ROWS
+    if dtype == torch.float32 and _FUSED_LOOP:
+        return T * B <= DECODE_MAX_ROWS
+    return T <= DECODE_MAX_T and B <= DECODE_MAX_B
 
 _ops = torch.ops.rnnfast
 
@@ -206,7 +207,8 @@ class CPUBackend(Backend):
         weights: list[Tensor],
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Short unidirectional inference calls take the fused decode path, the rest run layer by layer."""
-        if _takes_decode(x) and stack_decodes(spec, batch_sizes, _needs_grad(x, h0, c0, weights)):
+        if _takes_decode(x.dtype, x.size(0), x.size(1)) and stack_decodes(spec, batch_sizes,
+                                                                           _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 
@@ -237,13 +239,13 @@ class CPUBackend(Backend):
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """One step; inference on one or two rows takes the decode path, as a layer's short calls do."""
-        weights = [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None]
-        save = _needs_grad(x, h, c, weights)
-        x = x.unsqueeze(0)  # one step
-        if not save and _takes_decode(x) and not torch.compiler.is_compiling():
-            _, h_n, c_n = _C.decode(MODE_ID[mode], weights, 1, b_ih is not None, x, h.unsqueeze(0),
-                                    None if c is None else c.unsqueeze(0))
-            return h_n[0], None if c_n is None else c_n[0]
-        _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x, None, h, c, w_ih, w_hh, b_ih, b_hh, None, False, save)
-        return h_n, c_n if mode == "LSTM" else None
+        """One step; inference on one or two rows takes the decode path, as a layer's short calls do.
+        Eager steps are one call into the extension (``_C.cell_eager``); torch.compile and torch.func
+        take the operator through ``_layer_fwd``."""
+        save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
+                                           False, save)
+            return h_n, c_n if mode == "LSTM" else None
+        decode = not save and _takes_decode(x.dtype, 1, x.size(0))
+        return _C.cell_eager(MODE_ID[mode], x, h, c, w_ih, w_hh, b_ih, b_hh, decode, save)

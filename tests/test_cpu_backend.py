@@ -30,15 +30,22 @@ def assert_same(got, want, dtype=torch.float32):
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Count the calls that take the fused decode path."""
+    """Count the calls that take the fused decode path: layers' calls of ``_C.decode``, cells' steps
+    that ``_C.cell_eager`` is told to decode."""
     calls = []
-    real = rnnfast.cpu._C.decode
+    real, real_cell = rnnfast.cpu._C.decode, rnnfast.cpu._C.cell_eager
 
     def spy(*args):
         calls.append(args[0])
         return real(*args)
 
+    def cell_spy(mode, *args):
+        if args[-2]:  # decode_path
+            calls.append(mode)
+        return real_cell(mode, *args)
+
     monkeypatch.setattr(rnnfast.cpu._C, "decode", spy)
+    monkeypatch.setattr(rnnfast.cpu._C, "cell_eager", cell_spy)
     return calls
 
 

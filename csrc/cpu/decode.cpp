@@ -142,6 +142,27 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode(int64_t mode, const std
   }
 }
 
+// One eager step of a cell: x (B, I), h and c (B, H); the decode path (inference on few rows,
+// as the caller decides) or layer_fwd_eager (a C++ autograd node with save). Returns h' and c'
+// (undefined, None in Python, but for LSTM). The views a step needs cost less here than in Python.
+std::tuple<Tensor, Tensor> cell_eager(int64_t mode, const Tensor& x, const Tensor& h, const c10::optional<Tensor>& c,
+                                      const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                      const c10::optional<Tensor>& b_hh, bool decode_path, bool save) {
+  TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "rnnfast cell_eager: x and h must be 2-D, got ", x.dim(), "-D and ",
+              h.dim(), "-D");
+  const bool has_bias = b_ih.has_value() && b_ih->defined();
+  if (decode_path) {
+    std::vector<Tensor> weights{w_ih, w_hh};
+    if (has_bias) weights.insert(weights.end(), {*b_ih, *b_hh});
+    const auto [out, h_n, c_n] = decode(mode, weights, 1, has_bias, x.unsqueeze(0), h.unsqueeze(0),
+                                        c.has_value() ? c10::optional<Tensor>(c->unsqueeze(0)) : c10::nullopt);
+    return {h_n.select(0, 0), c_n.has_value() ? c_n->select(0, 0) : Tensor()};
+  }
+  const auto [out, h_n, c_n, ws1, ws2] =
+      layer_fwd_eager(mode, x.unsqueeze(0), c10::nullopt, h, c, w_ih, w_hh, b_ih, b_hh, c10::nullopt, false, save);
+  return {h_n, mode == LSTM ? c_n : Tensor()};
+}
+
 }  // namespace
 
 }  // namespace rnnfast
@@ -158,6 +179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dtype"), pybind11::arg("seconds") = 0.3);
   m.def("decode", &rnnfast::decode,
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
+  m.def("cell_eager", &rnnfast::cell_eager,
+        "One eager cell step, 2-D input and states: the decode path, or layer_fwd_eager.");
   m.def("layer_fwd_eager", &rnnfast::layer_fwd_eager,
         "layer_fwd for eager calls: with save, its backward a C++ autograd node; without, the operator alone.");
 }
