@@ -29,6 +29,7 @@ import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -343,8 +344,14 @@ def resolve(requested: str, spec: RNNSpec, x: Tensor, packed: bool) -> Backend:
     backend of :func:`auto_order` that can run the call. An explicit backend
     that cannot run it falls back to ``reference`` with a one-time warning
     naming both. Choices are cached per (backend, spec, device, dtype, packed).
+    Inside a forward-mode AD dual level every call runs ``reference`` (torch ops,
+    which carry tangents; the fused kernels have no forward derivative), with a
+    one-time warning, rather than drop or refuse the tangents.
     """
     requested = os.environ.get(ENV_VAR) or requested
+    if forward_ad._current_level >= 0 and requested != "reference":
+        _warn_once(requested, "reference", "forward-mode AD: only the reference backend has forward derivatives")
+        return get_backend("reference")
     key = (requested, spec, x.device, x.dtype, packed)
     chosen = _RESOLVED.get(key)
     if chosen is None:

@@ -301,6 +301,36 @@ def test_double_backward_works_or_raises(backend):
         second(ours)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell", "RNNCell"])
+def test_forward_ad_tangents(backend, name, grad, monkeypatch):
+    """Forward-mode AD (torch.autograd.forward_ad) carries torch.nn's tangents, with or without grad
+    mode: the fused backends have no forward derivative and hand such calls to reference, saying so."""
+    import torch.autograd.forward_ad as fwAD
+
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(3, 4).double().to(device)
+    ours = rnnfast.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(*(() if name.endswith("Cell") else (5,)), 2, 3, dtype=torch.float64, device=device)
+    dx = torch.randn_like(x)
+
+    def tangents(module):
+        with fwAD.dual_level(), torch.set_grad_enabled(grad):
+            out = module(fwAD.make_dual(x, dx))
+            return [tuple(fwAD.unpack_dual(t)) for t in torch.utils._pytree.tree_leaves(out)]
+
+    want = tangents(ref)
+    monkeypatch.setattr(rnnfast.backend, "_WARNED", set())  # warned once a process: again here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = tangents(ours)
+    assert len(got) == len(want) and all(t is not None for _, t in got)
+    torch.testing.assert_close(got, want)
+    fell_back = [w for w in caught if issubclass(w.category, BackendFallbackWarning)]
+    assert (backend == "reference") != any("forward-mode AD" in str(w.message) for w in fell_back)
+
+
 @pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
 def test_torch_func_grad(backend, name):
     """torch.func.grad through functional_call, as with torch.nn's layers; a second derivative
