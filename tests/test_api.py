@@ -304,8 +304,9 @@ def test_double_backward_works_or_raises(backend):
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell", "RNNCell"])
 def test_forward_ad_tangents(backend, name, grad, monkeypatch):
-    """Forward-mode AD (torch.autograd.forward_ad) carries torch.nn's tangents, with or without grad
-    mode: the fused backends have no forward derivative and hand such calls to reference, saying so."""
+    """Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) carries torch.nn's tangents, with or
+    without grad mode: the fused backends have no forward derivative and hand such calls to reference,
+    saying so."""
     import torch.autograd.forward_ad as fwAD
 
     device = backend_device(backend)
@@ -329,6 +330,13 @@ def test_forward_ad_tangents(backend, name, grad, monkeypatch):
     torch.testing.assert_close(got, want)
     fell_back = [w for w in caught if issubclass(w.category, BackendFallbackWarning)]
     assert (backend == "reference") != any("forward-mode AD" in str(w.message) for w in fell_back)
+
+    def first(module):  # torch.func.jvp enters a dual level too
+        return lambda inp: torch.utils._pytree.tree_leaves(module(inp))[0]
+
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        torch.testing.assert_close(torch.func.jvp(first(ours), (x,), (dx,)), torch.func.jvp(first(ref), (x,), (dx,)))
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
