@@ -2,7 +2,8 @@
 test_ops_errors.py and of ``make fuzz``) so that a crash shows as a failed exit.
 
 ``python tests/fuzz_ops.py CALLS SEED``: builds CALLS valid calls of
-``torch.ops.rnnfast.layer_fwd`` / ``layer_bwd`` / ``rnnfast._C.decode`` with random
+``torch.ops.rnnfast.layer_fwd`` / ``layer_bwd`` / ``rnnfast._C.decode`` (and the eager
+``_C.layer_fwd_eager`` / ``_C.cell_eager``) with random
 sizes (1, and 0 for the batch), breaks each with one to three random edits (a size, a
 dtype, a device, strides, a missing or extra optional, the mode, batch sizes) and
 makes it. Every call must return or raise RuntimeError; anything else (another
@@ -20,7 +21,7 @@ import torch
 import rnnfast  # noqa: F401  (loads the extension and registers the operators)
 from rnnfast.backend import MODE_ID
 
-from test_ops_errors import call_bwd, call_decode, call_fwd
+from test_ops_errors import call_bwd, call_cell, call_decode, call_fwd, call_fwd_eager
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.bool)
 
@@ -33,7 +34,12 @@ def valid(rng: random.Random) -> tuple[str, dict]:
     dtype = rng.choice([torch.float32, torch.float64])
     G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
     lstm = mode == "LSTM"
-    op = rng.choice(["fwd", "bwd", "decode"])
+    op = rng.choice(["fwd", "fwd-eager", "bwd", "decode", "cell"])
+    if op == "cell":
+        return op, dict(mode=MODE_ID[mode], x=torch.randn(B, I, dtype=dtype), h=torch.randn(B, H, dtype=dtype),
+                        c=torch.randn(B, H, dtype=dtype) if lstm else None, w_ih=torch.randn(G * H, I, dtype=dtype),
+                        w_hh=torch.randn(G * H, H, dtype=dtype), b_ih=torch.randn(G * H, dtype=dtype),
+                        b_hh=torch.randn(G * H, dtype=dtype), decode=rng.random() < 0.5, save=rng.random() < 0.5)
     if op == "decode":
         L = rng.choice([1, 2])
         weights = [torch.randn(s, dtype=dtype) for layer in range(L)
@@ -51,8 +57,8 @@ def valid(rng: random.Random) -> tuple[str, dict]:
                 w_ih=torch.randn(G * H, I, dtype=dtype), w_hh=torch.randn(G * H, K, dtype=dtype),
                 b_ih=torch.randn(G * H, dtype=dtype), b_hh=torch.randn(G * H, dtype=dtype),
                 w_hr=torch.randn(P, H, dtype=dtype) if P else None, reverse=rng.random() < 0.5, save=True)
-    if op == "fwd":
-        return op, args
+    if op in ("fwd", "fwd-eager"):
+        return op, dict(args, save=rng.random() < 0.5) if op == "fwd-eager" else args
     out, _, _, ws1, ws2 = call_fwd(args)
     return op, dict(args, has_bias=True, out=out, ws1=ws1, ws2=ws2, grad_out=torch.randn_like(out),
                     grad_hn=torch.randn_like(args["h0"]),
@@ -95,7 +101,7 @@ def break_call(rng: random.Random, op: str, args: dict) -> None:
         k = rng.choice(tensors)
         args[k] = broken(rng, args[k])
     elif edit == "none":
-        optional = [k for k in ("batch_sizes", "c0", "b_ih", "b_hh", "w_hr") if k in args]
+        optional = [k for k in ("batch_sizes", "c0", "c", "b_ih", "b_hh", "w_hr") if k in args]
         k = rng.choice(optional)
         args[k] = None if args[k] is not None else torch.randn(rng.choice([0, 1, 3]), rng.choice([1, 6]))
     elif edit == "mode":
@@ -116,7 +122,7 @@ def main(calls: int, seed: int) -> int:
     torch.manual_seed(seed)
     outcomes: Counter = Counter()
     surprises = []
-    run = {"fwd": call_fwd, "bwd": call_bwd, "decode": call_decode}
+    run = {"fwd": call_fwd, "fwd-eager": call_fwd_eager, "bwd": call_bwd, "decode": call_decode, "cell": call_cell}
     for n in range(calls):
         try:
             op, args = valid(rng)

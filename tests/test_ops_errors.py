@@ -1,5 +1,6 @@
 """Direct calls to the CPU backend's operators (``torch.ops.rnnfast.layer_fwd`` /
-``layer_bwd``, ``rnnfast._C.decode``) with wrong shapes, dtypes, devices, strides or
+``layer_bwd``, ``rnnfast._C.decode``, and the eager entries ``_C.layer_fwd_eager`` /
+``_C.cell_eager``) with wrong shapes, dtypes, devices, strides or
 batch sizes: a RuntimeError naming the argument (from the TORCH_CHECKs of
 csrc/cpu/checks.cpp), never a crash or a read out of bounds; strided arguments
 are fine. A fuzz of random bad calls runs in a subprocess, so a crash fails the
@@ -55,6 +56,24 @@ def call_fwd(args: dict):
 
 def call_bwd(args: dict):
     return torch.ops.rnnfast.layer_bwd(*(args[k] for k in BWD_ARGS))
+
+
+def call_fwd_eager(args: dict):
+    return rnnfast.cpu._C.layer_fwd_eager(*(args[k] for k in FWD_ARGS))
+
+
+CELL_ARGS = ("mode", "x", "h", "c", "w_ih", "w_hh", "b_ih", "b_hh", "decode", "save")
+
+
+def cell_args(mode: str = "LSTM", decode: bool = False, dtype=torch.float32) -> dict:
+    """A valid _C.cell_eager call: one step of B rows (the decode path if asked)."""
+    f = fwd_args(mode, dtype=dtype)
+    return dict(mode=f["mode"], x=f["x"][0], h=f["h0"], c=f["c0"], w_ih=f["w_ih"], w_hh=f["w_hh"], b_ih=f["b_ih"],
+                b_hh=f["b_hh"], decode=decode, save=not decode)
+
+
+def call_cell(args: dict):
+    return rnnfast.cpu._C.cell_eager(*(args[k] for k in CELL_ARGS))
 
 
 def decode_args(mode: str = "GRU", layers: int = 2, dtype=torch.float32) -> dict:
@@ -130,6 +149,41 @@ def test_layer_fwd_bad_call(mode, P, packed, edit, match):
     edit(args)
     with pytest.raises(RuntimeError, match=match):
         call_fwd(args)
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["no-save", "save"])
+@pytest.mark.parametrize("mode, P, packed, edit, match", [pytest.param(*c[1:], id=c[0]) for c in FWD_CASES[::3]])
+def test_layer_fwd_eager_bad_call(mode, P, packed, edit, match, save):
+    """The eager entry reaches the operator's checks (through the dispatcher, with or without its node)."""
+    args = dict(fwd_args(mode, P, packed), save=save)
+    call_fwd_eager(args)
+    edit(args)
+    with pytest.raises(RuntimeError, match=match):
+        call_fwd_eager(args)
+
+
+CELL_CASES = [
+    ("x-3d", "GRU", False, lambda a: a.update(x=a["x"][None]), "x and h must be 2-D"),
+    ("h-1d", "LSTM", True, lambda a: a.update(h=a["h"][0]), "x and h must be 2-D"),
+    ("h-batch", "GRU", False, lambda a: a.update(h=torch.zeros(B + 1, H)), "h0 has shape"),
+    ("h-batch-decode", "GRU", True, lambda a: a.update(h=torch.zeros(B + 1, H)), "h0 has shape"),
+    ("c-missing", "LSTM", False, _edit(c=None), "LSTM needs c0"),
+    ("c-missing-decode", "LSTM", True, _edit(c=None), "LSTM needs c0"),
+    ("x-features-decode", "RNN_TANH", True, lambda a: a.update(x=torch.zeros(B, I + 1)), "weight_ih_l0 has shape"),
+    ("mode-unknown", "GRU", True, _edit(mode=5), "unknown mode 5"),
+    ("bias-one-decode", "RNN_RELU", True, _edit(b_hh=None), "both be given or both be None"),
+    ("bias-one", "LSTM", False, _edit(b_ih=None), "both be given or both be None"),
+    ("w_hh-dtype", "LSTM", False, lambda a: a.update(w_hh=a["w_hh"].double()), "weight_hh has dtype Double"),
+]
+
+
+@pytest.mark.parametrize("mode, decode, edit, match", [pytest.param(*c[1:], id=c[0]) for c in CELL_CASES])
+def test_cell_eager_bad_call(mode, decode, edit, match):
+    args = cell_args(mode, decode)
+    call_cell(args)
+    edit(args)
+    with pytest.raises(RuntimeError, match=match):
+        call_cell(args)
 
 
 def _stride(t: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,8 @@ std::tuple<Tensor, Tensor> cell_eager(int64_t mode, const Tensor& x, const Tenso
   TORCH_CHECK(x.dim() == 2 && h.dim() == 2, "rnnfast cell_eager: x and h must be 2-D, got ", x.dim(), "-D and ",
               h.dim(), "-D");
   const bool has_bias = b_ih.has_value() && b_ih->defined();
+  TORCH_CHECK(has_bias == (b_hh.has_value() && b_hh->defined()),
+              "rnnfast cell_eager: bias_ih and bias_hh must both be given or both be None");
   if (decode_path) {
     std::vector<Tensor> weights{w_ih, w_hh};
     if (has_bias) weights.insert(weights.end(), {*b_ih, *b_hh});
