@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/strides.h>
 #include <dlfcn.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -785,7 +786,7 @@ Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kF
     c10::InferenceMode normal(false);  // a plain tensor, writable whether or not a later call runs in inference mode
     t = at::empty({numel}, dtype);
   }
-  return t.narrow(0, 0, numel).view(sizes);
+  return t.as_strided(sizes, c10::contiguous_strides(sizes));  // one view, not narrow and view: short calls count
 }
 
 // float32 buffers that leave a call (what the forward saves for backward, the weight gradients
@@ -924,10 +925,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   const bool by_rows = split.by_rows;
   const int64_t nt = split.threads;
   const Walk walk{T, reverse};
-  Tensor hbuf = workspace(kStates, {2, B, H});  // ping-pong: walked step k reads hbuf[k % 2], writes the other
-  hbuf.copy_(h0.unsqueeze(0).expand({2, B, H}));
+  // ping-pong: walked step k reads hbuf[k % 2] and writes every row and unit of the other
+  Tensor hbuf = workspace(kStates, {2, B, H});
+  hbuf[0].copy_(h0);
   Tensor hlo = low ? workspace(kStatesLow, {2, B, H}, x.scalar_type()) : hbuf;  // what the product reads
-  if (low) hlo.copy_(hbuf);
+  if (low) hlo[0].copy_(h0);
   const int64_t ldg = padded_row(GH, sizeof(float));  // rows of pre-activations
   Tensor gi = workspace(kGates, {TC, B, ldg});    // one chunk's input pre-activations
   Tensor scratch = workspace(kScratch, {nt, RB * ldg + 4 * H});  // per thread: recurrent pre-activations, a row's gates
@@ -984,7 +986,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
       }
     }
   }
-  return {out, hbuf[T % 2].to(h0.scalar_type(), false, /*copy=*/true), c.to(h0.scalar_type()), ws1, ws2};
+  Tensor h_n = at::empty({B, H}, oopts);
+  round_row(h_n.data_ptr<O>(), hbuf_p + (T % 2) * B * H, B * H);
+  return {out, h_n, c.to(h0.scalar_type()), ws1, ws2};
 }
 
 // A row of E as float32: read in place, or widened into tmp.
