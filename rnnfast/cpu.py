@@ -139,6 +139,12 @@ class _Layer(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+def _eager() -> bool:
+    """Whether a call runs eagerly: not traced by torch.compile, not under a torch.func transform
+    (both take the operator, not the extension's eager entries)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def _layer_fwd(*args):
     """layer_fwd, its last argument (``save``) saying whether autograd will ask for gradients. Eager
     calls take ``_C.layer_fwd_eager``: with gradients the same backward as a C++ autograd node (no
@@ -146,11 +152,11 @@ def _layer_fwd(*args):
     cell's step), without them the operator below autograd (its registered autograd would only
     pass the call on, at 10 us a call); torch.compile traces the operator; torch.func transforms
     take _Layer, whose ``setup_context`` they require."""
-    if torch.compiler.is_compiling():
+    if _eager():
+        return _C.layer_fwd_eager(*args)
+    if torch.compiler.is_compiling() or not args[-1]:
         return _ops.layer_fwd(*args)
-    if torch._C._are_functorch_transforms_active():
-        return _Layer.apply(*args) if args[-1] else _ops.layer_fwd(*args)
-    return _C.layer_fwd_eager(*args)
+    return _Layer.apply(*args)
 
 
 def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
@@ -243,7 +249,7 @@ class CPUBackend(Backend):
         Eager steps are one call into the extension (``_C.cell_eager``); torch.compile and torch.func
         take the operator through ``_layer_fwd``."""
         save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if not _eager():
             _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False, save)
             return h_n, c_n if mode == "LSTM" else None

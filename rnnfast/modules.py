@@ -321,7 +321,8 @@ class _Cell(_BackendChoice):
         plain = self._plain_step(input, hx)
         if plain is not None:
             return plain
-        mode = self._mode()
+        spec = self._spec()
+        mode = spec.mode
         input, hx, autocast_dtype, products = _autocast(mode, True, input, hx)
         name = type(self).__name__
         if input.dim() not in (1, 2):
@@ -342,7 +343,6 @@ class _Cell(_BackendChoice):
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]  # each read once, as torch's cells do
         self._check_step(input, states, weights[0].dtype, autocast_dtype is not None)
 
-        spec = self._spec()
         backend = resolve(self._backend, spec, input, False)
         if autocast_dtype is not None:
             input, present = backend.autocast(input, [w for w in weights if w is not None], autocast_dtype, products)
