@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup test demo bench bench-quick bench-peers quickstart gpu-check cuda-check compile-gate fuzz sanitize clean
+.PHONY: setup test demo bench bench-quick bench-sweep bench-peers quickstart gpu-check cuda-check compile-gate fuzz sanitize clean
 
 setup: $(VENV)/.rnnfast-deps
 	$(PIP) --no-build-isolation --no-deps -e . > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
@@ -34,6 +34,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench --quick
+
+# random configurations off the grid (bidirectional, proj_size, packed, odd sizes) against torch.nn, slowest first
+bench-sweep: setup
+	$(PY) -m bench.sweep
 
 # save FlashRNN and Haste into bench/peers/ (untracked, travels to the GPU machine, where gpu-check installs them)
 bench-peers: setup

@@ -131,6 +131,18 @@ class Backend:
         weights itself returns them as they are."""
         return x, [w.to(dtype) for w in weights]
 
+    def pad_packed(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """PackedSequence data as the padded (T, B, *) a call runs on, zeros past each row's end, and
+        the rows' lengths (None where not formed). Here torch's ``pad_packed_sequence``: autograd and
+        torch.compile go through it."""
+        return torch.nn.utils.rnn.pad_packed_sequence(torch.nn.utils.rnn.PackedSequence(data, batch_sizes))
+
+    def pack_padded(self, out: Tensor, batch_sizes: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """The PackedSequence data of a padded output: the inverse of :meth:`pad_packed`."""
+        if lengths is None:
+            lengths = lengths_from_batch_sizes(batch_sizes)
+        return torch.nn.utils.rnn.pack_padded_sequence(out, lengths, enforce_sorted=True).data
+
     def rnn(
         self,
         spec: RNNSpec,

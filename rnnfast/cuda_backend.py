@@ -43,8 +43,10 @@ DECODE_MAX_T = 16
 
 
 def takes_decode(spec: RNNSpec, x: Tensor, batch_sizes: Optional[Tensor], needs_grad: bool, max_b: int) -> bool:
-    """Whether a call goes to the one-call decode path rather than the layer loop."""
-    return x.size(0) <= DECODE_MAX_T and 0 < x.size(1) <= max_b and stack_decodes(spec, batch_sizes, needs_grad)
+    """Whether a call goes to the one-call decode path rather than the layer loop (whose kernels have no
+    proj_size)."""
+    return (x.size(0) <= DECODE_MAX_T and 0 < x.size(1) <= max_b and spec.proj_size == 0
+            and stack_decodes(spec, batch_sizes, needs_grad))
 
 
 class CUDABackend(CPUBackend):

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .backend import RNNSpec, check_backend_name, load_backends, resolve
 from .export import capturing, check_onnx_exportable, refuse_script
@@ -226,14 +226,14 @@ class _RNNLayer(_BackendChoice):
             h0 = h0.index_select(1, sorted_indices)
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 
+        spec = self._spec()
+        backend = resolve(self._backend, spec, data if packed else input, packed)
         if packed:
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            x, lengths = backend.pad_packed(data, batch_sizes)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        spec = self._spec()
-        backend = resolve(self._backend, spec, x, packed)
         weights = self._weights()
         if autocast_dtype is not None:
             x, weights = backend.autocast(x, weights, autocast_dtype, products)
@@ -247,7 +247,7 @@ class _RNNLayer(_BackendChoice):
             c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
-            out = pack_padded_sequence(out, lengths, enforce_sorted=True).data
+            out = backend.pack_padded(out, batch_sizes, lengths)
             return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), hidden
         if self.batch_first:
             out = out.transpose(0, 1)

@@ -182,3 +182,26 @@ def test_a_later_run_on_the_same_day_does_not_overwrite(tmp_path):
     assert second == first + "-2"
     open(second + ".json", "w").close()
     assert report.results_stem(str(tmp_path), env, "cpu") == first + "-3"
+
+
+def test_sweep_times_random_configurations_and_reruns_them(tmp_path):
+    """``python -m bench.sweep``: random configurations timed against torch.nn, the report slowest
+    first, and ``--rerun`` of an earlier sweep's configurations."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    quick = ["--rounds", "2", "--min-seconds", "0.001", "--out", str(tmp_path)]
+    first = subprocess.run([sys.executable, "-m", "bench.sweep", "--count", "3", "--max-cost", "1e6", "--seed", "5",
+                            *quick], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (path,) = tmp_path.glob("*-cpu-sweep.json")
+    data = json.loads(path.read_text())
+    assert data["schema"] == "rnnfast-sweep/1" and len(data["results"]) == 3
+    for r in data["results"]:
+        assert r["torch_ms"] > 0 and 0 < r["speedup_p20"] <= r["speedup"] <= r["speedup_p80"], r
+    table = [line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| ") and "x |" in line]
+    speedups = [float(line.split("|")[3].strip().rstrip("x")) for line in table]
+    assert len(speedups) == 3 and speedups == sorted(speedups)
+    again = subprocess.run([sys.executable, "-m", "bench.sweep", "--rerun", str(path), "--below", "1e9", *quick],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rerun = json.loads((tmp_path / (path.stem + "-2.json")).read_text())["results"]
+    assert [r["label"] for r in rerun] == [r["label"] for r in data["results"]]

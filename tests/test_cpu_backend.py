@@ -52,9 +52,10 @@ def decode_calls(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
     "family, kwargs",
-    [("LSTM", {}), ("LSTM", dict(num_layers=3)), ("GRU", dict(num_layers=2)), ("GRU", dict(bias=False)),
+    [("LSTM", {}), ("LSTM", dict(num_layers=3)), ("LSTM", dict(proj_size=9)),
+     ("LSTM", dict(num_layers=2, proj_size=5, bias=False)), ("GRU", dict(num_layers=2)), ("GRU", dict(bias=False)),
      ("RNN", dict(num_layers=2)), ("RNN", dict(nonlinearity="relu", bias=False))],
-    ids=["lstm", "lstm-L3", "gru-L2", "gru-nobias", "rnn-L2", "relu-nobias"],
+    ids=["lstm", "lstm-L3", "lstm-proj", "lstm-L2-proj-nobias", "gru-L2", "gru-nobias", "rnn-L2", "relu-nobias"],
 )
 @pytest.mark.parametrize("T, B", [(1, 1), (2, 1)], ids=["T1B1", "T2B1"])
 def test_decode_path_matches_torch(family, kwargs, T, B, dtype, decode_calls):
@@ -225,6 +226,85 @@ def test_any_thread_count(family, threads):
     """The fused loop splits hidden units by whole panels; odd thread counts leave uneven shares."""
     with num_threads(threads):
         check_layer(family, Case("threads", dict(bidirectional=True), I=11, H=70, T=6, B=13, packed="unsorted"), "cpu")
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("state", ["none", "zeros", "-zeros", "zeros-one-nonzero"])
+@pytest.mark.parametrize(
+    "T, B, kwargs, packed",
+    [(1, 5, {}, None), (1, 9, dict(bidirectional=True), None), (3, 6, dict(bidirectional=True, num_layers=2), "unsorted"),
+     (40, 16, dict(bidirectional=True), None), (2, 1, {}, None)],
+    ids=["T1", "T1-bidir", "T3-bidir-L2-packed", "T40-bidir-chunks", "T2B1-decode"],
+)
+def test_zero_initial_state(family, state, T, B, kwargs, packed):
+    """A zero initial state skips its products (the first step's recurrent product and its rows of
+    dW_hh; at T40 B16 the first step's chunk is one of two): outputs and gradients as torch.nn's, with
+    hx None, with zeros (or -0) that need their gradient, and with zeros but one value (no skip)."""
+    torch.manual_seed(0)
+    case = Case(state, kwargs, T=T, B=B, packed=packed, with_state=state != "none", training=True)
+    sizes = [case.H] * (2 if family == "LSTM" else 1)
+    inputs = make_inputs(case, sizes, kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1))
+    inputs["states"] = [(-1.0 if state == "-zeros" else 0.0) * s for s in inputs["states"]]
+    if state == "zeros-one-nonzero":
+        inputs["states"][0][0, -1, -1] = 0.5
+    ref, ours = twins(family, "cpu", case.I, case.H, dtype=torch.float64, **kwargs)  # float64: sums of 640 rows
+    ours.float()
+    want, want_g = run_layer(ref, case, inputs, torch.float64, "cpu")
+    got, got_g = run_layer(ours, case, inputs, torch.float32, "cpu")
+    atol = rtol = 1e-4  # float32 sums of up to 640 rows; a product wrongly skipped or kept is off by 0.01-1
+    assert got_g.keys() == want_g.keys()
+    for name, a, b in [*zip(range(len(want)), got, want), *((n, got_g[n], want_g[n]) for n in want_g)]:
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():  # inference: the decode path (T2 B1) or the loop without saving
+        for a, b in zip(flat_outputs(ours, case, inputs, torch.float32), flat_outputs(ref, case, inputs, torch.float64)):
+            torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
+
+
+def flat_outputs(module, case, inputs, dtype):
+    """The outputs and states of an inference call, in order."""
+    x = inputs["x"].to(dtype)
+    hx = [s.to(dtype) for s in inputs["states"]]
+
+    arg = (torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(inputs["lengths"]), enforce_sorted=False)
+           if case.packed else x)
+    out, h = module(arg, (tuple(hx) if len(hx) == 2 else hx[0]) if hx else None)
+    return [getattr(out, "data", out)] + (list(h) if isinstance(h, tuple) else [h])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("lengths, tail", [([5, 3, 3, 1], (7,)), ([1], (2, 3)), ([4, 4], ())])
+def test_pad_and_pack_match_torch(lengths, tail, dtype):
+    """The extension's packed-data conversions (eager CPU inference) give torch's results."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    C = rnnfast.cpu._C
+    padded = torch.randn((max(lengths), len(lengths)) + tail).to(dtype)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths))
+    want, _ = pad_packed_sequence(packed)
+    got = C.pad_packed(packed.data, packed.batch_sizes)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(C.pack_padded(padded, packed.batch_sizes), packed.data)
+    assert torch.equal(C.pack_padded(padded.transpose(0, 1).contiguous().transpose(0, 1), packed.batch_sizes),
+                       packed.data)  # strided
+
+
+def test_packed_inference_converts_in_the_extension(monkeypatch):
+    """Packed inference pads and packs in the extension; with autograd, torch's conversions run."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    calls = []
+    for name in ("pad_packed", "pack_padded"):
+        real = getattr(rnnfast.cpu._C, name)
+        monkeypatch.setattr(rnnfast.cpu._C, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    ref, ours = twins("GRU", "cpu", 4, 6, num_layers=2)
+    seqs = [torch.randn(n, 4) for n in (3, 5, 2)]
+    with torch.no_grad():
+        want, got = ref(pack_sequence(seqs, enforce_sorted=False)), ours(pack_sequence(seqs, enforce_sorted=False))
+    assert calls == ["pad_packed", "pack_padded"]
+    assert_same(got[0].data, want[0].data)
+    assert_same(got[1], want[1])
+    ours(pack_sequence(seqs, enforce_sorted=False))[0].data.sum().backward()
+    assert calls == ["pad_packed", "pack_padded", "pad_packed"]  # the input needs no gradient; the output does
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two threads need two CPUs")

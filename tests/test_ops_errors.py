@@ -76,17 +76,18 @@ def call_cell(args: dict):
     return rnnfast.cpu._C.cell_eager(*(args[k] for k in CELL_ARGS))
 
 
-def decode_args(mode: str = "GRU", layers: int = 2, dtype=torch.float32) -> dict:
-    """A valid _C.decode call: a unidirectional stack of ``layers`` with biases, T = 1."""
+def decode_args(mode: str = "GRU", layers: int = 2, dtype=torch.float32, P: int = 0) -> dict:
+    """A valid _C.decode call: a unidirectional stack of ``layers`` with biases, T = 1 (LSTM: proj_size P)."""
     g = torch.Generator().manual_seed(0)
     G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    S = P or H  # the state's size
     weights = []
     for layer in range(layers):
-        for shape in ((G * H, I if layer == 0 else H), (G * H, H), (G * H,), (G * H,)):
+        for shape in ((G * H, I if layer == 0 else S), (G * H, S), (G * H,), (G * H,)) + (((P, H),) if P else ()):
             weights.append(torch.randn(shape, generator=g, dtype=dtype))
     lstm = mode == "LSTM"
     return dict(mode=MODE_ID[mode], weights=weights, num_layers=layers, has_bias=True,
-                x=torch.randn(1, B, I, dtype=dtype), h0=torch.zeros(layers, B, H, dtype=dtype),
+                x=torch.randn(1, B, I, dtype=dtype), h0=torch.zeros(layers, B, S, dtype=dtype),
                 c0=torch.zeros(layers, B, H, dtype=dtype) if lstm else None)
 
 
@@ -248,6 +249,12 @@ DECODE_CASES = [
     ("h0-layers", "GRU", lambda a: a.update(h0=a["h0"][:1]), r"h0 has shape \[1, 3, 6\], expected \[2, 3, 6\]"),
     ("c0-missing", "LSTM", _edit(c0=None), "LSTM needs c0"),
     ("c0-shape", "LSTM", lambda a: a.update(c0=a["c0"][:, :1]), "c0 has shape"),
+    ("c0-wider", "LSTM", lambda a: a.update(c0=torch.zeros(2, B, H + 1)), "expected 10 weights .* with weight_hr"),
+    ("c0-narrower", "LSTM", lambda a: a.update(c0=torch.zeros(2, B, H - 1)), "must be smaller than hidden_size"),
+    ("w_hr-shape", "LSTM",
+     lambda a: (a.update(decode_args("LSTM", P=2)), a["weights"].__setitem__(9, torch.zeros(2, 1))),
+     r"weight_hr_l1 has shape \[2, 1\], expected \[2, 6\]"),
+    ("w_hr-missing", "LSTM", lambda a: (a.update(decode_args("LSTM", P=2)), a["weights"].pop()), "expected 10 weights"),
     ("layer1-input", "GRU", lambda a: a["weights"].__setitem__(4, torch.zeros(3 * H, I)), "weight_ih_l1 has shape"),
     ("bias-shape", "RNN_TANH", lambda a: a["weights"].__setitem__(3, torch.zeros(H + 1)), "bias_hh_l0 has shape"),
     ("x-feature", "LSTM", lambda a: a.update(x=torch.zeros(1, B, I + 1)), "weight_ih_l0 has shape"),
@@ -263,6 +270,21 @@ def test_decode_bad_call(mode, edit, match):
     edit(args)
     with pytest.raises(RuntimeError, match=match):
         call_decode(args)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda C: C.pad_packed(torch.zeros(5, 2), torch.tensor([3, 3])), "sum to 6 rows, the packed data has 5"),
+    (lambda C: C.pad_packed(torch.zeros(5, 2), torch.tensor([2, 3])), "non-increasing"),
+    (lambda C: C.pad_packed(torch.zeros(0, 2), torch.tensor([], dtype=torch.long)), "1-D and non-empty"),
+    (lambda C: C.pad_packed(torch.zeros(3, 2), torch.tensor([[3]])), "1-D and non-empty"),
+    (lambda C: C.pack_padded(torch.zeros(2, 3, 4), torch.tensor([3, 4])), "non-increasing and at most"),
+    (lambda C: C.pack_padded(torch.zeros(2, 3, 4), torch.tensor([3])), "one entry per time step"),
+    (lambda C: C.pack_padded(torch.zeros(3), torch.tensor([1, 1, 1])), r"must be \(T, B, ...\), got shape \[3\]"),
+    (lambda C: C.pad_packed(torch.tensor(1.0), torch.tensor([1])), "got a scalar"),
+], ids=["pad-sum", "pad-increasing", "pad-empty", "pad-2d", "pack-too-many", "pack-steps", "pack-1d", "pad-0d"])
+def test_packed_conversions_bad_call(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(rnnfast.cpu._C)
 
 
 def run_bad_call_fuzz(calls: int, seed: int, timeout: float) -> str:

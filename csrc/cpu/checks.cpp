@@ -136,14 +136,21 @@ void check_decode(int64_t mode, const std::vector<Tensor>& weights, int64_t num_
   check_input_dtype(op, x);
   TORCH_CHECK(x.dim() == 3, op, ": input must be 3-D (T, B, input_size), got shape ", x.sizes());
   TORCH_CHECK(x.size(2) > 0, op, ": input_size (input.size(2)) must be positive, as torch.nn requires");
-  const int64_t per = has_bias ? 4 : 2;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, op, ": expected ", per * num_layers,
-              " weights (", per, " per layer), got ", weights.size());
   TORCH_CHECK(h0.defined() && h0.dim() == 3, op, ": h0 must be 3-D (num_layers, B, hidden_size)");
-  const int64_t G = gate_count(mode), H = h0.size(2);
-  Dims d{op, x.scalar_type(), x.size(0), x.size(1), x.size(2), G, H, H};
-  TORCH_CHECK(H > 0, op, ": hidden_size (h0.size(2)) must be positive");
-  expect(d, h0, "h0", {num_layers, d.B, H});
+  // LSTM with proj_size: h0 (num_layers, B, proj_size) beside c0 (num_layers, B, hidden_size), as ATen's lstm
+  // tells them apart; W_hr follows each layer's weights
+  const int64_t G = gate_count(mode), P = h0.size(2);
+  const int64_t H = mode == LSTM && present(c0) && c0->dim() == 3 ? c0->size(2) : P;
+  TORCH_CHECK(P > 0, op, ": hidden_size (h0.size(2)) must be positive");
+  TORCH_CHECK(P <= H, op, ": proj_size (h0.size(2) = ", P, ") must be smaller than hidden_size (c0.size(2) = ", H,
+              ")");
+  const bool proj = P != H;
+  const int64_t per = (has_bias ? 4 : 2) + (proj ? 1 : 0);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, op, ": expected ", per * num_layers,
+              " weights (", per, " per layer", proj ? ", with weight_hr: h0 and c0 differ in size(2)" : "", "), got ",
+              weights.size());
+  Dims d{op, x.scalar_type(), x.size(0), x.size(1), x.size(2), G, H, P};
+  expect(d, h0, "h0", {num_layers, d.B, P});
   d.state = h0.scalar_type();
   if (mode == LSTM) {
     TORCH_CHECK(present(c0), op, ": LSTM needs c0");
@@ -151,12 +158,13 @@ void check_decode(int64_t mode, const std::vector<Tensor>& weights, int64_t num_
   }
   for (int64_t l = 0; l < num_layers; ++l) {
     const std::string n = std::to_string(l);
-    expect(d, weights[l * per], ("weight_ih_l" + n).c_str(), {G * H, l == 0 ? d.I : H});
-    expect(d, weights[l * per + 1], ("weight_hh_l" + n).c_str(), {G * H, H});
+    expect(d, weights[l * per], ("weight_ih_l" + n).c_str(), {G * H, l == 0 ? d.I : P});
+    expect(d, weights[l * per + 1], ("weight_hh_l" + n).c_str(), {G * H, P});
     if (has_bias) {
       expect(d, weights[l * per + 2], ("bias_ih_l" + n).c_str(), {G * H});
       expect(d, weights[l * per + 3], ("bias_hh_l" + n).c_str(), {G * H});
     }
+    if (proj) expect(d, weights[l * per + per - 1], ("weight_hr_l" + n).c_str(), {P, H});
   }
 }
 

@@ -18,15 +18,16 @@ namespace {
 using at::Tensor;
 
 struct Packed {
-  std::vector<Tensor> w;     // per layer: (G*H, I_l + H), rows [W_ih | W_hh], in the call's dtype
+  std::vector<Tensor> w;     // per layer: (G*H, I_l + P), rows [W_ih | W_hh], in the call's dtype
   std::vector<Tensor> bias;  // per layer: (2, G*H), the input and recurrent sides (split_biases), zeros if none
+  std::vector<Tensor> w_hr;  // per layer with proj_size: (P, H), in the call's dtype
 };
 
 // The weights in dtype (bfloat16 rounded once from float32 weights under autocast); the biases
 // in the dtype the sums run in.
-Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias,
+Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias, bool proj,
             at::ScalarType dtype, at::ScalarType acc) {
-  const int64_t per = has_bias ? 4 : 2;
+  const int64_t per = (has_bias ? 4 : 2) + (proj ? 1 : 0);
   Packed p;
   at::NoGradGuard no_grad;
   for (int64_t l = 0; l < num_layers; ++l) {
@@ -37,6 +38,7 @@ Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers
         has_bias ? split_biases(mode, weights[l * per + 2], weights[l * per + 3]) : std::pair<Tensor, Tensor>();
     const Tensor zeros = at::zeros({w_ih.size(0)}, w_ih.options());
     p.bias.push_back(at::stack({b_in.defined() ? b_in : zeros, b_rec.defined() ? b_rec : zeros}).to(acc).contiguous());
+    if (proj) p.w_hr.push_back(weights[l * per + per - 1].to(dtype).contiguous());
   }
   return p;
 }
@@ -44,10 +46,10 @@ Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers
 WeightCache<Packed> cache;
 
 // gi = W_ih x + bias[0] and gh = W_hh h + bias[1] for each of B rows: weights and vectors in E,
-// sums in A (float32 for bfloat16).
+// sums in A (float32 for bfloat16); h_zero: every h is zero (gh is the bias).
 template <typename E, typename A>
 void project(const Tensor& w, const Tensor& bias, const E* x, int64_t in, const E* h, int64_t H, int64_t B, A* gi,
-             A* gh) {
+             A* gh, bool h_zero) {
   const int64_t rows = w.size(0), ld = w.size(1);
   const E* W = w.data_ptr<E>();
   const A* bi = bias.data_ptr<A>();
@@ -58,11 +60,13 @@ void project(const Tensor& w, const Tensor& bias, const E* x, int64_t in, const 
       A* gib = gi + b * rows;
       A* ghb = gh + b * rows;
       dot_rows(W + r0 * ld, ld, r1 - r0, x + b * in, in, gib + r0, 1);
-      dot_rows(W + r0 * ld + in, ld, r1 - r0, h + b * H, H, ghb + r0, 1);
-      for (int64_t r = r0; r < r1; ++r) {
-        gib[r] += bi[r];
-        ghb[r] += bh[r];
+      if (h_zero) {
+        std::memcpy(ghb + r0, bh + r0, (r1 - r0) * sizeof(A));
+      } else {
+        dot_rows(W + r0 * ld + in, ld, r1 - r0, h + b * H, H, ghb + r0, 1);
+        for (int64_t r = r0; r < r1; ++r) ghb[r] += bh[r];
       }
+      for (int64_t r = r0; r < r1; ++r) gib[r] += bi[r];
     }
   });
 }
@@ -70,54 +74,70 @@ void project(const Tensor& w, const Tensor& bias, const E* x, int64_t in, const 
 // The stack over elements E (inputs, weights, the outputs between layers) with states and
 // sums in A, and the last layer's outputs and the returned states in h0's dtype O (E, or
 // float beside bfloat16: autocast's float32 states); for bfloat16 a rounded copy of each
-// layer's state (h_lo) feeds the products.
+// layer's state (h_lo) feeds the products. With proj_size (LSTM, h0 P wide where c0 is H wide,
+// as ATen tells them apart) each step's new cell output goes through W_hr into the state.
 template <typename E, typename A, typename O>
 std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, const std::vector<Tensor>& weights,
                                                                int64_t num_layers, bool has_bias, const Tensor& x,
                                                                const Tensor& h0, const c10::optional<Tensor>& c0) {
   constexpr bool low = !std::is_same_v<E, A>;
   const at::ScalarType et = x.scalar_type(), at_ = c10::CppTypeToScalarType<A>::value;
-  const Packed p = cache.get(weights, low ? 1 : 0, [&] { return pack(mode, weights, num_layers, has_bias, et, at_); });
   const bool lstm = mode == LSTM;
   TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
-  const int64_t T = x.size(0), B = x.size(1), H = h0.size(2), G = gate_count(mode);
-  TORCH_CHECK(p.w[0].size(1) == x.size(2) + H, "rnnfast decode: input size does not match the weights");
+  const int64_t T = x.size(0), B = x.size(1), P = h0.size(2), H = lstm ? c0->size(2) : P, G = gate_count(mode);
+  const bool proj = P != H;
+  const Packed p =
+      cache.get(weights, low ? 1 : 0, [&] { return pack(mode, weights, num_layers, has_bias, proj, et, at_); });
+  TORCH_CHECK(p.w[0].size(1) == x.size(2) + P, "rnnfast decode: input size does not match the weights");
   Tensor h_n = h0.to(at_).contiguous().clone();
   Tensor c_n = lstm ? c0->to(at_).contiguous().clone() : Tensor();
   Tensor h_lo = low ? h0.to(et).contiguous().clone() : h_n;
-  Tensor out = at::empty({T, B, H}, h0.options());
+  Tensor out = at::empty({T, B, P}, h0.options());
   // the outputs of the layers below the last, in turn (one reads the other)
-  Tensor mid = num_layers > 1 ? at::empty({std::min<int64_t>(num_layers - 1, 2), T, B, H}, x.options()) : Tensor();
-  Tensor scratch = at::empty({3 * B * 4 * H + H}, x.options().dtype(at_));
+  Tensor mid = num_layers > 1 ? at::empty({std::min<int64_t>(num_layers - 1, 2), T, B, P}, x.options()) : Tensor();
+  // gi, gh, GRU's gates, the rows' new cell outputs (before W_hr)
+  Tensor scratch = at::empty({3 * B * 4 * H + B * H}, x.options().dtype(at_));
   A* gi = scratch.data_ptr<A>();
   A* gh = gi + B * 4 * H;
-  A* ws = gh + B * 4 * H;  // GRU gates
+  A* ws = gh + B * 4 * H;
   A* h_new = ws + B * 4 * H;
+  Tensor h_new_lo = low && proj ? at::empty({B * H}, x.options()) : Tensor();  // what W_hr multiplies, rounded
   const E* in = x.data_ptr<E>();
   int64_t in_size = x.size(2);
   for (int64_t l = 0; l < num_layers; ++l) {
     const bool last = l + 1 == num_layers;
-    E* o = last ? nullptr : mid.data_ptr<E>() + (l % 2) * T * B * H;
+    E* o = last ? nullptr : mid.data_ptr<E>() + (l % 2) * T * B * P;
     O* o_last = last ? out.data_ptr<O>() : nullptr;
-    A* h = h_n.data_ptr<A>() + l * B * H;
-    E* hl = h_lo.data_ptr<E>() + l * B * H;
+    A* h = h_n.data_ptr<A>() + l * B * P;
+    E* hl = h_lo.data_ptr<E>() + l * B * P;
     A* c = lstm ? c_n.data_ptr<A>() + l * B * H : nullptr;
     for (int64_t t = 0; t < T; ++t) {
-      project<E, A>(p.w[l], p.bias[l], in + t * B * in_size, in_size, hl, H, B, gi, gh);
+      project<E, A>(p.w[l], p.bias[l], in + t * B * in_size, in_size, hl, P, B, gi, gh, t == 0 && all_zero(hl, B * P));
       for (int64_t b = 0; b < B; ++b) {
         gate_forward<A>(mode, gi + b * G * H, gh + b * G * H, h + b * H, lstm ? c + b * H : nullptr, nullptr,
-                        lstm ? gi + b * G * H : ws + b * 4 * H, h_new, H, H);
-        std::memcpy(h + b * H, h_new, H * sizeof(A));
-        if (last) {
-          round_row(o_last + (t * B + b) * H, h_new, H);
-        } else {
-          round_row(o + (t * B + b) * H, h_new, H);
-        }
-        if (low) round_row(hl + b * H, h_new, H);
+                        lstm ? gi + b * G * H : ws + b * 4 * H, h_new + b * H, H, H);
       }
+      if (proj) {
+        const E* cell_out = nullptr;
+        if constexpr (low) {
+          round_row(h_new_lo.data_ptr<E>(), h_new, B * H);
+          cell_out = h_new_lo.data_ptr<E>();
+        } else {
+          cell_out = h_new;
+        }
+        gemv_rows<E, A>(cell_out, B, H, p.w_hr[l].data_ptr<E>(), P, nullptr, h);
+      } else {
+        std::memcpy(h, h_new, B * H * sizeof(A));
+      }
+      if (last) {
+        round_row(o_last + t * B * P, h, B * P);
+      } else {
+        round_row(o + t * B * P, h, B * P);
+      }
+      if (low) round_row(hl, h, B * P);
     }
     in = o;
-    in_size = H;
+    in_size = P;
   }
   const at::ScalarType ot = h0.scalar_type();
   return {out, h_n.to(ot), lstm ? c10::optional<Tensor>(c_n.to(ot)) : c10::nullopt};
@@ -181,6 +201,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dtype"), pybind11::arg("seconds") = 0.3);
   m.def("decode", &rnnfast::decode,
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
+  m.def("pad_packed", &rnnfast::pad_packed, "PackedSequence data to (T, B, ...), zeros past each row's end.");
+  m.def("pack_padded", &rnnfast::pack_padded, "(T, B, ...) to PackedSequence data: the rows batch_sizes keeps.");
   m.def("cell_eager", &rnnfast::cell_eager,
         "One eager cell step, 2-D input and states: the decode path, or layer_fwd_eager.");
   m.def("layer_fwd_eager", &rnnfast::layer_fwd_eager,

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -50,6 +52,33 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 // AVX2 FMAs on exactly widened lanes).
 void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
               int64_t res_stride);
+
+// out[b] = w @ a[b] (+ bias) for n rows: w (N, K) row-major in E, a (n, K) in E, sums in A (float32
+// for bfloat16). Threads split the rows of w from 64K multiply-adds each: a product this small is
+// bound by reading w, which one core reads at about half the speed two do. With it, and ATen's GEMM
+// past two rows (matmul_nt), LSTM proj_size in the stepwise loop went from 0.50-0.87x torch.nn to
+// 0.90-3x (2-core Xeon, bench/results/2026-12-06-cpu-proj-ab.md).
+template <typename E, typename A>
+void gemv_rows(const E* a, int64_t n, int64_t K, const E* w, int64_t N, const A* bias, A* out) {
+  const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(K * n, 1));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t b = 0; b < n; ++b) {
+      A* o = out + b * N;
+      dot_rows(w + r0 * K, K, r1 - r0, a + b * K, K, o + r0, 1);
+      if (bias != nullptr) {
+        for (int64_t r = r0; r < r1; ++r) o[r] += bias[r];
+      }
+    }
+  });
+}
+
+// Whether n values are all zero (-0 too): the initial state a module makes when hx is None. The
+// products with it then are their biases alone (forward) and nothing (the weight gradients);
+// torch.nn runs them. Stops at the first nonzero value.
+template <typename E>
+bool all_zero(const E* v, int64_t n) {
+  return std::all_of(v, v + n, [](E a) { return static_cast<float>(a) == 0.0f; });
+}
 
 // dst[j] = src[j] for j < n: a copy, or rounded to nearest even for bfloat16.
 inline void round_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
@@ -114,8 +143,9 @@ double peak_gflops(const std::string& dtype, double seconds);
 // The instructions the fused loop's products run on at this dtype here ("" where it does not run).
 const char* product_isa(const std::string& dtype);
 
-// a @ w^T (+ bias) (+ add), like F.linear: oneDNN for float32 (several times faster than
-// MKL's sgemm on AMD CPUs, and as exact), ATen's GEMM otherwise. a and w may be strided.
+// a @ w^T (+ bias) (+ add), like F.linear: ATen's GEMM (MKL's sgemm where torch has it) on Intel
+// CPUs and for a few rows; else oneDNN for float32 (several times faster than MKL's sgemm on AMD
+// CPUs, and as exact). a and w may be strided.
 at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w,
                      const c10::optional<at::Tensor>& bias = c10::nullopt,
                      const c10::optional<at::Tensor>& add = c10::nullopt);

@@ -59,24 +59,12 @@ Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBF
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
 Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); }
 
-// A step's recurrent product runs on this thread with the GEMV kernel when the
+// A step's recurrent product (and projection) runs with the GEMV kernel when the
 // batch is tiny or the product is: the GEMV reads the weight once per row, so past
 // two rows a GEMM call (which reads it once per step) pays for its overhead.
 constexpr int64_t kGemvMaxRows = 2;
 constexpr int64_t kSmallStep = int64_t(1) << 16;
 bool gemv_step(int64_t rows, int64_t macs) { return rows <= kGemvMaxRows || macs <= kSmallStep; }
-
-// out[b] = w @ a[b] (+ bias) for n rows: w is (N, K) row-major, a is (n, K).
-template <typename T>
-void small_matmul_nt(const T* a, int64_t n, int64_t K, const T* w, int64_t N, const T* bias, T* out) {
-  for (int64_t b = 0; b < n; ++b) {
-    T* o = out + b * N;
-    dot_rows(w, K, N, a + b * K, K, o, 1);
-    if (bias != nullptr) {
-      for (int64_t r = 0; r < N; ++r) o[r] += bias[r];
-    }
-  }
-}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
                                                              const OptTensor& batch_sizes, const Tensor& h0_,
@@ -125,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   Tensor ws2 = lstm ? (packed ? at::zeros({proj ? 2 : 1, T, B, H}, opts) : at::empty({proj ? 2 : 1, T, B, H}, opts))
                     : at::empty({0}, opts);
   const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
-  const bool small = gemv_step(B, B * G * H * P);
+  const bool small = gemv_step(B, B * G * H * P), small_proj = proj && gemv_step(B, B * H * P);
   Tensor gh = small ? at::empty({B, G * H}, opts) : Tensor();
   const Tensor cs = lstm ? ws2[0] : Tensor();
   const Tensor hp = proj ? ws2[1] : Tensor();
@@ -138,7 +126,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
       if (n == 0) continue;
       if (small) {
         const scalar_t* bias = b_rec.defined() ? b_rec.data_ptr<scalar_t>() : nullptr;
-        small_matmul_nt(h.data_ptr<scalar_t>(), n, P, w_hh.data_ptr<scalar_t>(), G * H, bias, gh.data_ptr<scalar_t>());
+        gemv_rows<scalar_t, scalar_t>(h.data_ptr<scalar_t>(), n, P, w_hh.data_ptr<scalar_t>(), G * H, bias,
+                                      gh.data_ptr<scalar_t>());
       } else {
         gh = matmul_nt(h.narrow(0, 0, n), w_hh, b_rec.defined() ? OptTensor(b_rec) : c10::nullopt).contiguous();
       }
@@ -153,7 +142,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
           if (!proj) std::memcpy(hs + b * P, h_out, P * sizeof(scalar_t));
         }
       });
-      if (proj) {
+      if (proj && small_proj) {
+        gemv_rows<scalar_t, scalar_t>(hp_r(t, 0), n, H, w_hr.data_ptr<scalar_t>(), P, nullptr, out_r(t, 0));
+        std::memcpy(hs, out_r(t, 0), n * P * sizeof(scalar_t));
+      } else if (proj) {
         const Tensor o = matmul_nt(hp[t].narrow(0, 0, n), w_hr);
         out[t].narrow(0, 0, n).copy_(o);
         h.narrow(0, 0, n).copy_(o);
@@ -220,9 +212,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor hp = proj ? ws2[1] : Tensor();
   const Tensor c_prev = lstm ? previous_states(cs, c0->contiguous(), bs, reverse) : Tensor();
   Tensor dh_proj = proj ? make({T, B, P}) : Tensor();  // gradient w.r.t. the projected output, for dW_hr
-  Tensor dhp;
   const Tensor w_hr_t = proj ? w_hr_->t().contiguous() : Tensor();
-  const bool small = gemv_step(B, B * G * H * P);
+  const bool small = gemv_step(B, B * G * H * P), small_proj = proj && gemv_step(B, B * H * P);
+  Tensor dhp = small_proj ? at::empty({B, H}, opts) : Tensor();
   Tensor dh_rec = small ? at::empty({B, P}, opts) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnnfast_layer_bwd", [&] {
@@ -235,7 +227,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       dh_act.add_(go[t].narrow(0, 0, n));
       if (proj) {
         dh_proj[t].narrow(0, 0, n).copy_(dh_act);
-        dhp = matmul_nt(dh_act, w_hr_t).contiguous();
+        if (small_proj) {
+          gemv_rows<scalar_t, scalar_t>(dh_act.data_ptr<scalar_t>(), n, P, w_hr_t.data_ptr<scalar_t>(), H, nullptr,
+                                    dhp.data_ptr<scalar_t>());
+        } else {
+          dhp = matmul_nt(dh_act, w_hr_t).contiguous();
+        }
       }
       const Tensor& d_src = proj ? dhp : dh;
       at::parallel_for(0, n, row_grain(G * H), [&](int64_t b0, int64_t b1) {
@@ -246,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
         }
       });
       if (small) {
-        small_matmul_nt<scalar_t>(dgh_r(t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
+        gemv_rows<scalar_t, scalar_t>(dgh_r(t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
                         dh_rec.data_ptr<scalar_t>());
       } else {
         dh_rec = matmul_nt(dgh[t].narrow(0, 0, n), w_hh_t);

@@ -31,4 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
 
+// PackedSequence data (sum of batch_sizes, ...) to the padded layout (T, B, ...), zeros past each row's
+// end, and back (packed.cpp): inference's conversions, without autograd.
+at::Tensor pad_packed(const at::Tensor& data, const at::Tensor& batch_sizes);
+at::Tensor pack_padded(const at::Tensor& padded, const at::Tensor& batch_sizes);
+
 }  // namespace rnnfast

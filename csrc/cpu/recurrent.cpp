@@ -666,6 +666,25 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
   }
 }
 
+// c = the bias of panels [nb0, nb1) (zero without one) for `rows` rows (row stride ldc): their
+// product with rows of zeros.
+template <typename E>
+void bias_rows(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t rows, float* c, int64_t ldc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      for (int64_t v = 0; v < p.V; ++v) {
+        float* dst = c + r * ldc + p.column(nb, v);
+        const int64_t lanes = p.lanes(nb, v);
+        if (p.bias_data != nullptr) {
+          std::memcpy(dst, p.bias_data + (nb * p.V + v) * 16, lanes * sizeof(float));
+        } else {
+          std::memset(dst, 0, lanes * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
 // Rows a step goes through at a time: two tiles of every panel, so that the block's
 // rows of a and its outputs stay in L1/L2 between the product and the gate update.
 template <typename E>
@@ -928,6 +947,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   // ping-pong: walked step k reads hbuf[k % 2] and writes every row and unit of the other
   Tensor hbuf = workspace(kStates, {2, B, H});
   hbuf[0].copy_(h0);
+  const bool h0_zero = all_zero(hbuf.data_ptr<float>(), B * H);  // the first step's product: its bias
   Tensor hlo = low ? workspace(kStatesLow, {2, B, H}, x.scalar_type()) : hbuf;  // what the product reads
   if (low) hlo[0].copy_(h0);
   const int64_t ldg = padded_row(GH, sizeof(float));  // rows of pre-activations
@@ -970,7 +990,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
         }
         for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
                   [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rows) {
-                    gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
+                    if (k == 0 && h0_zero) {
+                      bias_rows(p, s0, s1, rows, gh, ldg);
+                    } else {
+                      gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
+                    }
                     for (int64_t b = r0; b < r0 + rows; ++b) {
                       float* h_new = nxt + b * H + u0;
                       gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
@@ -1158,6 +1182,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   // in E: float32 beside bfloat16 x only where autocast or a direct call passes it
   const Tensor out = out_.to(x.scalar_type()), go = go_.to(x.scalar_type());
   const Tensor h0_e = h0.to(x.scalar_type()).contiguous(), c0_f = lstm ? c0.to(at::kFloat).contiguous() : c0;
+  // a zero h0 adds nothing to dW_hh (float32; bfloat16's operands go in pairs of rows)
+  const bool h0_zero = !low && all_zero(h0_e.data_ptr<E>(), B * H);
   const Tensor cs = lstm ? ws2[0] : Tensor();
   const Tensor w_ih_c = w_ih.contiguous();
   // dh = dgh @ W_hh: H outputs, K = G * H
@@ -1336,6 +1362,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // gradients: through MKL (its column-major C is their rows, beta 0 on the first chunk), else
       // transposed, in blocks of rows that keep both operands in L2, the strided operand the narrower
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
+      // dW_hh's rows [h0r, h1r): not those of the step whose h_prev is a zero h0 (the first forward)
+      int64_t h0r = 0, h1r = rows;
+      if (h0_zero && (reverse ? T - 1 : 0) == t0) {
+        h0r = B;
+      } else if (h0_zero && (reverse ? T - 1 : 0) == t0 + (k1 - k0) - 1) {
+        h1r = rows - B;
+      }
+      const int64_t h_rows = h1r - h0r;
       if (by_mkl) {
         if constexpr (!low) {  // (bfloat16 has kNoMkl)
           const float one = 1.0f, beta = k0 == 0 ? 0.0f : 1.0f;
@@ -1346,15 +1380,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
             // 2.3x; 2 threads, KVM Xeon), though no new thread appeared
             const int was = mkl_dw.set_local_threads(1);
             mkl_dw.sgemm("N", "T", &I, &cnt, &rows, &one, a_x, &I, b_gi + u0, &ld_g, &beta, dw_ih_p + u0 * I, &I);
-            mkl_dw.sgemm("N", "T", &H, &cnt, &rows, &one, a_h, &H, b_gh + u0, &ld_g, &beta, dw_hh_p + u0 * H, &H);
+            if (h_rows > 0) {
+              mkl_dw.sgemm("N", "T", &H, &cnt, &h_rows, &one, a_h + h0r * H, &H, b_gh + h0r * ld_g + u0, &ld_g,
+                           &beta, dw_hh_p + u0 * H, &H);
+            } else if (k0 == 0) {
+              std::memset(dw_hh_p + u0 * H, 0, cnt * H * sizeof(float));
+            }
             mkl_dw.set_local_threads(was);
           }
         }
       } else {
         for (int64_t k = 0; k < rows; k += kSumRows) {
-          const int64_t kb = std::min(kSumRows, rows - k);
+          const int64_t kb = std::min(kSumRows, rows - k), k_h = std::max(k, h0r), kb_h = std::min(k + kb, h1r) - k_h;
           gemm(direct(b_gi + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
-          gemm(direct(b_gh + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_h + k * H, H, H, dw_hh_p, GH, true, true);
+          if (kb_h > 0) {
+            gemm(direct(b_gh + k_h * ld_g, kb_h, GH, ld_g), cols.nb0, cols.nb1, a_h + k_h * H, H, H, dw_hh_p, GH, true,
+                 true);
+          }
         }
       }
 #pragma omp barrier
