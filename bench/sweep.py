@@ -42,12 +42,14 @@ class Config(Case):
     batch_first: bool = False
     packed: bool = False
     options: dict = field(default_factory=dict)  # bias, nonlinearity, proj_size
+    input_grad: bool = True  # fwdbwd: the input needs a gradient (an embedding's output), else data
 
     @property
     def label(self) -> str:
         flags = [f"L{self.layers}"] if self.layers > 1 else []
         flags += [n for n, on in (("bidir", self.bidirectional), ("batch_first", self.batch_first),
-                                  ("packed", self.packed)) if on]
+                                  ("packed", self.packed), ("data-input", self.mode == "fwdbwd" and not self.input_grad))
+                  if on]
         flags += [f"{k}={v}" for k, v in sorted(self.options.items())]
         return f"{self.family} {self.mode} T{self.T} B{self.B} I{self.I} H{self.H}" + "".join(f" {f}" for f in flags)
 
@@ -75,7 +77,8 @@ def draw(rng: random.Random, modes: tuple[str, ...]) -> Config:
     T = rng.choice((1, 2, 5, 17, 50, 100, 200))
     return Config(family, rng.choice(modes), T, rng.choice((1, 2, 5, 8, 16, 32, 48, 64, 128, 256)),
                   rng.choice((1, 13, 64, 128, 256, 300, 512)), H, layers, bidirectional=rng.random() < 0.3,
-                  batch_first=rng.random() < 0.3, packed=T > 1 and rng.random() < 0.2, options=options)
+                  batch_first=rng.random() < 0.3, packed=T > 1 and rng.random() < 0.2, options=options,
+                  input_grad=rng.random() < 0.5)
 
 
 def drawn(seed: int, count: int, modes: list[str], max_cost: float) -> list[Config]:
@@ -124,9 +127,11 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
 
             return fwd
         module.train()
-        x.requires_grad_(not cfg.packed)
+        x.requires_grad_(cfg.input_grad)
 
         def fwdbwd() -> None:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
             out = module(inputs())[0]
             (out.data if cfg.packed else out).sum().backward()
 

@@ -80,7 +80,7 @@ def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
 
 @torch.library.register_fake("rnnfast::layer_bwd")
 def _layer_bwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, has_bias, reverse, out, ws1, ws2, g_out, g_hn,
-                    g_cn):
+                    g_cn, need_dx=True, need_dh0=True, need_dw=True):
     _check_fake("layer_bwd", mode, x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, out=out, ws1=ws1, ws2=ws2,
                 grad_out=g_out, grad_hn=g_hn, grad_cn=g_cn)
     empty = x.new_empty(0)
@@ -107,6 +107,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _needs(needs_input_grad: tuple) -> tuple[bool, bool, bool]:
+    """layer_bwd's need_dx, need_dh0, need_dw from layer_fwd's needs_input_grad (x 1, h0 3, weights 5-9)."""
+    return needs_input_grad[1], needs_input_grad[3], any(needs_input_grad[5:10])
+
+
 def _layer_bwd(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
     x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2 = ctx.saved_tensors
     lstm = ctx.mode == 0
@@ -115,7 +120,7 @@ def _layer_bwd(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
     g_cn = (torch.zeros_like(c0) if g_cn is None else g_cn) if lstm else x.new_empty(0)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _ops.layer_bwd(
         ctx.mode, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, ctx.has_bias, ctx.reverse, out, ws1, ws2,
-        g_out, g_hn, g_cn,
+        g_out, g_hn, g_cn, *_needs(ctx.needs_input_grad),
     )
     bias = ctx.has_bias
     return (None, dx, None, dh0, dc0 if lstm else None, dw_ih, dw_hh, db_ih if bias else None,

@@ -222,7 +222,7 @@ class _RNNLayer(_BackendChoice):
         _check_state("hx[0]" if is_lstm else "hx", h0, check_input)
         if c0 is not None:
             _check_state("hx[1]", c0, check_input)
-        if sorted_indices is not None:
+        if sorted_indices is not None and hx is not None:  # zeros need no reordering
             h0 = h0.index_select(1, sorted_indices)
             c0 = None if c0 is None else c0.index_select(1, sorted_indices)
 

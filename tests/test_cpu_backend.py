@@ -271,6 +271,60 @@ def flat_outputs(module, case, inputs, dtype):
     return [getattr(out, "data", out)] + (list(h) if isinstance(h, tuple) else [h])
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+@pytest.mark.parametrize("T, packed, reverse", [(1, False, False), (6, True, True), (700, False, False)],
+                         ids=["T1", "T6-packed-reverse", "T700-chunks"])
+@pytest.mark.parametrize("needs", [(False, True, True), (True, False, True), (True, True, False), (False, False, False)],
+                         ids=["no-dx", "no-dh0", "no-dw", "none"])
+def test_layer_bwd_leaves_out_what_is_not_asked_for(mode, T, packed, reverse, needs):
+    """need_dx / need_dh0 / need_dw (autograd's needs_input_grad) False: that gradient comes back zero,
+    every other one as with all asked for."""
+    import test_ops_errors as ops
+
+    args = ops.fwd_args(mode, packed=packed)
+    B = args["h0"].size(0)
+    args["x"] = torch.randn(T, B, args["x"].size(2))
+    if packed:
+        args["batch_sizes"] = torch.tensor([B] * (T - 2) + [2, 1])
+    args.update(reverse=reverse, has_bias=True)
+    out, _, _, ws1, ws2 = torch.ops.rnnfast.layer_fwd(*(args[k] for k in ops.FWD_ARGS))
+    call = [args[k] for k in ops.BWD_ARGS[:10]] + [out, ws1, ws2, torch.randn_like(out), torch.randn_like(args["h0"]),
+                                                   torch.randn_like(args["c0"]) if mode == "LSTM" else out.new_zeros(0)]
+    full = torch.ops.rnnfast.layer_bwd(*call)
+    lean = torch.ops.rnnfast.layer_bwd(*call, *needs)
+    left_out = {0} if not needs[0] else set()
+    left_out |= {1} if not needs[1] else set()
+    left_out |= {3, 4} if not needs[2] else set()  # dW_ih, dW_hh; the biases' sums cost nothing and stay
+    for k in range(7):
+        if k in left_out:
+            assert torch.equal(lean[k], torch.zeros_like(full[k])) and full[k].abs().sum() > 0, k
+        else:
+            assert torch.equal(lean[k], full[k]), k
+
+
+@pytest.mark.parametrize("requires", ["x", "h0", "weights", "x-h0"])
+def test_autograd_asks_only_for_what_needs_a_gradient(requires, monkeypatch):
+    """The module's backward passes needs_input_grad on (C++ node, and the registered autograd under
+    torch.func), and the gradients that are asked for match torch.nn's."""
+    ref, ours = twins("LSTM", "cpu", 5, 7, num_layers=2)
+    x = torch.randn(4, 3, 5)
+    h0, c0 = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    for m in (ref, ours):
+        m.requires_grad_("weights" in requires)
+    results = []
+    for m in (ref, ours):
+        xi, hi = x.clone().requires_grad_("x" in requires), h0.clone().requires_grad_("h0" in requires)
+        out, _ = m(xi, (hi, c0))
+        if not out.requires_grad:
+            pytest.skip("nothing needs a gradient")
+        out.sum().backward()
+        results.append([t.grad for t in (xi, hi, *m.parameters())])
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("lengths, tail", [([5, 3, 3, 1], (7,)), ([1], (2, 3)), ([4, 4], ())])
 def test_pad_and_pack_match_torch(lengths, tail, dtype):

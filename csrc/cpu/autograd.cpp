@@ -43,6 +43,8 @@ const c10::TypedOperatorHandle<LayerBwdSignature>& layer_bwd_op() {
   return op;
 }
 
+bool requires_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+
 struct Layer : public torch::autograd::Function<Layer> {
   static variable_list forward(AutogradContext* ctx, int64_t mode, const Tensor& x, const OptTensor& batch_sizes,
                                const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -53,6 +55,11 @@ struct Layer : public torch::autograd::Function<Layer> {
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
+    // what backward is asked for, as Python's needs_input_grad says it (the C++ one counts present tensors only)
+    ctx->saved_data["need_dx"] = x.requires_grad();
+    ctx->saved_data["need_dh0"] = h0.requires_grad();
+    ctx->saved_data["need_dw"] = w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
+                                 requires_grad(b_hh) || requires_grad(w_hr);
     ctx->save_for_backward({x, batch_sizes.value_or(Tensor()), h0, c0.value_or(Tensor()), w_ih, w_hh,
                             w_hr.value_or(Tensor()), out, ws1, ws2});
     // no zeros the size of the saved gates for their (never used) gradients
@@ -75,7 +82,8 @@ struct Layer : public torch::autograd::Function<Layer> {
       const Tensor g_cn = lstm ? given(grads[2], c0) : at::empty({0}, x.options());
       auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
           layer_bwd_op().call(mode, x, opt(bs), h0, opt(c0), w_ih, w_hh, opt(w_hr), has_bias, reverse, out, saved[8],
-                              saved[9], given(grads[0], out), given(grads[1], h0), g_cn);
+                              saved[9], given(grads[0], out), given(grads[1], h0), g_cn, ctx->saved_data["need_dx"].toBool(),
+                              ctx->saved_data["need_dh0"].toBool(), ctx->saved_data["need_dw"].toBool());
       const Tensor none;
       // one gradient per argument of forward: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
       result = {none,  dx,    none, dh0, lstm ? dc0 : none, dw_ih, dw_hh, has_bias ? db_ih : none,

@@ -120,6 +120,14 @@ extern const bool kIsaCapped;
 // slabs are sized for.
 int64_t l2_bytes();
 
+// The gradients a backward is asked for (autograd's needs_input_grad): dx, dh0, and the weights'
+// (dW_ih, dW_hh and the biases' together). One not asked for is left out of the products and comes
+// back zero: a first layer's input (data) needs no dx, a zero h0 from hx None no dh0, frozen weights no
+// dW. torch.nn's default loop (GRU, RNN, LSTM with proj_size) skips them the same way.
+struct Needs {
+  bool dx = true, dh0 = true, dw = true;
+};
+
 // One layer and direction on AVX2 or AVX-512 CPUs in float32, or bfloat16 with AVX512-BF16, without
 // proj_size (recurrent.cpp); bfloat16 inputs may come with float32 weights and states
 // (autocast; the outputs take h0's dtype): the same contract as the operators layer_fwd /
@@ -134,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t mode, const at::Tensor& x, const std::vector<int64_t>& bs, bool packed, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias, bool reverse,
     const at::Tensor& out, const at::Tensor& ws1, const at::Tensor& ws2, const at::Tensor& go,
-    const at::Tensor& grad_hn, const at::Tensor& grad_cn);
+    const at::Tensor& grad_hn, const at::Tensor& grad_cn, const Needs& needs);
 
 // The multiply-add peak of this CPU in GFLOP/s on at::get_num_threads() threads, for the fused
 // loop's float32 FMAs or bfloat16 products (vdpbf16ps, or AMX tiles where they run), timed over

@@ -159,7 +159,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(
     int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
-    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn) {
+    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
+    bool need_dx, bool need_dh0, bool need_dw) {
+  const Needs needs{need_dx, need_dh0, need_dw};
   check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
                   grad_cn);
   if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
@@ -169,13 +171,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] = fused_layer_bwd(
           mode, xf.contiguous(), step_sizes(batch_sizes, x_.size(0), x_.size(1)), present(batch_sizes),
           widen(h0).contiguous(), lstm ? widen(*c0).contiguous() : Tensor(), w_ih_.contiguous(), w_hh_.contiguous(),
-          has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn));
+          has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn),
+          needs);
       return {narrow_to(dx, x_),          narrow_to(dh0, h0),         lstm ? narrow_to(dc0, *c0) : none, dw_ih, dw_hh,
               has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
     }
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
         layer_bwd(mode, xf, batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
-                  has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn));
+                  has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn), need_dx,
+                  need_dh0, need_dw);
     // absent gradients as the fused loop returns them: empty, in x's dtype
     auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
       return there && present(like) ? narrow_to(t, *like) : none;
@@ -195,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   if (fused_loop_supported(x, proj)) {
     const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
         fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,
-                        reverse, out, ws1, ws2, go, grad_hn, grad_cn);
+                        reverse, out, ws1, ws2, go, grad_hn, grad_cn, needs);
     return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
   }
 
@@ -276,7 +280,8 @@ TORCH_LIBRARY(rnnfast, m) {
   m.def(
       "layer_bwd(int mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, "
       "Tensor? w_hr, bool has_bias, bool reverse, Tensor out, Tensor ws1, Tensor ws2, Tensor grad_out, "
-      "Tensor grad_hn, Tensor grad_cn) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor grad_hn, Tensor grad_cn, bool need_dx=True, bool need_dh0=True, bool need_dw=True) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 static_assert(std::is_same_v<decltype(layer_fwd), LayerFwdSignature>);

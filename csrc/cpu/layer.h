@@ -20,7 +20,8 @@ using LayerBwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
     int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& w_hr, bool has_bias, bool reverse, const at::Tensor& out, const at::Tensor& ws1,
-    const at::Tensor& ws2, const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& grad_cn);
+    const at::Tensor& ws2, const at::Tensor& grad_out, const at::Tensor& grad_hn, const at::Tensor& grad_cn,
+    bool need_dx, bool need_dh0, bool need_dw);
 
 // layer_fwd for eager calls: with save, its outputs tied to a C++ autograd node that runs layer_bwd
 // (as the Python registration does; compiled autograd takes the node as it is); without, the

@@ -1136,12 +1136,13 @@ Tensor transposed(const Tensor& src, at::ScalarType dtype) {
 // bfloat16 each row's gate gradients are also rounded into the chunk's buffers that the products
 // read, and the weight gradients read their operands in pairs of rows (interleave_pairs; on AMX
 // a transposed, transpose_rows).
-// Gradients come in the dtypes of the tensors they belong to.
+// Gradients come in the dtypes of the tensors they belong to; those not asked for (needs) are left out
+// of the products and come back zero (dh0: the last step's dh product, at T 1 a third of them).
 template <typename E>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop(
     int64_t mode, const Tensor& x, const std::vector<int64_t>& bs, bool packed, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, bool has_bias, bool reverse, const Tensor& out_, const Tensor& ws1,
-    const Tensor& ws2, const Tensor& go_, const Tensor& grad_hn, const Tensor& grad_cn) {
+    const Tensor& ws2, const Tensor& go_, const Tensor& grad_hn, const Tensor& grad_cn, const Needs& needs) {
   constexpr bool low = !std::is_same_v<E, float>;
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
   const bool lstm = mode == LSTM, gru = mode == GRU;
@@ -1316,6 +1317,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         if (!by_rows) {
 #pragma omp barrier
         }
+        if (k == T - 1 && !needs.dh0) continue;  // dh0: not asked for
         // dh of the rows active at t, block by block, each block's rows (and the slab's units)
         // going straight on to the gate gradients of the next walked step of this chunk
         for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
@@ -1330,7 +1332,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
       const auto [x0, x1] = row_share(rows, nt, tid);
       const E* const x_chunk = x_p + t0 * B * I;
-      gemm_into(p_dx, dgi_rows.data + x0 * ldg, ldg, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+      if (needs.dx) gemm_into(p_dx, dgi_rows.data + x0 * ldg, ldg, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+      if (!needs.dw) {  // the next chunk's gate gradients overwrite what dx read
+#pragma omp barrier
+        continue;
+      }
       if constexpr (low) {  // the weight gradients' operands
         if (amx) {  // a: x and h_prev transposed, by columns; b: the gate gradients in tiles, by rows,
                     // the last thread also filling K's padding
@@ -1405,6 +1411,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   if (by_rows) {
     db_i.add_(db_parts.select(1, 0).sum(0));
     if (gru) db_h.add_(db_parts.select(1, 1).sum(0));
+  }
+  if (!needs.dh0) dh.zero_();
+  if (!needs.dx) dx.zero_();
+  if (!needs.dw && by_mkl) {  // (the scratch sums start zero)
+    dw_ih.zero_();
+    dw_hh.zero_();
   }
   return grads();
 }
@@ -1536,13 +1548,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_fwd(int64_t mode,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_layer_bwd(
     int64_t mode, const Tensor& x, const std::vector<int64_t>& bs, bool packed, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, bool has_bias, bool reverse, const Tensor& out, const Tensor& ws1,
-    const Tensor& ws2, const Tensor& go, const Tensor& grad_hn, const Tensor& grad_cn) {
+    const Tensor& ws2, const Tensor& go, const Tensor& grad_hn, const Tensor& grad_cn, const Needs& needs) {
   if (x.scalar_type() == at::kBFloat16) {
     return backward_loop<BF16>(mode, x, bs, packed, h0, c0, w_ih, w_hh, has_bias, reverse, out, ws1, ws2, go,
-                               grad_hn, grad_cn);
+                               grad_hn, grad_cn, needs);
   }
   return backward_loop<float>(mode, x, bs, packed, h0, c0, w_ih, w_hh, has_bias, reverse, out, ws1, ws2, go, grad_hn,
-                              grad_cn);
+                              grad_cn, needs);
 }
 
 }  // namespace rnnfast
