@@ -342,8 +342,9 @@ def test_pad_and_pack_match_torch(lengths, tail, dtype):
                        packed.data)  # strided
 
 
-def test_packed_inference_converts_in_the_extension(monkeypatch):
-    """Packed inference pads and packs in the extension; with autograd, torch's conversions run."""
+def test_packed_calls_convert_in_the_extension(monkeypatch):
+    """Packed calls pad and pack in the extension, with autograd too (each conversion's backward the
+    other one), and match torch.nn's outputs and gradients."""
     from torch.nn.utils.rnn import pack_sequence
 
     calls = []
@@ -357,8 +358,29 @@ def test_packed_inference_converts_in_the_extension(monkeypatch):
     assert calls == ["pad_packed", "pack_padded"]
     assert_same(got[0].data, want[0].data)
     assert_same(got[1], want[1])
-    ours(pack_sequence(seqs, enforce_sorted=False))[0].data.sum().backward()
-    assert calls == ["pad_packed", "pack_padded", "pad_packed"]  # the input needs no gradient; the output does
+    grads = []
+    for m in (ref, ours):
+        xs = [t.clone().requires_grad_() for t in seqs]
+        out, h = m(pack_sequence(xs, enforce_sorted=False))
+        (out.data.sum() + h.sum()).backward()
+        grads.append([t.grad for t in xs] + [p.grad for p in m.parameters()])
+    assert calls[2:] == ["pad_packed", "pack_padded", "pad_packed", "pack_padded"]  # forward, then their backwards
+    for a, b in zip(*grads):
+        assert_same(a, b)
+
+
+def test_packed_conversions_gradcheck():
+    """The conversions' backwards are each other's adjoints, to second order."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    bs = pack_padded_sequence(torch.zeros(4, 3, 1), torch.tensor([4, 2, 1])).batch_sizes
+    data = torch.randn(int(bs.sum()), 2, dtype=torch.float64, requires_grad=True)
+    padded = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    pad, pack = rnnfast.cpu._PadPacked.apply, rnnfast.cpu._PackPadded.apply
+    assert torch.autograd.gradcheck(lambda d: pad(d, bs), (data,))
+    assert torch.autograd.gradgradcheck(lambda d: pad(d, bs), (data,))
+    assert torch.autograd.gradcheck(lambda p: pack(p, bs), (padded,))
+    assert torch.autograd.gradgradcheck(lambda p: pack(p, bs), (padded,))
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two threads need two CPUs")

@@ -300,6 +300,32 @@ def test_bf16_cells_no_worse_than_torch(family, autocast, I, H, B, backend):
 
 
 @pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+@pytest.mark.parametrize("autocast", [False, True], ids=["module", "autocast"])
+@pytest.mark.parametrize("T, B", [(1, 1), (1, 2), (2, 1)])
+def test_bf16_decode_with_projections(T, B, autocast, monkeypatch):
+    """A bfloat16 LSTM stack with proj_size on one or two rows takes the decode path (W_hr after each step,
+    its input rounded to bfloat16), within torch.nn's own bfloat16 error of float32 torch.nn."""
+    calls = []
+    real = rnnfast.cpu._C.decode
+    monkeypatch.setattr(rnnfast.cpu._C, "decode", lambda *a: (calls.append(a[4].dtype), real(*a))[1])
+    ref, ours = _twins("LSTM", "cpu", 6, 24, num_layers=2, proj_size=5)
+    x = torch.randn(T, B, 6)
+    state = (torch.randn(2, B, 5), torch.randn(2, B, 24))
+    with torch.no_grad():
+        want = ref(x, state)
+        if autocast:
+            with torch.autocast("cpu", dtype=BF16):
+                got, theirs = ours(x, state), ref(x, state)
+        else:
+            low = tuple(s.to(BF16) for s in state)
+            got, theirs = ours.to(BF16)(x.to(BF16), low), copy.deepcopy(ref).to(BF16)(x.to(BF16), low)
+    assert calls and all(d == BF16 for d in calls)
+    for g, t, w in zip([got[0], *got[1]], [theirs[0], *theirs[1]], [want[0], *want[1]]):
+        assert g.dtype == t.dtype
+        assert _max_err(g, w) <= 1.5 * _max_err(t, w) + SLACK
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 def test_bf16_without_bf16_instructions():
     """CPUs without AVX512-BF16 run bfloat16 on widened float32 copies: the same bounds, checked
     by capping the kernels this machine picks (RNNFAST_CPU_ISA)."""
