@@ -164,30 +164,19 @@ def _layer_fwd(*args):
     return _Layer.apply(*args)
 
 
-class _PadPacked(torch.autograd.Function):
-    """PackedSequence data to (T, B, *): its backward is the adjoint, the gradient's active rows packed."""
+class _Convert(torch.autograd.Function):
+    """PackedSequence data to (T, B, *) (``to_padded``, zeros past each row's end) or back; each
+    conversion is the other's adjoint, so its backward is the other one."""
 
     @staticmethod
-    def forward(ctx, data: Tensor, batch_sizes: Tensor) -> Tensor:
+    def forward(ctx, t: Tensor, batch_sizes: Tensor, to_padded: bool) -> Tensor:
         ctx.save_for_backward(batch_sizes)
-        return _C.pad_packed(data, batch_sizes)
+        ctx.to_padded = to_padded
+        return (_C.pad_packed if to_padded else _C.pack_padded)(t, batch_sizes)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _PackPadded.apply(grad, ctx.saved_tensors[0]), None
-
-
-class _PackPadded(torch.autograd.Function):
-    """(T, B, *) to PackedSequence data: its backward pads the gradient, zeros past each row's end."""
-
-    @staticmethod
-    def forward(ctx, padded: Tensor, batch_sizes: Tensor) -> Tensor:
-        ctx.save_for_backward(batch_sizes)
-        return _C.pack_padded(padded, batch_sizes)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _PadPacked.apply(grad, ctx.saved_tensors[0]), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _Convert.apply(grad, ctx.saved_tensors[0], not ctx.to_padded), None, None
 
 
 def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
@@ -235,21 +224,21 @@ class CPUBackend(Backend):
 
     def pad_packed(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Eager CPU calls: one copy a step in the extension, with the other conversion as backward
-        (_PadPacked). torch's conversions cost about 40 us a call at small sizes, and with autograd
+        (_Convert). torch's conversions cost about 40 us a call at small sizes, and with autograd
         pad_packed_sequence's backward fills a zero tensor the size of the packed data for every
         distinct batch size (LSTM T200 B64 I512 training 0.40x torch.nn, 2-core Xeon). torch's under
         torch.compile and torch.func."""
         if not (_eager() and data.device.type == "cpu"):
             return super().pad_packed(data, batch_sizes)
         if torch.is_grad_enabled() and data.requires_grad:
-            return _PadPacked.apply(data, batch_sizes), None
+            return _Convert.apply(data, batch_sizes, True), None
         return _C.pad_packed(data, batch_sizes), None
 
     def pack_padded(self, out: Tensor, batch_sizes: Tensor, lengths: Optional[Tensor]) -> Tensor:
         if not (_eager() and out.device.type == "cpu"):
             return super().pack_padded(out, batch_sizes, lengths)
         if torch.is_grad_enabled() and out.requires_grad:
-            return _PackPadded.apply(out, batch_sizes)
+            return _Convert.apply(out, batch_sizes, False)
         return _C.pack_padded(out, batch_sizes)
 
     def rnn(

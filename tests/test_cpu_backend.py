@@ -376,7 +376,12 @@ def test_packed_conversions_gradcheck():
     bs = pack_padded_sequence(torch.zeros(4, 3, 1), torch.tensor([4, 2, 1])).batch_sizes
     data = torch.randn(int(bs.sum()), 2, dtype=torch.float64, requires_grad=True)
     padded = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
-    pad, pack = rnnfast.cpu._PadPacked.apply, rnnfast.cpu._PackPadded.apply
+    def pad(d, bs):
+        return rnnfast.cpu._Convert.apply(d, bs, True)
+
+    def pack(p, bs):
+        return rnnfast.cpu._Convert.apply(p, bs, False)
+
     assert torch.autograd.gradcheck(lambda d: pad(d, bs), (data,))
     assert torch.autograd.gradgradcheck(lambda d: pad(d, bs), (data,))
     assert torch.autograd.gradcheck(lambda p: pack(p, bs), (padded,))
