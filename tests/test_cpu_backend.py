@@ -342,6 +342,15 @@ def test_pad_and_pack_match_torch(lengths, tail, dtype):
                        packed.data)  # strided
 
 
+def test_pad_and_pack_no_rows():
+    """Empty batches and rows of nothing come back empty, in the shapes torch's layout gives them."""
+    C = rnnfast.cpu._C
+    assert C.pad_packed(torch.zeros(0, 3), torch.tensor([0, 0])).shape == (2, 0, 3)
+    assert C.pack_padded(torch.zeros(2, 0, 3), torch.tensor([0, 0])).shape == (0, 3)
+    assert C.pad_packed(torch.zeros(3, 0), torch.tensor([2, 1])).shape == (2, 2, 0)
+    assert C.pack_padded(torch.zeros(2, 2, 0), torch.tensor([2, 1])).shape == (3, 0)
+
+
 def test_packed_calls_convert_in_the_extension(monkeypatch):
     """Packed calls pad and pack in the extension, with autograd too (each conversion's backward the
     other one), and match torch.nn's outputs and gradients."""

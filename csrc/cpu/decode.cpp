@@ -93,6 +93,8 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
   Tensor c_n = lstm ? c0->to(at_).contiguous().clone() : Tensor();
   Tensor h_lo = low ? h0.to(et).contiguous().clone() : h_n;
   Tensor out = at::empty({T, B, P}, h0.options());
+  const at::ScalarType ot = h0.scalar_type();
+  if (B == 0) return {out, h_n.to(ot), lstm ? c10::optional<Tensor>(c_n.to(ot)) : c10::nullopt};  // no rows to copy
   // the outputs of the layers below the last, in turn (one reads the other)
   Tensor mid = num_layers > 1 ? at::empty({std::min<int64_t>(num_layers - 1, 2), T, B, P}, x.options()) : Tensor();
   // gi, gh, GRU's gates, the rows' new cell outputs (before W_hr)
@@ -139,7 +141,6 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
     in = o;
     in_size = P;
   }
-  const at::ScalarType ot = h0.scalar_type();
   return {out, h_n.to(ot), lstm ? c10::optional<Tensor>(c_n.to(ot)) : c10::nullopt};
 }
 

@@ -38,9 +38,9 @@ Tensor pad_packed(const Tensor& data_, const Tensor& batch_sizes) {
   const int64_t bytes = row * data.element_size();
   const char* src = static_cast<const char*>(data.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(dst + t * B * bytes, src, bs[t] * bytes);
-    std::memset(dst + (t * B + bs[t]) * bytes, 0, (B - bs[t]) * bytes);
+  for (int64_t t = 0; t < T && bytes > 0; ++t) {  // (no rows, or rows of nothing: no pointer to copy through)
+    if (bs[t] > 0) std::memcpy(dst + t * B * bytes, src, bs[t] * bytes);
+    if (bs[t] < B) std::memset(dst + (t * B + bs[t]) * bytes, 0, (B - bs[t]) * bytes);
     src += bs[t] * bytes;
   }
   return out;
@@ -60,8 +60,8 @@ Tensor pack_padded(const Tensor& padded_, const Tensor& batch_sizes) {
   const int64_t bytes = row * padded.element_size();
   const char* src = static_cast<const char*>(padded.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(dst, src + t * B * bytes, bs[t] * bytes);
+  for (int64_t t = 0; t < T && bytes > 0; ++t) {
+    if (bs[t] > 0) std::memcpy(dst, src + t * B * bytes, bs[t] * bytes);
     dst += bs[t] * bytes;
   }
   return out;
