@@ -418,7 +418,10 @@ def test_two_threads_no_slower_than_one_on_a_small_training_step():
     for _ in range(15):
         for n in times:
             times[n].append(step_s(n))
-    one, two = (sorted(v)[len(v) // 2] for v in times.values())
+    # the fastest of each: the regression this guards against slows every call, while a KVM host that
+    # deschedules one of the two vCPUs for a while slows the 2-thread calls of that while (a median of
+    # 4.4 ms against 1.1 ms once in a full run, where the test alone passed 5 times in 5)
+    one, two = (min(v) for v in times.values())
     assert two < 2.5 * one, f"2 threads {two * 1e3:.2f} ms, 1 thread {one * 1e3:.2f} ms"
 
 
