@@ -205,3 +205,16 @@ def test_sweep_times_random_configurations_and_reruns_them(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rerun = json.loads((tmp_path / (path.stem + "-2.json")).read_text())["results"]
     assert [r["label"] for r in rerun] == [r["label"] for r in data["results"]]
+
+
+def test_sweep_pairs_each_round(monkeypatch):
+    """bench.sweep's speed-up divides each round's torch.nn time by rnnfast's in the same round: a host whose
+    speed changes from round to round (here 1x to 5x) gives the exact 2.0x, not ratios of times out of order."""
+    import bench.sweep as sweep
+
+    slow = iter([1.0, 2.0, 1.0, 6.0, 3.0, 10.0, 5.0, 4.0, 2.0, 8.0, 4.0])  # calibration, then (torch, rnnfast) pairs
+    monkeypatch.setattr(sweep, "steps", lambda cfg, backend: (lambda: None, lambda: None))
+    monkeypatch.setattr(sweep, "time_batch", lambda step, calls, device: next(slow))
+    got = sweep.measure(sweep.Config("GRU", "fwd", 2, 1, 3, 4), "cpu", rounds=5, min_seconds=1.0)
+    assert got["speedup"] == got["speedup_p20"] == got["speedup_p80"] == 2.0
+    assert got["torch_ms"] == 6000.0
