@@ -315,8 +315,6 @@ def test_autograd_asks_only_for_what_needs_a_gradient(requires, monkeypatch):
     for m in (ref, ours):
         xi, hi = x.clone().requires_grad_("x" in requires), h0.clone().requires_grad_("h0" in requires)
         out, _ = m(xi, (hi, c0))
-        if not out.requires_grad:
-            pytest.skip("nothing needs a gradient")
         out.sum().backward()
         results.append([t.grad for t in (xi, hi, *m.parameters())])
     for a, b in zip(*results):
