@@ -164,19 +164,32 @@ def _layer_fwd(*args):
     return _Layer.apply(*args)
 
 
+def _copy(t: Tensor, batch_sizes: Tensor, to_padded: bool) -> Tensor:
+    """PackedSequence data to (T, B, *) (``to_padded``, zeros past each row's end) or back, in the extension."""
+    return (_C.pad_packed if to_padded else _C.pack_padded)(t, batch_sizes)
+
+
 class _Convert(torch.autograd.Function):
-    """PackedSequence data to (T, B, *) (``to_padded``, zeros past each row's end) or back; each
-    conversion is the other's adjoint, so its backward is the other one."""
+    """_copy with autograd: each conversion is the other's adjoint, so its backward is the other one."""
 
     @staticmethod
     def forward(ctx, t: Tensor, batch_sizes: Tensor, to_padded: bool) -> Tensor:
         ctx.save_for_backward(batch_sizes)
         ctx.to_padded = to_padded
-        return (_C.pad_packed if to_padded else _C.pack_padded)(t, batch_sizes)
+        return _copy(t, batch_sizes, to_padded)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         return _Convert.apply(grad, ctx.saved_tensors[0], not ctx.to_padded), None, None
+
+
+def _convert(t: Tensor, batch_sizes: Tensor, to_padded: bool) -> Optional[Tensor]:
+    """The extension's conversion of an eager CPU call (through _Convert where autograd needs it), else None."""
+    if not (_eager() and t.device.type == "cpu"):
+        return None
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _Convert.apply(t, batch_sizes, to_padded)
+    return _copy(t, batch_sizes, to_padded)
 
 
 def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
@@ -223,23 +236,16 @@ class CPUBackend(Backend):
         return None
 
     def pad_packed(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Eager CPU calls: one copy a step in the extension, with the other conversion as backward
-        (_Convert). torch's conversions cost about 40 us a call at small sizes, and with autograd
-        pad_packed_sequence's backward fills a zero tensor the size of the packed data for every
-        distinct batch size (LSTM T200 B64 I512 training 0.40x torch.nn, 2-core Xeon). torch's under
-        torch.compile and torch.func."""
-        if not (_eager() and data.device.type == "cpu"):
-            return super().pad_packed(data, batch_sizes)
-        if torch.is_grad_enabled() and data.requires_grad:
-            return _Convert.apply(data, batch_sizes, True), None
-        return _C.pad_packed(data, batch_sizes), None
+        """Eager CPU calls: one copy a step in the extension (_convert). torch's conversions cost about 40 us
+        a call at small sizes, and with autograd pad_packed_sequence's backward fills a zero tensor the size
+        of the packed data for every distinct batch size (LSTM T200 B64 I512 training 0.40x torch.nn, 2-core
+        Xeon). torch's under torch.compile and torch.func."""
+        padded = _convert(data, batch_sizes, True)
+        return (padded, None) if padded is not None else super().pad_packed(data, batch_sizes)
 
     def pack_padded(self, out: Tensor, batch_sizes: Tensor, lengths: Optional[Tensor]) -> Tensor:
-        if not (_eager() and out.device.type == "cpu"):
-            return super().pack_padded(out, batch_sizes, lengths)
-        if torch.is_grad_enabled() and out.requires_grad:
-            return _Convert.apply(out, batch_sizes, False)
-        return _C.pack_padded(out, batch_sizes)
+        packed = _convert(out, batch_sizes, False)
+        return packed if packed is not None else super().pack_padded(out, batch_sizes, lengths)
 
     def rnn(
         self,
