@@ -301,6 +301,14 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 
 namespace rnnfast {
 
+bool mkl_on_intel() {
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return at::hasMKL() && __builtin_cpu_is("intel");
+  }();
+  return on;
+}
+
 // oneDNN's linear costs 25-35 us a call more than ATen's GEMM (2-core Xeon, float32, 1-48 rows of
 // K 128-512): a step's product of a few rows takes ATen's (bench/results/2026-12-06-cpu-proj-ab.md).
 constexpr int64_t kOneDnnMinRows = 64;
@@ -311,13 +319,9 @@ at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& w, const c10::option
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
   static const c10::optional<c10::OperatorHandle> onednn_add =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", "binary"});
-  static const bool mkl_fast = [] {
-    __builtin_cpu_init();
-    return at::hasMKL() && __builtin_cpu_is("intel");
-  }();
   const bool has_bias = bias.has_value() && bias->defined(), has_add = add.has_value() && add->defined();
   const c10::IValue b = has_bias ? c10::IValue(*bias) : c10::IValue();
-  if (mkl_fast || a.size(0) < kOneDnnMinRows) {
+  if (mkl_on_intel() || a.size(0) < kOneDnnMinRows) {
     at::Tensor out = has_bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
     return has_add ? out.add_(*add) : out;
   }

@@ -151,6 +151,10 @@ double peak_gflops(const std::string& dtype, double seconds);
 // The instructions the fused loop's products run on at this dtype here ("" where it does not run).
 const char* product_isa(const std::string& dtype);
 
+// Whether torch has MKL and the CPU is Intel's: there MKL's sgemm is the fast GEMM (on AMD CPUs it takes
+// slower paths, and oneDNN is several times faster).
+bool mkl_on_intel();
+
 // a @ w^T (+ bias) (+ add), like F.linear: ATen's GEMM (MKL's sgemm where torch has it) on Intel
 // CPUs and for a few rows; else oneDNN for float32 (several times faster than MKL's sgemm on AMD
 // CPUs, and as exact). a and w may be strided.

@@ -886,8 +886,7 @@ struct Mkl {
 constexpr Mkl kNoMkl{};
 const Mkl& mkl() {
   static const Mkl m = [] {
-    __builtin_cpu_init();
-    if (!at::hasMKL() || !kHasAvx512 || kIsaCapped || !__builtin_cpu_is("intel")) return Mkl{};
+    if (!mkl_on_intel() || !kHasAvx512 || kIsaCapped) return Mkl{};
     void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // torch's own MKL, not another BLAS
     if (torch_cpu == nullptr) return Mkl{};
     Mkl found{reinterpret_cast<Sgemm>(dlsym(torch_cpu, "sgemm_64")),
