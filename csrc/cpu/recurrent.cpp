@@ -875,13 +875,28 @@ constexpr int64_t kSumRows = 256;
 // each thread on its columns: in the loop it ran them in about 90 ms where the tile products took
 // 118 (LSTM T100 B64 H512 training on a 2 MB L2 Xeon; the whole step 1.13x, H1024 B16 1.36x, H256
 // 1.03-1.12x; with the dh slabs 1.16x and 1.27x, bench/results/2026-12-06-cpu-f32-backward-ab.md).
-// MKL takes slower paths on AMD CPUs (matmul_nt prefers oneDNN for that): the tile products stay there.
+// So does dx = dgi W_ih, each thread on its rows, where the tile products read W_ih in place (LSTM
+// I=H 512 and 1024 training 1.05x, GRU 1.04x, H128-256 0.97-1.04x: within this host's noise,
+// bench/results/2026-12-06-cpu-mkl-dx-ab.md). MKL takes slower paths on AMD CPUs (matmul_nt prefers
+// oneDNN for that): the tile products stay there.
 using Sgemm = void (*)(const char*, const char*, const int64_t*, const int64_t*, const int64_t*, const float*,
                        const float*, const int64_t*, const float*, const int64_t*, const float*, float*,
                        const int64_t*);
 struct Mkl {
   Sgemm sgemm = nullptr;
   int (*set_local_threads)(int) = nullptr;  // MKL_Set_Num_Threads_Local: returns the setting it replaces
+
+  // Column-major c (m, n) = a (m, k) b (k, n) + beta c, a and b transposed where ta, tb say "T"; on
+  // the calling thread alone: left to split them, MKL ran our two threads' calls 8x slower than one
+  // thread's (LSTM T100 B4 H32 training 6.3 -> 0.8 ms, T1000 B4 H64 2.3x; 2 threads, KVM Xeon),
+  // though no new thread appeared.
+  void gemm(const char* ta, const char* tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+            const float* b, int64_t ldb, float beta, float* c, int64_t ldc) const {
+    const float one = 1.0f;
+    const int was = set_local_threads(1);
+    sgemm(ta, tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+    set_local_threads(was);
+  }
 };
 constexpr Mkl kNoMkl{};
 const Mkl& mkl() {
@@ -1194,7 +1209,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   // dh = dgh @ W_hh: H outputs, K = G * H
   const Panels<E> p =
       panels<E>().get({w_hh}, kBackward * 4 + mode, [&] { return pack<E>(w_hh.t(), Tensor(), 1, 64); });
-  // dx = dgi @ W_ih: float32 reads W_ih in place; bfloat16 (loop or weights) packs it once
+  // dx = dgi @ W_ih: float32 through MKL where the weight gradients take it, else reading W_ih in
+  // place; bfloat16 (loop or weights) packs it once
+  const float* const w_ih_mkl = by_mkl && w_ih_c.scalar_type() == at::kFloat ? w_ih_c.data_ptr<float>() : nullptr;
   const Panels<E> p_dx = low || w_ih.scalar_type() != at::kFloat
                              ? panels<E>().get({w_ih}, kBackwardInput * 4 + mode,
                                                [&] { return pack<E>(w_ih.t(), Tensor(), 1, 64); })
@@ -1336,7 +1353,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
       const auto [x0, x1] = row_share(rows, nt, tid);
       const E* const x_chunk = x_p + t0 * B * I;
-      if (needs.dx) gemm_into(p_dx, dgi_rows.data + x0 * ldg, ldg, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+      if (needs.dx && x1 > x0) {
+        bool dx_done = false;
+        if constexpr (!low) {
+          if (w_ih_mkl != nullptr) {  // row-major dx = dgi W_ih is column-major dx^T = W_ih^T dgi^T
+            mkl_dw.gemm("N", "N", I, x1 - x0, GH, w_ih_mkl, I, dgi_rows(0, x0), ldg, 0.0f, dx_p + (t0 * B + x0) * I, I);
+            dx_done = true;
+          }
+        }
+        if (!dx_done) gemm_into(p_dx, dgi_rows(0, x0), ldg, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+      }
       if (!needs.dw) {  // the next chunk's gate gradients overwrite what dx read
 #pragma omp barrier
         continue;
@@ -1382,21 +1408,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       const int64_t h_rows = h1r - h0r;
       if (by_mkl) {
         if constexpr (!low) {  // (bfloat16 has kNoMkl)
-          const float one = 1.0f, beta = k0 == 0 ? 0.0f : 1.0f;
+          const float beta = k0 == 0 ? 0.0f : 1.0f;
           const int64_t u0 = cols.u0, cnt = cols.cnt;
           if (cnt > 0) {
-            // each call on its own thread alone: left to split them, MKL ran our two threads' calls
-            // 8x slower than one thread's (LSTM T100 B4 H32 training 6.3 -> 0.8 ms, T1000 B4 H64
-            // 2.3x; 2 threads, KVM Xeon), though no new thread appeared
-            const int was = mkl_dw.set_local_threads(1);
-            mkl_dw.sgemm("N", "T", &I, &cnt, &rows, &one, a_x, &I, b_gi + u0, &ld_g, &beta, dw_ih_p + u0 * I, &I);
+            mkl_dw.gemm("N", "T", I, cnt, rows, a_x, I, b_gi + u0, ld_g, beta, dw_ih_p + u0 * I, I);
             if (h_rows > 0) {
-              mkl_dw.sgemm("N", "T", &H, &cnt, &h_rows, &one, a_h + h0r * H, &H, b_gh + h0r * ld_g + u0, &ld_g,
-                           &beta, dw_hh_p + u0 * H, &H);
+              mkl_dw.gemm("N", "T", H, cnt, h_rows, a_h + h0r * H, H, b_gh + h0r * ld_g + u0, ld_g, beta,
+                          dw_hh_p + u0 * H, H);
             } else if (k0 == 0) {
               std::memset(dw_hh_p + u0 * H, 0, cnt * H * sizeof(float));
             }
-            mkl_dw.set_local_threads(was);
           }
         }
       } else {
