@@ -24,10 +24,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <string>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <cstring>
 
@@ -756,6 +758,7 @@ int64_t threads_for(const Panels<E>& p) {
 // (LSTMCell B8 H256 inference 1.39x, training 1.08x; GRUCell 1.27x, 1.09x; 2-core Xeon).
 struct Split {
   bool by_rows;
+  bool dealt = false;  // the forward's panels dealt out (Deal): by units, W_hh beyond the threads' L2
   int64_t threads;  // threads to start
   // what thread tid of nt runs: its units and its rows [r0, r1)
   struct Part {
@@ -768,6 +771,8 @@ struct Split {
     const int64_t nt = at::get_num_threads(), min_rows = std::is_same_v<E, BF16> && kHasAmxBf16 ? 12 : 3;
     by_rows = nt > 1 && B >= min_rows * nt && p.NB * p.pstride * int64_t(sizeof(E)) <= l2_bytes() && T > 1;
     threads = by_rows ? std::min(nt, B) : threads_for(p);
+    dealt = !by_rows && threads > 1 &&
+            p.NB * p.pstride * int64_t(sizeof(E)) > threads * (l2_bytes() / 2);
   }
 
   template <typename E>
@@ -775,6 +780,44 @@ struct Split {
     if (!by_rows) return {Share(p, nt, tid), 0, B};
     return {Share(p, 1, 0), B * tid / nt, B * (tid + 1) / nt};
   }
+};
+
+// Work dealt out in groups of panels, where each thread's share of W_hh would not stay in its L2
+// anyway (it streams from L3 every step): each thread runs its own groups first, in order, then
+// helps with what is left of the others', so that a phase takes about the threads' mean time, not
+// the slowest's, on a host whose cores run at uneven speeds. Phases end at a barrier; the counters
+// of phase q sit at q % 2, and thread 0 clears those of phase q + 1 during phase q.
+class Deal {
+ public:
+  template <typename E>
+  Deal(const Panels<E>& p, int64_t nt, bool on)
+      : on_(on), NB_(p.NB), nt_(nt), per_(std::max<int64_t>(1, p.NB / (4 * nt))), groups_((p.NB + per_ - 1) / per_),
+        taken_(new std::atomic<int64_t>[2 * nt]) {
+    for (int64_t i = 0; i < 2 * nt; ++i) taken_[i].store(0);
+  }
+
+  // f(nb0, nb1) over the panels thread tid runs in its next phase (counted in q): its own share
+  // [own.nb0, own.nb1) where dealing is off, else the groups it claims
+  template <typename F>
+  void run(int64_t& q, int64_t tid, const Share& own, F&& f) {
+    if (!on_) return f(own.nb0, own.nb1);
+    std::atomic<int64_t>* now = &taken_[q % 2 * nt_];
+    if (tid == 0) {
+      for (int64_t v = 0; v < nt_; ++v) taken_[(q + 1) % 2 * nt_ + v].store(0, std::memory_order_relaxed);
+    }
+    for (int64_t d = 0; d < nt_; ++d) {
+      const int64_t v = (tid + d) % nt_, g0 = groups_ * v / nt_, g1 = groups_ * (v + 1) / nt_;
+      for (int64_t g; (g = g0 + now[v].fetch_add(1, std::memory_order_relaxed)) < g1;) {
+        f(g * per_, std::min(NB_, (g + 1) * per_));
+      }
+    }
+    ++q;
+  }
+
+ private:
+  bool on_;
+  int64_t NB_, nt_, per_, groups_;
+  std::unique_ptr<std::atomic<int64_t>[]> taken_;  // [parity][thread]: groups of its share claimed
 };
 
 // Ask for rows [r0, r1) of step t of t3 (T, B, W): `runs` runs of m floats from column j0,
@@ -975,6 +1018,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
 
   const Rows<float> gi_rows(gi), cs_rows(cs), ws1_rows(ws1);
   const Rows<O> out_rows(out);
+  Deal deal(p, nt, split.dealt);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
   float* const hbuf_p = hbuf.data_ptr<float>();
   E* const hlo_p = hlo.data_ptr<E>();
@@ -984,7 +1028,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
     const int64_t tid = omp_get_thread_num();
     const Split::Part part = split.part(p, B, omp_get_num_threads(), tid);
     const Share own = part.own;
-    const int64_t j0 = own.u0, m = own.cnt, rb0 = part.r0, rb1 = part.r1;
+    const int64_t rb0 = part.r0, rb1 = part.r1;
+    int64_t phase = 0;  // of the dealt work (every thread counts the same)
     float* gh = scratch.data_ptr<float>() + tid * (RB * ldg + 4 * H);
     float* row_ws = gh + RB * ldg;  // a row's gates when nothing is saved: stays in L1
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
@@ -995,7 +1040,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
           gemm(p_in, 0, p_in.NB, x_p + (t * B + rb0) * I, I, rb1 - rb0, gi_rows(t - t0, rb0), ldg, false);
         }
       } else {
-        gemm(p_in, own.nb0, own.nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, ldg, false);
+        const auto project = [&](int64_t nb0, int64_t nb1) {
+          gemm(p_in, nb0, nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, ldg, false);
+        };
+        deal.run(phase, tid, own, project);
+        if (split.dealt) {  // the steps' groups may read any thread's columns
+#pragma omp barrier
+        }
       }
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = walk.step(k), n = std::min(bs[t], rb1);
@@ -1003,26 +1054,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
         float* nxt = hbuf_p + ((k + 1) % 2) * B * H;
         E* cur_lo = hlo_p + (k % 2) * B * H;
         E* nxt_lo = hlo_p + ((k + 1) % 2) * B * H;
-        for (int64_t b = std::max(n, rb0); b < rb1; ++b) {
-          std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * sizeof(float));
-          if (low) std::memcpy(nxt_lo + b * H + j0, cur_lo + b * H + j0, m * sizeof(E));
-        }
-        for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
-                  [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rows) {
-                    if (k == 0 && h0_zero) {
-                      bias_rows(p, s0, s1, rows, gh, ldg);
-                    } else {
-                      gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
-                    }
-                    for (int64_t b = r0; b < r0 + rows; ++b) {
-                      float* h_new = nxt + b * H + u0;
-                      gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
-                                   lstm ? c_p + b * H + u0 : nullptr, lstm && save ? cs_rows(t, b) + u0 : nullptr,
-                                   (save ? ws1_rows(t, b) : row_ws) + u0, h_new, cnt, H);
-                      round_row(out_rows(t, b) + u0, h_new, cnt);
-                      if (low) round_row(nxt_lo + b * H + u0, h_new, cnt);
-                    }
-                  });
+        // panels [nb0, nb1) of step k: rows past the batch carried over, the others' product and gates
+        const auto panels_step = [&](int64_t nb0, int64_t nb1) {
+          const int64_t j0 = std::min(p.N, nb0 * p.U), m = std::min(p.N, nb1 * p.U) - j0;
+          for (int64_t b = std::max(n, rb0); b < rb1; ++b) {
+            std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * sizeof(float));
+            if (low) std::memcpy(nxt_lo + b * H + j0, cur_lo + b * H + j0, m * sizeof(E));
+          }
+          for_slabs(p, nb0, nb1, rb0, n, RB,
+                    [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rows) {
+                      if (k == 0 && h0_zero) {
+                        bias_rows(p, s0, s1, rows, gh, ldg);
+                      } else {
+                        gemm(p, s0, s1, cur_lo + r0 * H, H, rows, gh, ldg, false);
+                      }
+                      for (int64_t b = r0; b < r0 + rows; ++b) {
+                        float* h_new = nxt + b * H + u0;
+                        gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
+                                     lstm ? c_p + b * H + u0 : nullptr, lstm && save ? cs_rows(t, b) + u0 : nullptr,
+                                     (save ? ws1_rows(t, b) : row_ws) + u0, h_new, cnt, H);
+                        round_row(out_rows(t, b) + u0, h_new, cnt);
+                        if (low) round_row(nxt_lo + b * H + u0, h_new, cnt);
+                      }
+                    });
+        };
+        deal.run(phase, tid, own, panels_step);
         if (!by_rows) {
 #pragma omp barrier
         }
