@@ -462,14 +462,16 @@ def test_rows_and_units_splits_agree(family, dtype):
             assert ((grad.float() - sum(parts)).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("hidden", [512, 520])
 @pytest.mark.parametrize("family", ["LSTM", "GRU"])
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
-def test_dealt_panels_match_one_thread(family, train):
-    """Hidden 512 (a 4 MB W_hh for LSTM, 3 MB for GRU): where that outgrows the threads' L2 the
-    forward deals its panels out between the threads as they come free (Deal), else splits them
-    evenly. Whichever thread runs a unit, its sums run in the same order, so 2 threads give exactly
-    the outputs and states of 1; the backward's gradients are held to float32 tolerance."""
-    _, ours = twins(family, "cpu", 64, 512)
+def test_dealt_panels_match_one_thread(family, train, hidden):
+    """Hidden 512 or 520 (33 panels of 16 units, shares of 16 and 17; a W_hh of 3-4.3 MB): where
+    that outgrows the threads' L2 the forward deals its panels out between the threads as they come
+    free (Deal), else splits them evenly. Whichever thread runs a unit, its sums run in the same
+    order, so 2 threads give exactly the outputs and states of 1; the backward's gradients are held
+    to float32 tolerance."""
+    _, ours = twins(family, "cpu", 64, hidden)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 16, 64, generator=g)
 

@@ -783,16 +783,18 @@ struct Split {
 };
 
 // Work dealt out in groups of panels, where each thread's share of W_hh would not stay in its L2
-// anyway (it streams from L3 every step): each thread runs its own groups first, in order, then
-// helps with what is left of the others', so that a phase takes about the threads' mean time, not
-// the slowest's, on a host whose cores run at uneven speeds. Phases end at a barrier; the counters
-// of phase q sit at q % 2, and thread 0 clears those of phase q + 1 during phase q.
+// anyway (it streams from L3 every step): each thread runs its own share (Share's panels) in
+// kGroups groups, in order, then helps with what is left of the others', so that a phase takes
+// about the threads' mean time, not the slowest's, on a host whose cores run at uneven speeds.
+// Phases end at a barrier; the counters of phase q sit at q % 2, and thread 0 clears those of
+// phase q + 1 during phase q.
 class Deal {
  public:
+  static constexpr int64_t kGroups = 4;  // a share's groups: the most a helper can take from the end
+
   template <typename E>
   Deal(const Panels<E>& p, int64_t nt, bool on)
-      : on_(on), NB_(p.NB), nt_(nt), per_(std::max<int64_t>(1, p.NB / (4 * nt))), groups_((p.NB + per_ - 1) / per_),
-        taken_(new std::atomic<int64_t>[2 * nt]) {
+      : on_(on), NB_(p.NB), nt_(nt), taken_(new std::atomic<int64_t>[2 * nt]) {
     for (int64_t i = 0; i < 2 * nt; ++i) taken_[i].store(0);
   }
 
@@ -806,9 +808,10 @@ class Deal {
       for (int64_t v = 0; v < nt_; ++v) taken_[(q + 1) % 2 * nt_ + v].store(0, std::memory_order_relaxed);
     }
     for (int64_t d = 0; d < nt_; ++d) {
-      const int64_t v = (tid + d) % nt_, g0 = groups_ * v / nt_, g1 = groups_ * (v + 1) / nt_;
-      for (int64_t g; (g = g0 + now[v].fetch_add(1, std::memory_order_relaxed)) < g1;) {
-        f(g * per_, std::min(NB_, (g + 1) * per_));
+      const int64_t v = (tid + d) % nt_, s0 = NB_ * v / nt_, n = NB_ * (v + 1) / nt_ - s0;
+      for (int64_t g; (g = now[v].fetch_add(1, std::memory_order_relaxed)) < kGroups;) {
+        const int64_t g0 = s0 + n * g / kGroups, g1 = s0 + n * (g + 1) / kGroups;
+        if (g1 > g0) f(g0, g1);
       }
     }
     ++q;
@@ -816,7 +819,7 @@ class Deal {
 
  private:
   bool on_;
-  int64_t NB_, nt_, per_, groups_;
+  int64_t NB_, nt_;
   std::unique_ptr<std::atomic<int64_t>[]> taken_;  // [parity][thread]: groups of its share claimed
 };
 
