@@ -73,6 +73,8 @@ struct Panels {
   int64_t U, V, N, K, NB, ldb, pstride;
   bool tiled = false;  // in AMX tiles: only gemm_amx reads them
 
+  int64_t bytes() const { return NB * pstride * int64_t(sizeof(E)); }  // all NB panels
+
   // Column offset in an output row (gate stride N) and live lanes of register v of panel nb.
   int64_t column(int64_t nb, int64_t v) const { return (v * 16) / U * N + nb * U + (v * 16) % U; }
   int64_t lanes(int64_t nb, int64_t v) const {
@@ -758,7 +760,6 @@ int64_t threads_for(const Panels<E>& p) {
 // (LSTMCell B8 H256 inference 1.39x, training 1.08x; GRUCell 1.27x, 1.09x; 2-core Xeon).
 struct Split {
   bool by_rows;
-  bool dealt = false;  // the forward's panels dealt out (Deal): by units, W_hh beyond the threads' L2
   int64_t threads;  // threads to start
   // what thread tid of nt runs: its units and its rows [r0, r1)
   struct Part {
@@ -769,10 +770,8 @@ struct Split {
   template <typename E>
   Split(const Panels<E>& p, int64_t B, int64_t T) {
     const int64_t nt = at::get_num_threads(), min_rows = std::is_same_v<E, BF16> && kHasAmxBf16 ? 12 : 3;
-    by_rows = nt > 1 && B >= min_rows * nt && p.NB * p.pstride * int64_t(sizeof(E)) <= l2_bytes() && T > 1;
+    by_rows = nt > 1 && B >= min_rows * nt && p.bytes() <= l2_bytes() && T > 1;
     threads = by_rows ? std::min(nt, B) : threads_for(p);
-    dealt = !by_rows && threads > 1 &&
-            p.NB * p.pstride * int64_t(sizeof(E)) > threads * (l2_bytes() / 2);
   }
 
   template <typename E>
@@ -793,10 +792,15 @@ class Deal {
   static constexpr int64_t kGroups = 4;  // a share's groups: the most a helper can take from the end
 
   template <typename E>
-  Deal(const Panels<E>& p, int64_t nt, bool on)
-      : on_(on), NB_(p.NB), nt_(nt), taken_(new std::atomic<int64_t>[2 * nt]) {
-    for (int64_t i = 0; i < 2 * nt; ++i) taken_[i].store(0);
+  explicit Deal(const Panels<E>& p, const Split& split)
+      : on_(!split.by_rows && split.threads > 1 && p.bytes() > split.threads * (l2_bytes() / 2)),
+        NB_(p.NB),
+        nt_(split.threads),
+        taken_(new std::atomic<int64_t>[2 * nt_]) {
+    for (int64_t i = 0; i < 2 * nt_; ++i) taken_[i].store(0);
   }
+
+  bool on() const { return on_; }
 
   // f(nb0, nb1) over the panels thread tid runs in its next phase (counted in q): its own share
   // [own.nb0, own.nb1) where dealing is off, else the groups it claims
@@ -1021,7 +1025,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
 
   const Rows<float> gi_rows(gi), cs_rows(cs), ws1_rows(ws1);
   const Rows<O> out_rows(out);
-  Deal deal(p, nt, split.dealt);
+  Deal deal(p, split);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
   float* const hbuf_p = hbuf.data_ptr<float>();
   E* const hlo_p = hlo.data_ptr<E>();
@@ -1047,7 +1051,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
           gemm(p_in, nb0, nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, ldg, false);
         };
         deal.run(phase, tid, own, project);
-        if (split.dealt) {  // the steps' groups may read any thread's columns
+        if (deal.on()) {  // the steps' groups may read any thread's columns
 #pragma omp barrier
         }
       }
