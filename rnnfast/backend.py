@@ -98,6 +98,39 @@ def dropout_between_layers(out: Tensor, p: float, batch_sizes: Optional[Tensor])
     )[0]
 
 
+def run_stack(
+    spec: RNNSpec,
+    x: Tensor,
+    batch_sizes: Optional[Tensor],
+    h0: Tensor,
+    c0: Optional[Tensor],
+    weights: list[Tensor],
+    layer: Callable[[str, Tensor, Tensor, Optional[Tensor], LayerWeights, bool], tuple[Tensor, Tensor, Optional[Tensor]]],
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The stack of a call: ``layer(mode, x, h0, c0, weights, reverse) -> (out, h_n, c_n)`` once per
+    layer and direction, directions concatenated on the last dimension, dropout between layers in
+    training. ``x`` is padded (T, B, I) with ``batch_sizes`` for packed input, or rows of its own
+    (PackedSequence data, ``batch_sizes`` None: every row is a step's row)."""
+    D, L = spec.num_directions, spec.num_layers
+    hs, cs = [], []
+    layer_in = x
+    for i in range(L):
+        layer_in = layer_in.to(x.dtype)  # a float32 output under autocast feeds bfloat16 products
+        outs = []
+        for d in range(D):
+            k = i * D + d
+            out, h_n, c_n = layer(spec.mode, layer_in, h0[k], None if c0 is None else c0[k],
+                                  layer_weights(spec, weights, i, d), d == 1)
+            outs.append(out)
+            hs.append(h_n)
+            cs.append(c_n)
+        layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+        if spec.dropout > 0 and spec.training and i < L - 1:
+            layer_in = dropout_between_layers(layer_in, spec.dropout, batch_sizes)
+    c_n = torch.stack(cs) if c0 is not None else None
+    return layer_in, torch.stack(hs), c_n
+
+
 def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
     """Per-sequence lengths (decreasing) from per-step batch sizes."""
     rows = torch.arange(int(batch_sizes[0]))
@@ -157,31 +190,25 @@ class Backend:
         The default runs :meth:`layer` once per layer and direction; backends
         that fuse the stack (decode paths) override this.
         """
-        D, L = spec.num_directions, spec.num_layers
-        hs, cs = [], []
-        layer_in = x
-        for layer in range(L):
-            layer_in = layer_in.to(x.dtype)  # a float32 output under autocast feeds bfloat16 products
-            outs = []
-            for d in range(D):
-                k = layer * D + d
-                out, h_n, c_n = self.layer(
-                    spec.mode,
-                    layer_in,
-                    batch_sizes,
-                    h0[k],
-                    None if c0 is None else c0[k],
-                    layer_weights(spec, weights, layer, d),
-                    reverse=d == 1,
-                )
-                outs.append(out)
-                hs.append(h_n)
-                cs.append(c_n)
-            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=2)
-            if spec.dropout > 0 and spec.training and layer < L - 1:
-                layer_in = dropout_between_layers(layer_in, spec.dropout, batch_sizes)
-        c_n = torch.stack(cs) if c0 is not None else None
-        return layer_in, torch.stack(hs), c_n
+        def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, reverse: bool):
+            return self.layer(mode, x, batch_sizes, h0, c0, w, reverse)
+
+        return run_stack(spec, x, batch_sizes, h0, c0, weights, layer)
+
+    def rnn_packed(
+        self,
+        spec: RNNSpec,
+        data: Tensor,
+        batch_sizes: Tensor,
+        h0: Tensor,
+        c0: Optional[Tensor],
+        weights: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """:meth:`rnn` on PackedSequence data: ``(output data, h_n, c_n)``. The default pads the data
+        (:meth:`pad_packed`), runs :meth:`rnn` and packs the output again."""
+        x, lengths = self.pad_packed(data, batch_sizes)
+        out, h_n, c_n = self.rnn(spec, x, batch_sizes, h0, c0, weights)
+        return self.pack_padded(out, batch_sizes, lengths), h_n, c_n
 
     def layer(
         self,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, first_order
+from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, first_order, run_stack
 
 # bfloat16 runs the fused loops, forward and backward, with AVX512-BF16 products on CPUs that
 # have them, else the float32 loops on widened copies; what the forward saves is float32 either way
@@ -261,6 +261,29 @@ class CPUBackend(Backend):
                                                                            _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
+
+    def rnn_packed(
+        self,
+        spec: RNNSpec,
+        data: Tensor,
+        batch_sizes: Tensor,
+        h0: Tensor,
+        c0: Optional[Tensor],
+        weights: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Eager inference runs each layer on the PackedSequence data itself (``_C.layer_packed``): the
+        padded copy of the input and the products for the rows past each sequence's end were as much
+        work as the loop at small hidden sizes (LSTM T200 B128 I256 H33, lengths 1-200: 0.79x torch.nn).
+        Gradients, torch.compile and torch.func take the padded path."""
+        if not _eager() or _needs_grad(data, h0, c0, weights):
+            return super().rnn_packed(spec, data, batch_sizes, h0, c0, weights)
+
+        def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, reverse: bool):
+            out, h_n, c_n = _C.layer_packed(MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh,
+                                            w.w_hr, reverse)
+            return out, h_n, c_n if mode == "LSTM" else None
+
+        return run_stack(spec, data, None, h0, c0, weights, layer)
 
     def layer(
         self,

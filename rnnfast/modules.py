@@ -228,17 +228,17 @@ class _RNNLayer(_BackendChoice):
 
         spec = self._spec()
         backend = resolve(self._backend, spec, data if packed else input, packed)
-        if packed:
-            x, lengths = backend.pad_packed(data, batch_sizes)
-        else:
-            x = input.transpose(0, 1) if self.batch_first else input
-        if x.size(0) == 0:
+        x = data if packed else (input.transpose(0, 1) if self.batch_first else input)
+        if (batch_sizes.numel() if packed else x.size(0)) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         weights = self._weights()
         if autocast_dtype is not None:
             x, weights = backend.autocast(x, weights, autocast_dtype, products)
         with _policy_applied(autocast_dtype, x.device.type):
-            out, h_n, c_n = backend.rnn(spec, x, batch_sizes, h0, c0, weights)
+            if packed:
+                out, h_n, c_n = backend.rnn_packed(spec, x, batch_sizes, h0, c0, weights)
+            else:
+                out, h_n, c_n = backend.rnn(spec, x, None, h0, c0, weights)
         if autocast_dtype is not None and self.proj_size > 0 and x.device.type == "cpu":
             c_n = c_n.to(c_dtype)
 
@@ -247,7 +247,6 @@ class _RNNLayer(_BackendChoice):
             c_n = None if c_n is None else c_n.index_select(1, unsorted_indices)
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
-            out = backend.pack_padded(out, batch_sizes, lengths)
             return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), hidden
         if self.batch_first:
             out = out.transpose(0, 1)

@@ -350,19 +350,20 @@ def test_pad_and_pack_no_rows():
 
 
 def test_packed_calls_convert_in_the_extension(monkeypatch):
-    """Packed calls pad and pack in the extension, with autograd too (each conversion's backward the
-    other one), and match torch.nn's outputs and gradients."""
+    """Packed inference runs each layer on the packed rows (``layer_packed``); with autograd, calls pad
+    and pack in the extension (each conversion's backward the other one). Both match torch.nn's outputs
+    and gradients."""
     from torch.nn.utils.rnn import pack_sequence
 
     calls = []
-    for name in ("pad_packed", "pack_padded"):
+    for name in ("pad_packed", "pack_padded", "layer_packed"):
         real = getattr(rnnfast.cpu._C, name)
         monkeypatch.setattr(rnnfast.cpu._C, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
     ref, ours = twins("GRU", "cpu", 4, 6, num_layers=2)
     seqs = [torch.randn(n, 4) for n in (3, 5, 2)]
     with torch.no_grad():
         want, got = ref(pack_sequence(seqs, enforce_sorted=False)), ours(pack_sequence(seqs, enforce_sorted=False))
-    assert calls == ["pad_packed", "pack_padded"]
+    assert calls == ["layer_packed", "layer_packed"]
     assert_same(got[0].data, want[0].data)
     assert_same(got[1], want[1])
     grads = []
@@ -374,6 +375,62 @@ def test_packed_calls_convert_in_the_extension(monkeypatch):
     assert calls[2:] == ["pad_packed", "pack_padded", "pad_packed", "pack_padded"]  # forward, then their backwards
     for a, b in zip(*grads):
         assert_same(a, b)
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("by-rows", I=32, H=64, T=30, B=64),  # each thread its own rows, no barrier between chunks
+        Case("by-units-dealt", I=16, H=520, T=5, B=64),
+        Case("chunks-bidir-layers", dict(num_layers=2, bidirectional=True), I=9, H=40, T=45, B=7),
+        Case("batch-first-no-bias", dict(bias=False), I=5, H=33, T=12, B=9, batch_first=True, with_state=False),
+        Case("B1", I=6, H=17, T=8, B=1),
+        Case("dropout-training", dict(num_layers=3, dropout=0.5), I=8, H=24, T=10, B=6, training=True),
+    ],
+    ids=lambda c: c.id,
+)
+def test_packed_inference_matches_float64(family, case):
+    """Inference on a PackedSequence, on the packed rows themselves: outputs and states against torch.nn in
+    float64, three calls each (split by rows, a thread's pre-activations that another thread's next chunk
+    overwrote showed as wrong rows)."""
+    case.packed = "unsorted"
+    layers = case.kwargs.get("num_layers", 1) * (2 if case.kwargs.get("bidirectional") else 1)
+    inputs = make_inputs(case, [case.H] * (2 if family == "LSTM" else 1), layers)
+    ref, ours = twins(family, "cpu", case.I, case.H, batch_first=case.batch_first, **case.kwargs)
+    ref.double().train(case.training)
+    ours.train(case.training)
+    lengths = torch.tensor(inputs["lengths"])
+    for dtype, module in ((torch.float64, ref), (torch.float32, ours)):
+        x = torch.nn.utils.rnn.pack_padded_sequence(inputs["x"].to(dtype), lengths, batch_first=case.batch_first,
+                                                    enforce_sorted=False)
+        states = [s.to(dtype) for s in inputs["states"]]
+        hx = (tuple(states) if family == "LSTM" else states[0]) if states else None
+        for _ in range(1 if module is ref else 3):
+            torch.manual_seed(5)  # the same dropout masks
+            with torch.no_grad():
+                out, h = module(x, hx)
+            got = [out.data, *(h if family == "LSTM" else (h,))]
+            if module is ref:
+                want = got
+                continue
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.double(), b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+
+
+def test_packed_inference_other_paths():
+    """The layers the fused loops do not run (float64, proj_size) pad the packed rows and pack their output
+    in the extension, with torch.nn's results."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    seqs = [torch.randn(n, 4, dtype=torch.float64) for n in (3, 5, 2)]
+    for kwargs, dtype in ((dict(num_layers=2), torch.float64), (dict(proj_size=3, bidirectional=True), torch.float32)):
+        ref, ours = twins("LSTM", "cpu", 4, 6, dtype=dtype, **kwargs)
+        x = pack_sequence([s.to(dtype) for s in seqs], enforce_sorted=False)
+        with torch.no_grad():
+            want, got = ref(x), ours(x)
+        assert_same(got[0].data, want[0].data, dtype)
+        assert_same(got[1], want[1], dtype)
 
 
 def test_packed_conversions_gradcheck():

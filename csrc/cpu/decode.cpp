@@ -204,6 +204,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Inference over all layers of a unidirectional stack for short sequences and small batches.");
   m.def("pad_packed", &rnnfast::pad_packed, "PackedSequence data to (T, B, ...), zeros past each row's end.");
   m.def("pack_padded", &rnnfast::pack_padded, "(T, B, ...) to PackedSequence data: the rows batch_sizes keeps.");
+  m.def("layer_packed", &rnnfast::layer_packed,
+        "One layer, one direction over PackedSequence data in inference: (output data, h_n, c_n).");
   m.def("cell_eager", &rnnfast::cell_eager,
         "One eager cell step, 2-D input and states: the decode path, or layer_fwd_eager.");
   m.def("layer_fwd_eager", &rnnfast::layer_fwd_eager,

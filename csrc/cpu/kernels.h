@@ -89,19 +89,23 @@ void round_row(at::BFloat16* dst, const float* src, int64_t n);
 
 namespace rnnfast {
 
-// Rows of a (T, B, W) tensor by (step, batch row), its data pointer read once.
+// Rows of a sequence by (step, batch row), its data pointer read once: a (T, B, W) tensor, or
+// PackedSequence data (rows, W) whose step t begins at row starts[t] (T + 1 entries).
 template <typename T>
 struct Rows {
   T* data = nullptr;
   int64_t B = 0, W = 0;
-  explicit Rows(const at::Tensor& t) {
-    if (t.defined() && t.dim() == 3) {
+  const int64_t* starts = nullptr;
+  explicit Rows(const at::Tensor& t, const int64_t* packed_starts = nullptr) {
+    if (t.defined() && (t.dim() == 3 || (t.dim() == 2 && packed_starts != nullptr))) {
       data = t.data_ptr<T>();
-      B = t.size(1);
-      W = t.size(2);
+      B = t.dim() == 3 ? t.size(1) : 0;
+      W = t.size(-1);
+      starts = t.dim() == 2 ? packed_starts : nullptr;
     }
   }
-  T* operator()(int64_t step, int64_t b) const { return data + (step * B + b) * W; }
+  int64_t start(int64_t step) const { return starts != nullptr ? starts[step] : step * B; }
+  T* operator()(int64_t step, int64_t b) const { return data + (start(step) + b) * W; }
 };
 
 // The CPU has AVX2 and FMA and RNNFAST_CPU_ISA does not cap them: float32 layers run the

@@ -37,4 +37,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
 at::Tensor pad_packed(const at::Tensor& data, const at::Tensor& batch_sizes);
 at::Tensor pack_padded(const at::Tensor& padded, const at::Tensor& batch_sizes);
 
+// One layer, one direction over PackedSequence data in inference: (output data, h_n, c_n). The fused
+// loops read the data's rows and write the output's in place, and project only the rows each step
+// runs (no padded copy, no products past a sequence's end); the other paths (proj_size, float64,
+// CPUs without the fused loop) run layer_fwd on a padded copy (packed.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_packed(
+    int64_t mode, const at::Tensor& data, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, bool reverse);
+
 }  // namespace rnnfast

@@ -1,10 +1,12 @@
-// PackedSequence data to and from the padded (T, B, ...) layout the loops take, for inference: one
-// memcpy per step, zeros only where rows are inactive. torch's pad_packed_sequence and
-// pack_padded_sequence (which autograd needs) cost about 40 us a call at small sizes through their
-// Python wrappers, per-step slices and a full zero fill (2-core Xeon).
+// PackedSequence data in inference: one layer over the data itself (layer_packed), and the data to
+// and from the padded (T, B, ...) layout the other loops take: one memcpy per step, zeros only where
+// rows are inactive. torch's pad_packed_sequence and pack_padded_sequence (which autograd needs) cost
+// about 40 us a call at small sizes through their Python wrappers, per-step slices and a full zero
+// fill (2-core Xeon).
 #include <cstring>
 
 #include "checks.h"
+#include "kernels.h"
 #include "layer.h"
 
 namespace rnnfast {
@@ -65,6 +67,29 @@ Tensor pack_padded(const Tensor& padded_, const Tensor& batch_sizes) {
     dst += bs[t] * bytes;
   }
   return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_packed(int64_t mode, const Tensor& data, const Tensor& batch_sizes,
+                                                const Tensor& h0, const c10::optional<Tensor>& c0, const Tensor& w_ih,
+                                                const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                                const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr,
+                                                bool reverse) {
+  TORCH_CHECK(data.dim() == 2, "rnnfast layer_packed: data must be 2-D (rows, input_size), got shape ", data.sizes());
+  const std::vector<int64_t> bs = packed_steps(batch_sizes, data.size(0));
+  const int64_t T = bs.size(), B = bs[0];
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  if (B > 0 && fused_loop_supported(data, proj)) {
+    // the operator's checks, on a (T, B, I) view of the first row
+    check_layer_fwd(mode, data[0].expand({T, B, data.size(1)}), batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+    const auto contiguous = [](const c10::optional<Tensor>& t) { return t.has_value() ? t->contiguous() : Tensor(); };
+    const auto [out, h_n, c_n, ws1, ws2] =
+        fused_layer_fwd(mode, data.contiguous(), bs, true, h0, mode == LSTM ? *c0 : Tensor(), w_ih.contiguous(),
+                        w_hh.contiguous(), contiguous(b_ih), contiguous(b_hh), reverse, false);
+    return {out, h_n, c_n};
+  }
+  const auto [out, h_n, c_n, ws1, ws2] = layer_fwd_eager(mode, pad_packed(data, batch_sizes), batch_sizes, h0, c0,
+                                                         w_ih, w_hh, b_ih, b_hh, w_hr, reverse, false);
+  return {pack_padded(out, batch_sizes), h_n, c_n};
 }
 
 }  // namespace rnnfast

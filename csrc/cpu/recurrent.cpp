@@ -983,7 +983,8 @@ struct Walk {
 // The forward loop over inputs and weights E (float or bfloat16) and outputs and returned
 // states O, h0's type: E, or float beside bfloat16 (autocast's float32 states). The state,
 // the cell state, the gates and all sums stay float32; for bfloat16 a rounded copy of the
-// state (hlo) feeds the recurrent product.
+// state (hlo) feeds the recurrent product. x is (T, B, I), or in inference PackedSequence data
+// (rows, I) whose steps bs gives: then the output is in its rows too, and no padded copy is made.
 template <typename E, typename O>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, const Tensor& x,
                                                                 const std::vector<int64_t>& bs, bool packed,
@@ -992,10 +993,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
                                                                 const Tensor& b_ih, const Tensor& b_hh, bool reverse,
                                                                 bool save) {
   constexpr bool low = !std::is_same_v<E, float>;
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), G = gate_count(mode), H = w_hh.size(1), GH = G * H;
+  const bool rows_in = x.dim() == 2;
+  TORCH_CHECK(!rows_in || (packed && !save), "rnnfast: PackedSequence data runs the fused loop in inference only");
+  const int64_t T = rows_in ? int64_t(bs.size()) : x.size(0), B = rows_in ? bs[0] : x.size(1), I = x.size(-1);
+  const int64_t G = gate_count(mode), H = w_hh.size(1), GH = G * H;
   const bool lstm = mode == LSTM, gru = mode == GRU;
+  std::vector<int64_t> starts;  // PackedSequence data: where each step's rows begin
+  if (rows_in) {
+    starts.assign(T + 1, 0);
+    for (int64_t t = 0; t < T; ++t) starts[t + 1] = starts[t] + bs[t];
+  }
   const auto fopts = x.options().dtype(at::kFloat), oopts = h0.options();
-  Tensor out = packed ? at::zeros({T, B, H}, oopts) : at::empty({T, B, H}, oopts);
+  Tensor out = rows_in ? at::empty({x.size(0), H}, oopts)
+                       : packed ? at::zeros({T, B, H}, oopts) : at::empty({T, B, H}, oopts);
   Tensor c = lstm ? c0.to(at::kFloat).contiguous().clone() : at::empty({0}, fopts);
   // saved for backward: LSTM gates and cell states, GRU r, z, n and W_hn h + b_hn
   Tensor ws1 = save && (lstm || gru) ? recycling_pool().empty({T, B, lstm ? GH : 4 * H}, packed)
@@ -1023,13 +1033,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   Tensor gi = workspace(kGates, {TC, B, ldg});    // one chunk's input pre-activations
   Tensor scratch = workspace(kScratch, {nt, RB * ldg + 4 * H});  // per thread: recurrent pre-activations, a row's gates
 
-  const Rows<float> gi_rows(gi), cs_rows(cs), ws1_rows(ws1);
-  const Rows<O> out_rows(out);
+  const Rows<float> cs_rows(cs), ws1_rows(ws1);
+  const Rows<E> x_rows(x, starts.data());
+  const Rows<O> out_rows(out, starts.data());
+  float* const gi_p = gi.data_ptr<float>();
   Deal deal(p, split);
   float* const c_p = lstm ? c.data_ptr<float>() : nullptr;
   float* const hbuf_p = hbuf.data_ptr<float>();
   E* const hlo_p = hlo.data_ptr<E>();
-  const E* const x_p = x.data_ptr<E>();
 #pragma omp parallel num_threads(nt)
   {
     const int64_t tid = omp_get_thread_num();
@@ -1040,15 +1051,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
     float* gh = scratch.data_ptr<float>() + tid * (RB * ldg + 4 * H);
     float* row_ws = gh + RB * ldg;  // a row's gates when nothing is saved: stays in L1
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
-      const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1);
-      // this thread's share of the chunk's input projection: only this thread reads it
+      const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1), t1 = t0 + (k1 - k0);
+      // the chunk's input pre-activations, as x lays out its rows; split by rows, at (step, row) whatever x's
+      // layout, as no barrier keeps one thread's next chunk off the rows another still reads
+      const auto gi_row = [&](int64_t t, int64_t b) {
+        return gi_p + ((by_rows ? (t - t0) * B : x_rows.start(t) - x_rows.start(t0)) + b) * ldg;
+      };
+      // this thread's share of the chunk's input projection, only the rows the steps run: only this thread reads it
       if (by_rows) {
-        for (int64_t t = t0; t < t0 + (k1 - k0); ++t) {
-          gemm(p_in, 0, p_in.NB, x_p + (t * B + rb0) * I, I, rb1 - rb0, gi_rows(t - t0, rb0), ldg, false);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r1 = std::min(rb1, bs[t]);
+          if (r1 > rb0) gemm(p_in, 0, p_in.NB, x_rows(t, rb0), I, r1 - rb0, gi_row(t, rb0), ldg, false);
         }
       } else {
         const auto project = [&](int64_t nb0, int64_t nb1) {
-          gemm(p_in, nb0, nb1, x_p + t0 * B * I, I, (k1 - k0) * B, gi_rows.data, ldg, false);
+          if (packed && !rows_in) {  // padded PackedSequence: each step's active rows
+            for (int64_t t = t0; t < t1; ++t) {
+              if (bs[t] > 0) gemm(p_in, nb0, nb1, x_rows(t, 0), I, bs[t], gi_row(t, 0), ldg, false);
+            }
+          } else {
+            gemm(p_in, nb0, nb1, x_rows(t0, 0), I, x_rows.start(t1) - x_rows.start(t0), gi_row(t0, 0), ldg, false);
+          }
         };
         deal.run(phase, tid, own, project);
         if (deal.on()) {  // the steps' groups may read any thread's columns
@@ -1077,7 +1100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
                       }
                       for (int64_t b = r0; b < r0 + rows; ++b) {
                         float* h_new = nxt + b * H + u0;
-                        gate_forward(mode, gi_rows(t - t0, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
+                        gate_forward(mode, gi_row(t, b) + u0, gh + (b - r0) * ldg + u0, cur + b * H + u0,
                                      lstm ? c_p + b * H + u0 : nullptr, lstm && save ? cs_rows(t, b) + u0 : nullptr,
                                      (save ? ws1_rows(t, b) : row_ws) + u0, h_new, cnt, H);
                         round_row(out_rows(t, b) + u0, h_new, cnt);
