@@ -262,13 +262,13 @@ __attribute__((target("avx512f,avx512bf16"))) void tile(const BF16* a, int64_t l
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
-// f(std::integral_constant<int, rows>) for 0 < rows <= R: a tile's rows as a constant, for the
-// remainder of a panel's rows.
-template <int R, typename F>
-inline void with_rows(int64_t rows, F&& f) {
-  if constexpr (R > 0) {
-    if (rows == R) return f(std::integral_constant<int, R>{});
-    with_rows<R - 1>(rows, f);
+// f(std::integral_constant<int, n>) for 0 < n <= N: a count as a constant (a tile's rows for the
+// remainder of a panel's rows, a panel's live registers).
+template <int N, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (N > 0) {
+    if (n == N) return f(std::integral_constant<int, N>{});
+    with_count<N - 1>(n, f);
   }
 }
 
@@ -362,10 +362,17 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
       mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
     }
     const E* ak = a + (TA ? k0 * lda : k0);
-    int64_t r = 0;
-    for (; r + R <= n; r += R) tile<R, V, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
-    with_rows<R - 1>(n - r, [&](auto rows) {
-      tile<decltype(rows)::value, V, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+    // the registers up to the panel's last live column: all V but in a one-gate layer's last panel
+    // (RNN H 8 has 1 of 4), whose dead registers would cost as many multiply-adds as live ones
+    int live = V;
+    while (live > 1 && mask[live - 1] == 0) --live;
+    with_count<V>(live, [&](auto regs) {
+      constexpr int L = decltype(regs)::value;
+      int64_t r = 0;
+      for (; r + R <= n; r += R) tile<R, L, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+      with_count<R - 1>(n - r, [&](auto rows) {
+        tile<decltype(rows)::value, L, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+      });
     });
   });
 }
@@ -387,7 +394,7 @@ void product_avx2(const Panels<float>& p, int64_t nb0, int64_t nb1, const float*
       float* cv = c + p.column(nb, v);
       int64_t r = 0;
       for (; r + R <= n; r += R) tile_avx2<R, TA>(ak + r * rs, lda, kb, bv, p.ldb, bias_v, cv + r * ldc, ldc, lanes, add_k);
-      with_rows<R - 1>(n - r, [&](auto rows) {
+      with_count<R - 1>(n - r, [&](auto rows) {
         tile_avx2<decltype(rows)::value, TA>(ak + r * rs, lda, kb, bv, p.ldb, bias_v, cv + r * ldc, ldc, lanes, add_k);
       });
     }
