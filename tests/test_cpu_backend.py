@@ -394,6 +394,19 @@ def test_packed_inference_matches_float64(family, case):
     """Inference on a PackedSequence, on the packed rows themselves: outputs and states against torch.nn in
     float64, three calls each (split by rows, a thread's pre-activations that another thread's next chunk
     overwrote showed as wrong rows)."""
+    assert_packed_inference_matches(family, case, calls=3)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(fused_loop_cases())
+def test_fuzz_packed_inference(family_case):
+    """Random sizes and options of packed inference (the rows read and written in place)."""
+    assert_packed_inference_matches(*family_case)
+
+
+def assert_packed_inference_matches(family: str, case: Case, calls: int = 1) -> None:
+    """rnnfast cpu on a PackedSequence without gradients (``case.packed`` forced), ``calls`` times, against
+    torch.nn in float64: outputs and final states within 1e-5 of each tensor's scale."""
     case.packed = "unsorted"
     layers = case.kwargs.get("num_layers", 1) * (2 if case.kwargs.get("bidirectional") else 1)
     inputs = make_inputs(case, [case.H] * (2 if family == "LSTM" else 1), layers)
@@ -406,7 +419,7 @@ def test_packed_inference_matches_float64(family, case):
                                                     enforce_sorted=False)
         states = [s.to(dtype) for s in inputs["states"]]
         hx = (tuple(states) if family == "LSTM" else states[0]) if states else None
-        for _ in range(1 if module is ref else 3):
+        for _ in range(1 if module is ref else calls):
             torch.manual_seed(5)  # the same dropout masks
             with torch.no_grad():
                 out, h = module(x, hx)
