@@ -858,7 +858,10 @@ WeightCache<Panels<E>>& panels() {
 
 // Scratch that outlives a call, one set per calling thread: growing only, it spares
 // each call the page faults of fresh allocations, a large share of short calls' time.
-enum Slot { kStates, kStatesLow, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kPairs, kWeightGrads, kSlots };
+enum Slot {
+  kStates, kStatesLow, kGates, kScratch, kGateGrads, kGateGradsH, kPrevStates, kPairs, kWeightGrads, kPackedX,
+  kPackedDx, kSlots
+};
 Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
   thread_local std::array<Tensor, kSlots> held;
   const int64_t numel = c10::multiply_integers(sizes);
@@ -1260,7 +1263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const bool lstm = mode == LSTM, gru = mode == GRU;
   const auto opts = x.options(), fopts = opts.dtype(at::kFloat);
   const Tensor none = at::empty({0}, opts);
-  Tensor dx = at::empty({T, B, I}, opts);
+  Tensor dx = packed ? at::zeros({T, B, I}, opts) : at::empty({T, B, I}, opts);
   Tensor dh = grad_hn.to(at::kFloat, false, /*copy=*/true).contiguous();
   Tensor dc = lstm ? grad_cn.to(at::kFloat, false, /*copy=*/true).contiguous() : none;
   // the weight gradients: through MKL (float32) straight into (GH, I) and (GH, H) tensors from the
@@ -1331,6 +1334,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const int64_t pairs_size = pair_rows * (I + H + GHt * (gru ? 2 : 1));
   Tensor pairs = low ? workspace(kPairs, {pairs_size}, dtype) : Tensor();
   auto prev_rows = [&](int64_t k) { return k + 1 < T ? bs[walk.step(k + 1)] : 0; };
+  // a chunk's gate gradients and states keep each step's active rows only, back to back, step t's
+  // from starts[t] - starts[t0]: packed, the dx and weight-gradient products then run over those rows,
+  // on a compact copy of x's (xc) into dxc, copied out to dx (its other rows zero)
+  std::vector<int64_t> starts(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) starts[t + 1] = starts[t] + bs[t];
+  E* const xc = packed && needs.dw ? workspace(kPackedX, {TC * B, I}, dtype).data_ptr<E>() : nullptr;
+  E* const dxc = packed && needs.dx ? workspace(kPackedDx, {TC * B, I}, dtype).data_ptr<E>() : nullptr;
 
   const Rows<E> go_rows(go), out_rows(out), dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
   const Rows<float> cs_rows(cs), ws1_rows(ws1);
@@ -1362,6 +1372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     float* const row_h = low ? row_gh + GH : nullptr;
     float* const dx_block = low ? row_h + H : nullptr;
     int64_t t0 = 0;  // the chunk's first step
+    const auto crow = [&](int64_t t, int64_t b) { return starts[t] - starts[t0] + b; };  // (t, b)'s chunk row
     // what pointwise(k, r0, r1, j0, m) will read, fetched while a GEMM block runs
     auto fetch = [&](int64_t k, int64_t r0, int64_t r1, int64_t j0, int64_t m) {
       if (k >= T || r0 >= r1) return;
@@ -1386,10 +1397,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         const E* g_out = go_rows(t, b) + j0;
         for (int64_t j = 0; j < m; ++j) d[j] += static_cast<float>(g_out[j]);
         const E* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
-        std::memcpy(hp_rows(t - t0, b) + j0, hp, m * sizeof(E));
+        std::memcpy(hp_rows.data + crow(t, b) * H + j0, hp, m * sizeof(E));
         const float* cp = lstm ? (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0 : nullptr;
-        float* const gi = formed(dgi_rows(t - t0, b), row_gi);
-        float* const gh = formed(dgh_rows(t - t0, b), gru ? row_gh : row_gi);
+        E* const gi_e = dgi_rows.data + crow(t, b) * ldg;
+        E* const gh_e = dgh_rows.data + crow(t, b) * ldg;
+        float* const gi = formed(gi_e, row_gi);
+        float* const gh = formed(gh_e, gru ? row_gh : row_gi);
         // what the mode reads of the states: h_prev (GRU) or h (RNN)
         const float* hp_f = gru ? widened(hp, row_h, m) : nullptr;
         const float* h_f = !lstm && !gru ? widened(out_rows(t, b) + j0, row_h, m) : nullptr;
@@ -1405,25 +1418,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
             for (int64_t j = 0; j < m; ++j) sum_h[j] += gh_row[j];
           }
           if constexpr (low) {
-            round_row(dgi_rows(t - t0, b) + q * H + j0, gi_row, m);
-            if (gru) round_row(dgh_rows(t - t0, b) + q * H + j0, gh_row, m);
+            round_row(gi_e + q * H + j0, gi_row, m);
+            if (gru) round_row(gh_e + q * H + j0, gh_row, m);
           }
         }
       }
     };
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
-      const int64_t k1 = std::min(T, k0 + TC), rows = (k1 - k0) * B;
+      const int64_t k1 = std::min(T, k0 + TC);
       t0 = walk.first(k0, k1);
-      if (packed) {  // rows a step does not run: zero gradients and states (the workspace holds old ones)
-        for (int64_t r = 0; r < rows; ++r) {
-          if (r % B < rb0 || r % B >= rb1) continue;  // another thread's row
-          for (int64_t q = 0; q < G; ++q) {
-            std::memset(dgi_rows.data + r * ldg + q * H + j0, 0, m * sizeof(E));
-            std::memset(dgh_rows.data + r * ldg + q * H + j0, 0, m * sizeof(E));
-          }
-          std::memset(hp_rows.data + r * H + j0, 0, m * sizeof(E));
-        }
-      }
+      const int64_t t1 = t0 + (k1 - k0), rows = starts[t1] - starts[t0];
       pointwise(k0, rb0, std::min(rb1, bs[walk.step(k0)]), j0, m);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = walk.step(k), n = std::min(bs[t], rb1);
@@ -1437,24 +1441,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
                   [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rb) {
                     fetch(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
-                    gemm(p, s0, s1, dgh_rows(t - t0, r0), ldg, rb, dh_p + r0 * H, H, gru);
+                    gemm(p, s0, s1, dgh_rows.data + crow(t, r0) * ldg, ldg, rb, dh_p + r0 * H, H, gru);
                     pointwise(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
                   });
         if (n_next > std::max(n, rb0)) pointwise(k + 1, std::max(n, rb0), n_next, j0, m);
       }
+      if (xc != nullptr) {  // this thread's share of each step's rows of x, compact
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b0 = bs[t] * tid / nt, b1 = bs[t] * (tid + 1) / nt;
+          if (b1 > b0) std::memcpy(xc + crow(t, b0) * I, x_p + (t * B + b0) * I, (b1 - b0) * I * sizeof(E));
+        }
+      }
 #pragma omp barrier
       // the chunk's share of dx = dgi W_ih, dW_ih += dgi^T x and dW_hh += dgh^T h_prev, by rows
       const auto [x0, x1] = row_share(rows, nt, tid);
-      const E* const x_chunk = x_p + t0 * B * I;
+      const E* const x_chunk = xc != nullptr ? xc : x_p + t0 * B * I;
       if (needs.dx && x1 > x0) {
+        E* const dx_rows = dxc != nullptr ? dxc : dx_p + t0 * B * I;  // the chunk's rows
         bool dx_done = false;
         if constexpr (!low) {
           if (w_ih_mkl != nullptr) {  // row-major dx = dgi W_ih is column-major dx^T = W_ih^T dgi^T
-            mkl_dw.gemm("N", "N", I, x1 - x0, GH, w_ih_mkl, I, dgi_rows(0, x0), ldg, 0.0f, dx_p + (t0 * B + x0) * I, I);
+            mkl_dw.gemm("N", "N", I, x1 - x0, GH, w_ih_mkl, I, dgi_rows.data + x0 * ldg, ldg, 0.0f, dx_rows + x0 * I, I);
             dx_done = true;
           }
         }
-        if (!dx_done) gemm_into(p_dx, dgi_rows(0, x0), ldg, x1 - x0, dx_p + (t0 * B + x0) * I, I, dx_block);
+        if (!dx_done) gemm_into(p_dx, dgi_rows.data + x0 * ldg, ldg, x1 - x0, dx_rows + x0 * I, I, dx_block);
+        if (dxc != nullptr) {  // this thread's rows [x0, x1) of the chunk to their places in dx
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t r0 = std::max(x0, crow(t, 0)), r1 = std::min(x1, crow(t, bs[t]));
+            if (r1 > r0) {
+              std::memcpy(dx_p + (t * B + r0 - crow(t, 0)) * I, dx_rows + r0 * I, (r1 - r0) * I * sizeof(E));
+            }
+          }
+        }
       }
       if (!needs.dw) {  // the next chunk's gate gradients overwrite what dx read
 #pragma omp barrier
@@ -1494,9 +1513,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // dW_hh's rows [h0r, h1r): not those of the step whose h_prev is a zero h0 (the first forward)
       int64_t h0r = 0, h1r = rows;
       if (h0_zero && (reverse ? T - 1 : 0) == t0) {
-        h0r = B;
-      } else if (h0_zero && (reverse ? T - 1 : 0) == t0 + (k1 - k0) - 1) {
-        h1r = rows - B;
+        h0r = bs[t0];
+      } else if (h0_zero && (reverse ? T - 1 : 0) == t1 - 1) {
+        h1r = rows - bs[t1 - 1];
       }
       const int64_t h_rows = h1r - h0r;
       if (by_mkl) {
