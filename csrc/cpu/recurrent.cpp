@@ -981,6 +981,14 @@ int64_t chunk_steps(int64_t T, int64_t B, int64_t rows) {
   return std::clamp<int64_t>(rows / std::max<int64_t>(B, 1), 1, T);
 }
 
+// Where each step's rows begin when the steps' active rows sit back to back (T + 1 entries): the
+// rows of PackedSequence data, or of the backward's compact chunks.
+std::vector<int64_t> step_starts(const std::vector<int64_t>& bs) {
+  std::vector<int64_t> starts(bs.size() + 1, 0);
+  for (size_t t = 0; t < bs.size(); ++t) starts[t + 1] = starts[t] + bs[t];
+  return starts;
+}
+
 // The walked order of steps: k = 0, 1, ... is t = k forward and T - 1 - k in reverse;
 // a chunk [k0, k1) of it covers the steps [first, first + count).
 struct Walk {
@@ -1008,11 +1016,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   const int64_t T = rows_in ? int64_t(bs.size()) : x.size(0), B = rows_in ? bs[0] : x.size(1), I = x.size(-1);
   const int64_t G = gate_count(mode), H = w_hh.size(1), GH = G * H;
   const bool lstm = mode == LSTM, gru = mode == GRU;
-  std::vector<int64_t> starts;  // PackedSequence data: where each step's rows begin
-  if (rows_in) {
-    starts.assign(T + 1, 0);
-    for (int64_t t = 0; t < T; ++t) starts[t + 1] = starts[t] + bs[t];
-  }
+  const std::vector<int64_t> starts = rows_in ? step_starts(bs) : std::vector<int64_t>();
   const auto fopts = x.options().dtype(at::kFloat), oopts = h0.options();
   Tensor out = rows_in ? at::empty({x.size(0), H}, oopts)
                        : packed ? at::zeros({T, B, H}, oopts) : at::empty({T, B, H}, oopts);
@@ -1337,8 +1341,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   // a chunk's gate gradients and states keep each step's active rows only, back to back, step t's
   // from starts[t] - starts[t0]: packed, the dx and weight-gradient products then run over those rows,
   // on a compact copy of x's (xc) into dxc, copied out to dx (its other rows zero)
-  std::vector<int64_t> starts(T + 1, 0);
-  for (int64_t t = 0; t < T; ++t) starts[t + 1] = starts[t] + bs[t];
+  const std::vector<int64_t> starts = step_starts(bs);
   E* const xc = packed && needs.dw ? workspace(kPackedX, {TC * B, I}, dtype).data_ptr<E>() : nullptr;
   E* const dxc = packed && needs.dx ? workspace(kPackedDx, {TC * B, I}, dtype).data_ptr<E>() : nullptr;
 
