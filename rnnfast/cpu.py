@@ -5,7 +5,8 @@ Training and long sequences go through the operators ``rnnfast::layer_fwd`` and
 kernels registered here, so ``torch.compile`` traces them); the forward keeps what
 backward needs only when autograd will ask for it. Inference on short
 sequences with a small batch takes ``_C.decode``: the whole stack in one call,
-with the weights packed once and cached until a parameter changes.
+with the weights packed once and cached until a parameter changes. Eager inference
+on a PackedSequence runs each layer on the packed data itself (``_C.layer_packed``).
 
 Importing this module imports the extension; if that fails the backend is
 registered as unavailable with the error as its reason (see ``register_lazy``).
