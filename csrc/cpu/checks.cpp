@@ -16,8 +16,6 @@ namespace {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // The sizes every operator argument is checked against, from x, w_hh and w_hr.
 struct Dims {
   const char* op;

@@ -15,6 +15,11 @@
 
 namespace rnnfast {
 
+// An optional tensor argument given and defined (Python None is neither).
+inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+// It contiguous, or an undefined tensor where it is absent.
+inline at::Tensor given(const c10::optional<at::Tensor>& t) { return present(t) ? t->contiguous() : at::Tensor(); }
+
 void check_layer_fwd(int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes,
                      const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,

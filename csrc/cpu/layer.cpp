@@ -27,8 +27,6 @@ namespace {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // Rows per parallel chunk so that each chunk has enough elements to pay for a thread.
 int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
@@ -84,8 +82,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
     if (!proj && fused_loop_supported(xf, false)) {  // the float32 fused loop packs the weights as they are
       const auto [out, h, c, ws1, ws2] =
           fused_layer_fwd(mode, xf, bs, packed, widen(h0_), lstm ? widen(*c0_) : Tensor(), w_ih, w_hh,
-                          present(b_ih) ? b_ih->contiguous() : Tensor(),
-                          present(b_hh) ? b_hh->contiguous() : Tensor(), reverse, save);
+                          given(b_ih), given(b_hh), reverse, save);
       return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
     }
     const auto [out, h, c, ws1, ws2] = layer_fwd(mode, xf, batch_sizes, widen(h0_), widen(c0_), widen(w_ih),
@@ -93,15 +90,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
     return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
   }
   if (fused_loop_supported(x, proj)) {
-    return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh,
-                           present(b_ih) ? b_ih->contiguous() : Tensor(), present(b_hh) ? b_hh->contiguous() : Tensor(),
+    return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh, given(b_ih), given(b_hh),
                            reverse, save);
   }
   // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512); it computes what
   // backward needs either way and returns it only with save
   const Tensor x2 = x.view({T * B, I});
   const auto [b_in, b_rec] =
-      split_biases(mode, present(b_ih) ? *b_ih : Tensor(), present(b_hh) ? b_hh->contiguous() : Tensor());
+      split_biases(mode, present(b_ih) ? *b_ih : Tensor(), given(b_hh));
   // input projection of every step, (T, B, G*H)
   Tensor gi = matmul_nt(x2, w_ih, b_in.defined() ? OptTensor(b_in) : c10::nullopt).view({T, B, G * H});
 

@@ -77,14 +77,12 @@ std::tuple<Tensor, Tensor, Tensor> layer_packed(int64_t mode, const Tensor& data
   TORCH_CHECK(data.dim() == 2, "rnnfast layer_packed: data must be 2-D (rows, input_size), got shape ", data.sizes());
   const std::vector<int64_t> bs = packed_steps(batch_sizes, data.size(0));
   const int64_t T = bs.size(), B = bs[0];
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  if (B > 0 && fused_loop_supported(data, proj)) {
+  if (B > 0 && fused_loop_supported(data, present(w_hr))) {
     // the operator's checks, on a (T, B, I) view of the first row
     check_layer_fwd(mode, data[0].expand({T, B, data.size(1)}), batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-    const auto contiguous = [](const c10::optional<Tensor>& t) { return t.has_value() ? t->contiguous() : Tensor(); };
     const auto [out, h_n, c_n, ws1, ws2] =
         fused_layer_fwd(mode, data.contiguous(), bs, true, h0, mode == LSTM ? *c0 : Tensor(), w_ih.contiguous(),
-                        w_hh.contiguous(), contiguous(b_ih), contiguous(b_hh), reverse, false);
+                        w_hh.contiguous(), given(b_ih), given(b_hh), reverse, false);
     return {out, h_n, c_n};
   }
   const auto [out, h_n, c_n, ws1, ws2] = layer_fwd_eager(mode, pad_packed(data, batch_sizes), batch_sizes, h0, c0,

@@ -29,8 +29,6 @@ namespace rnnfast::cuda {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 inline int64_t gates_of(int64_t mode) { return mode == LSTM ? 4 : (mode == GRU ? 3 : 1); }
 
 inline DType dtype_code(at::ScalarType t) {
