@@ -1345,7 +1345,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   E* const xc = packed && needs.dw ? workspace(kPackedX, {TC * B, I}, dtype).data_ptr<E>() : nullptr;
   E* const dxc = packed && needs.dx ? workspace(kPackedDx, {TC * B, I}, dtype).data_ptr<E>() : nullptr;
 
-  const Rows<E> go_rows(go), out_rows(out), dgi_rows(dgi), dgh_rows(dgh), hp_rows(h_prev);
+  const Rows<E> go_rows(go), out_rows(out);
+  E* const dgi_p = dgi.data_ptr<E>();  // a chunk's rows, crow() below
+  E* const dgh_p = dgh.data_ptr<E>();
+  E* const hp_p = h_prev.data_ptr<E>();
   const Rows<float> cs_rows(cs), ws1_rows(ws1);
   float* const dh_p = dh.data_ptr<float>();
   float* const dc_p = lstm ? dc.data_ptr<float>() : nullptr;
@@ -1400,10 +1403,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         const E* g_out = go_rows(t, b) + j0;
         for (int64_t j = 0; j < m; ++j) d[j] += static_cast<float>(g_out[j]);
         const E* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
-        std::memcpy(hp_rows.data + crow(t, b) * H + j0, hp, m * sizeof(E));
+        std::memcpy(hp_p + crow(t, b) * H + j0, hp, m * sizeof(E));
         const float* cp = lstm ? (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0 : nullptr;
-        E* const gi_e = dgi_rows.data + crow(t, b) * ldg;
-        E* const gh_e = dgh_rows.data + crow(t, b) * ldg;
+        E* const gi_e = dgi_p + crow(t, b) * ldg;
+        E* const gh_e = dgh_p + crow(t, b) * ldg;
         float* const gi = formed(gi_e, row_gi);
         float* const gh = formed(gh_e, gru ? row_gh : row_gi);
         // what the mode reads of the states: h_prev (GRU) or h (RNN)
@@ -1444,7 +1447,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
                   [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rb) {
                     fetch(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
-                    gemm(p, s0, s1, dgh_rows.data + crow(t, r0) * ldg, ldg, rb, dh_p + r0 * H, H, gru);
+                    gemm(p, s0, s1, dgh_p + crow(t, r0) * ldg, ldg, rb, dh_p + r0 * H, H, gru);
                     pointwise(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
                   });
         if (n_next > std::max(n, rb0)) pointwise(k + 1, std::max(n, rb0), n_next, j0, m);
@@ -1464,11 +1467,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         bool dx_done = false;
         if constexpr (!low) {
           if (w_ih_mkl != nullptr) {  // row-major dx = dgi W_ih is column-major dx^T = W_ih^T dgi^T
-            mkl_dw.gemm("N", "N", I, x1 - x0, GH, w_ih_mkl, I, dgi_rows.data + x0 * ldg, ldg, 0.0f, dx_rows + x0 * I, I);
+            mkl_dw.gemm("N", "N", I, x1 - x0, GH, w_ih_mkl, I, dgi_p + x0 * ldg, ldg, 0.0f, dx_rows + x0 * I, I);
             dx_done = true;
           }
         }
-        if (!dx_done) gemm_into(p_dx, dgi_rows.data + x0 * ldg, ldg, x1 - x0, dx_rows + x0 * I, I, dx_block);
+        if (!dx_done) gemm_into(p_dx, dgi_p + x0 * ldg, ldg, x1 - x0, dx_rows + x0 * I, I, dx_block);
         if (dxc != nullptr) {  // this thread's rows [x0, x1) of the chunk to their places in dx
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t r0 = std::max(x0, crow(t, 0)), r1 = std::min(x1, crow(t, bs[t]));
@@ -1487,10 +1490,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
                     // the last thread also filling K's padding
           const int64_t padded = (rows + kTileK - 1) / kTileK * kTileK, end = tid == nt - 1 ? padded : x1;
           transpose_rows(x_chunk, I, rows, padded, I, tid, nt, pairs_x);
-          transpose_rows(hp_rows.data, H, rows, padded, H, tid, nt, pairs_h);
+          transpose_rows(hp_p, H, rows, padded, H, tid, nt, pairs_h);
           const Panels<E> gi = direct_tiled(pairs_gi, padded, GH), gh = direct_tiled(pairs_gh, padded, GH);
-          interleave_pairs(dgi_rows.data, ldg, x0, end, rows, gi);
-          if (gru) interleave_pairs(dgh_rows.data, ldg, x0, end, rows, gh);
+          interleave_pairs(dgi_p, ldg, x0, end, rows, gi);
+          if (gru) interleave_pairs(dgh_p, ldg, x0, end, rows, gh);
 #pragma omp barrier
           const Share cols(gi, nt, tid);
           gemm(gi, cols.nb0, cols.nb1, pairs_x, padded, I, dw_ih_p, GH, true);
@@ -1499,15 +1502,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
           continue;
         }
         interleave_pairs(x_chunk, I, x0, x1, rows, direct(pairs_x, rows, I, I));
-        interleave_pairs(hp_rows.data, H, x0, x1, rows, direct(pairs_h, rows, H, H));
-        interleave_pairs(dgi_rows.data, ldg, x0, x1, rows, direct(pairs_gi, rows, GH, GH));
-        if (gru) interleave_pairs(dgh_rows.data, ldg, x0, x1, rows, direct(pairs_gh, rows, GH, GH));
+        interleave_pairs(hp_p, H, x0, x1, rows, direct(pairs_h, rows, H, H));
+        interleave_pairs(dgi_p, ldg, x0, x1, rows, direct(pairs_gi, rows, GH, GH));
+        if (gru) interleave_pairs(dgh_p, ldg, x0, x1, rows, direct(pairs_gh, rows, GH, GH));
 #pragma omp barrier
       }
       const E* const a_x = low ? pairs_x : x_chunk;
-      const E* const a_h = low ? pairs_h : hp_rows.data;
-      const E* const b_gi = low ? pairs_gi : dgi_rows.data;
-      const E* const b_gh = low ? pairs_gh : dgh_rows.data;
+      const E* const a_h = low ? pairs_h : hp_p;
+      const E* const b_gi = low ? pairs_gi : dgi_p;
+      const E* const b_gh = low ? pairs_gh : dgh_p;
       const int64_t ld_g = low ? GH : ldg;  // pairs are packed, the gate gradients' rows padded
       // the weight gradients, dgi^T x and dgh^T h_prev, by this thread's columns of the gate
       // gradients: through MKL (its column-major C is their rows, beta 0 on the first chunk), else
