@@ -156,6 +156,15 @@ def test_long_sequences_cross_time_chunks(family, packed):
                                         packed=packed))
 
 
+@pytest.mark.parametrize("H", [1, 5, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_narrow_elman_projection(H, bias):
+    """An Elman RNN of at most 8 units projects inputs of 128 features or more by dot products
+    (dot_rows8): an odd row at the end of a thread's rows, a K tail, bias or not, several chunks, both
+    directions, with gradients."""
+    assert_matches_float64("RNN", Case("narrow", dict(bidirectional=True, bias=bias), I=131, H=H, T=7, B=45))
+
+
 @st.composite
 def fused_loop_cases(draw):
     family = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
@@ -186,6 +195,25 @@ def test_inference_mode_then_training():
     out, _ = ours(x)
     out.sum().backward()
     assert ours.weight_hh_l1.grad is not None
+
+
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_modules_made_in_inference_mode(family):
+    """Parameters made under torch.inference_mode have no version counter: the weight caches then go by
+    the weights' fingerprints, and follow an in-place update made in inference mode."""
+    with torch.inference_mode():
+        ref, ours = twins(family, "cpu", 7, 20, num_layers=2)
+        for T, B in [(1, 1), (9, 5)]:  # the decode path and the fused loop
+            x = torch.randn(T, B, 7)
+            assert_same(ours(x), ref(x))
+            for m in (ref, ours):
+                m.weight_hh_l1.mul_(0.5)
+            assert_same(ours(x), ref(x))
+        cell = getattr(rnnfast, family + "Cell")(7, 20, backend="cpu")
+        want = getattr(torch.nn, family + "Cell")(7, 20)
+        want.load_state_dict(cell.state_dict())
+        x = torch.randn(3, 7)
+        assert_same(cell(x), want(x))
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])

@@ -5,13 +5,16 @@
 // weights are also fingerprinted: small tensors (biases) byte for byte, larger ones
 // at kSamples positions spread over every block of rows. Repacking on every call
 // would cost 5% of a training step and 3x a short inference call; a fingerprint
-// costs a few hundred loads. Holds the weights weakly, so it never keeps a
+// costs a few hundred loads. Tensors made under torch.inference_mode have no version
+// counter: on the CPU their fingerprint alone stands for it, and elsewhere (GPU, no
+// fingerprint) nothing is cached for them. Holds the weights weakly, so it never keeps a
 // module's parameters alive.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -33,6 +36,7 @@ class WeightCache {
     auto it = entries_.find(key);
     if (it != entries_.end() && it->second.matches(weights)) return it->second.value;
     if (it != entries_.end()) entries_.erase(it);
+    if (!trackable(weights)) return build();
     if (entries_.size() >= kMaxEntries) {
       for (auto e = entries_.begin(); e != entries_.end();) e = e->second.expired() ? entries_.erase(e) : std::next(e);
       if (entries_.size() >= kMaxEntries) entries_.clear();
@@ -40,7 +44,7 @@ class WeightCache {
     Entry entry;
     for (const at::Tensor& t : weights) {
       entry.refs.push_back(t.defined() ? std::optional<WeakImpl>(t.getIntrusivePtr()) : std::nullopt);
-      entry.versions.push_back(t.defined() ? t._version() : 0);
+      entry.versions.push_back(version(t));
       entry.ptrs.push_back(t.defined() ? t.data_ptr() : nullptr);
       entry.prints.push_back(fingerprint(t));
     }
@@ -56,6 +60,15 @@ class WeightCache {
   static constexpr int64_t kSamples = 128;
 
   static int64_t samples(int64_t n) { return n <= kExact ? n : kSamples; }
+
+  // t's version counter, or -1 for a tensor without one (undefined, or made in inference mode).
+  static int64_t version(const at::Tensor& t) { return t.defined() && !t.is_inference() ? t._version() : -1; }
+
+  // Whether a change to any of the weights would show: a version counter or a fingerprint each.
+  static bool trackable(const std::vector<at::Tensor>& weights) {
+    return std::all_of(weights.begin(), weights.end(),
+                       [](const at::Tensor& t) { return !t.defined() || !t.is_inference() || t.device().is_cpu(); });
+  }
 
   // Calls f(k, element) for the elements of t that its fingerprint holds: all of a small
   // tensor, else kSamples, the k-th at a scrambled place in the k-th of kSamples equal stretches.
@@ -112,7 +125,7 @@ class WeightCache {
         const at::Tensor& t = weights[k];
         if (t.defined() != refs[k].has_value()) return false;
         if (t.defined() && (refs[k]->expired() || refs[k]->_unsafe_get_target() != t.unsafeGetTensorImpl() ||
-                            ptrs[k] != t.data_ptr() || versions[k] != t._version() || !same(t, prints[k]))) {
+                            ptrs[k] != t.data_ptr() || versions[k] != version(t) || !same(t, prints[k]))) {
           return false;
         }
       }

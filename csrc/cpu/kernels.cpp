@@ -196,6 +196,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void row_sums16(cons
   }
 }
 
+// The eight sums of acc[0..7] (16 lanes each) in one register: halves added, then a tree of horizontal adds.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256 sums8(const __m512* acc) {
+  __m256 half[8];
+  for (int q = 0; q < 8; ++q) {
+    half[q] = _mm256_add_ps(_mm512_castps512_ps256(acc[q]),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[q]), 1)));
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
+  // u0: rows 0-3 over the low 128 bits, then over the high; u1 the same for rows 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // dot_rows_avx2 on 16 lanes: eight rows at a time, their sums reduced together (halves added,
 // then a tree of horizontal adds) into one store.
 template <typename E>
@@ -206,15 +219,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void dot_rows_avx512(const 
   for (; r + 8 <= rows; r += 8) {
     __m512 acc[8];
     row_sums16<8>(w + r * ldw, ldw, v, n, acc);
-    __m256 half[8];
-    for (int q = 0; q < 8; ++q) {
-      half[q] = _mm256_add_ps(_mm512_castps512_ps256(acc[q]),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[q]), 1)));
-    }
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
-    // u0: rows 0-3 over the low 128 bits, then over the high; u1 the same for rows 4-7
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    const __m256 sums = sums8(acc);
     if (res_stride == 1) {
       _mm256_storeu_ps(res + r, sums);
     } else {
@@ -273,6 +278,36 @@ void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8) dot_rows_bf16<8>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
   for (; r < rows; ++r) dot_rows_bf16<1>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dot_rows8(const float* a, int64_t lda, int64_t n,
+                                                                   const float* w, int64_t K, int64_t N,
+                                                                   const float* bias, float* c, int64_t ldc,
+                                                                   bool add) {
+  const __mmask8 out = static_cast<__mmask8>((1u << N) - 1);
+  const __m256 b = bias != nullptr ? _mm256_maskz_loadu_ps(out, bias) : _mm256_setzero_ps();
+  for (int64_t r = 0; r < n; r += 2) {
+    const int rows = n - r >= 2 ? 2 : 1;
+    const float* a0 = a + r * lda;
+    const float* a1 = rows == 2 ? a0 + lda : a0;  // an odd last row sums itself twice
+    __m512 acc[2][8];
+    for (int q = 0; q < 8; ++q) acc[0][q] = acc[1][q] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 live = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 x0 = _mm512_maskz_loadu_ps(live, a0 + k), x1 = _mm512_maskz_loadu_ps(live, a1 + k);
+      for (int q = 0; q < 8; ++q) {
+        const __m512 wq = _mm512_maskz_loadu_ps(live, w + q * K + k);
+        acc[0][q] = _mm512_fmadd_ps(x0, wq, acc[0][q]);
+        acc[1][q] = _mm512_fmadd_ps(x1, wq, acc[1][q]);
+      }
+    }
+    for (int i = 0; i < rows; ++i) {
+      float* dst = c + (r + i) * ldc;
+      __m256 y = _mm256_add_ps(sums8(acc[i]), b);
+      if (add) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(out, dst));
+      _mm256_mask_storeu_ps(dst, out, y);
+    }
+  }
 }
 
 void round_row(at::BFloat16* dst, const float* src, int64_t n) {

@@ -85,6 +85,12 @@ inline void round_row(float* dst, const float* src, int64_t n) { std::memcpy(dst
 inline void round_row(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }
 void round_row(at::BFloat16* dst, const float* src, int64_t n);
 
+// c[r, j] (+)= sum_k a[r, k] w[j, k] (+ bias[j]) for rows r < n and units j < N <= 8 of a product with
+// few outputs (a one-gate layer of up to 8 units): w (8, K), rows past N zero. Dot products along K, two
+// rows of a at a time (16 chains), each sum's lanes reduced at the end; on AVX-512 CPUs only.
+void dot_rows8(const float* a, int64_t lda, int64_t n, const float* w, int64_t K, int64_t N, const float* bias,
+               float* c, int64_t ldc, bool add);
+
 }  // namespace rnnfast
 
 namespace rnnfast {

@@ -72,6 +72,10 @@ struct Panels {
   const float* bias_data = nullptr;
   int64_t U, V, N, K, NB, ldb, pstride;
   bool tiled = false;  // in AMX tiles: only gemm_amx reads them
+  // float32 weights of one gate of at most 8 units as (8, K) rows, zero past N: the B side of dot products
+  // (see dot_product); else undefined
+  Tensor rows;
+  const float* rows_data = nullptr;
 
   int64_t bytes() const { return NB * pstride * int64_t(sizeof(E)); }  // all NB panels
 
@@ -118,6 +122,10 @@ Panels<E> pack(const Tensor& w_, const Tensor& bias, int64_t G, int64_t U) {
     }
   }
   p.data = p.w.template data_ptr<E>();
+  if (std::is_same_v<E, float> && G == 1 && p.N <= 8) {  // (8, K), zero rows past N
+    p.rows = at::constant_pad_nd(w, {0, 0, 0, 8 - p.N});
+    p.rows_data = p.rows.template data_ptr<float>();
+  }
   return p;
 }
 
@@ -651,6 +659,11 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
   _tile_release();
 }
 
+// A product of at most 8 units of one gate over a long K (an Elman RNN's input projection) runs as dot
+// products (dot_rows8): 16 lanes of K a multiply-add where the tile's had at most 8 live lanes, and a
+// broadcast each.
+constexpr int64_t kDotMinK = 128;
+
 // c (+)= a @ B over rows [0, n) and panels [nb0, nb1); a as in tile. AVX-512: 24 accumulators,
 // 6 rows of 4 registers or 8 rows of 3; AVX2 (float32): 6 rows of one register (two halves).
 template <typename E>
@@ -664,6 +677,11 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
     if (!kHasAvx512) {
       if (transposed_a) return product_avx2<true>(p, nb0, nb1, a, lda, n, c, ldc, add);
       return product_avx2<false>(p, nb0, nb1, a, lda, n, c, ldc, add);
+    }
+  }
+  if constexpr (std::is_same_v<E, float>) {
+    if (kHasAvx512 && p.rows_data != nullptr && !transposed_a && p.K >= kDotMinK && nb1 > nb0 && std::getenv("RNNFAST_OLD") == nullptr) {
+      return dot_rows8(a, lda, n, p.rows_data, p.K, p.N, p.bias_data, c, ldc, add);
     }
   }
   if (transposed_a) {
@@ -681,16 +699,13 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
 // product with rows of zeros.
 template <typename E>
 void bias_rows(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t rows, float* c, int64_t ldc) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      for (int64_t v = 0; v < p.V; ++v) {
-        float* dst = c + r * ldc + p.column(nb, v);
-        const int64_t lanes = p.lanes(nb, v);
-        if (p.bias_data != nullptr) {
-          std::memcpy(dst, p.bias_data + (nb * p.V + v) * 16, lanes * sizeof(float));
-        } else {
-          std::memset(dst, 0, lanes * sizeof(float));
-        }
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    for (int64_t v = 0; v < p.V; ++v) {
+      const int64_t col = p.column(nb, v), lanes = p.lanes(nb, v);
+      const float* bias = p.bias_data != nullptr ? p.bias_data + (nb * p.V + v) * 16 : nullptr;
+      for (int64_t r = 0; r < rows && lanes > 0; ++r) {
+        float* dst = c + r * ldc + col;
+        for (int64_t l = 0; l < lanes; ++l) dst[l] = bias != nullptr ? bias[l] : 0.f;
       }
     }
   }
