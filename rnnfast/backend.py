@@ -256,16 +256,19 @@ class _FirstOrder(torch.autograd.Function):
                                   "supported; use backend='reference'")
 
 
-def first_order(backend: str, backward: Callable) -> Callable:
+def first_order(backend: str, backward: Callable, with_graph: Optional[Callable] = None) -> Callable:
     """A fused backward ``backward(ctx, *grads)`` whose kernels have no derivative of their own. It runs
-    without building a graph; when autograd asks for one (create_graph=True, torch.func.grad), its
-    gradients come back tied to the saved tensors through a node whose derivative raises: a first
-    derivative works everywhere, a second one fails with a clear error, never silently wrong."""
+    without building a graph. When autograd asks for one (create_graph=True, torch.func.grad), the
+    gradients come from ``with_graph(ctx, *grads)`` (see :func:`layer_grads_with_graph`) where the
+    backend gives one; else they come back tied to the saved tensors through a node whose derivative
+    raises: a second derivative is exact or fails with a clear error, never silently wrong."""
 
     def run(ctx, *grads):
+        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        if with_graph is not None and torch.is_grad_enabled() and anchors:
+            return with_graph(ctx, *grads)
         with torch.no_grad():
             result = backward(ctx, *grads)
-        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
         present = [g for g in result if isinstance(g, Tensor)]
         if not torch.is_grad_enabled() or not anchors or not present:
             return result
@@ -273,6 +276,41 @@ def first_order(backend: str, backward: Callable) -> Callable:
         return tuple(next(tied) if isinstance(g, Tensor) else g for g in result)
 
     return run
+
+
+def layer_grads_with_graph(
+    backend: str,
+    mode: str,
+    reverse: bool,
+    x: Tensor,
+    batch_sizes: Optional[Tensor],
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w: LayerWeights,
+    grads: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]],
+) -> tuple[Optional[Tensor], ...]:
+    """One layer's gradients w.r.t. ``(x, h0, c0, *w)`` as a graph, for a second derivative: reference's
+    loop run again on the same inputs and differentiated with create_graph=True, given the gradients of
+    ``(out, h_n, c_n)``. torch.nn's layers take second derivatives (gradient penalties, meta-learning);
+    a fused backward's kernels have none of their own, so such a backward costs a reference forward and
+    backward, and says so once. None for inputs that need no gradient."""
+    _warn_once(backend, "reference", "double backward: a second derivative runs through the reference loop")
+    inputs = (x, h0, c0, *w)
+    dtype = h0.dtype  # autocast's calls mix bfloat16 inputs with float32 states: the loop runs in the states'
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(dtype)
+
+    with torch.enable_grad():
+        outs = get_backend("reference").layer(mode, cast(x), batch_sizes, h0, cast(c0),
+                                              LayerWeights(*map(cast, w)), reverse)
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    if not pairs or not wanted:
+        return tuple(None for _ in inputs)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                   allow_unused=True))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs)
 
 
 class BackendFallbackWarning(RuntimeWarning):

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _C
-from .backend import GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, first_order, run_stack
+from .backend import (GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, first_order, layer_grads_with_graph,
+                      run_stack)
 
 # bfloat16 runs the fused loops, forward and backward, with AVX512-BF16 products on CPUs that
 # have them, else the float32 loops on widened copies; what the forward saves is float32 either way
@@ -102,7 +103,7 @@ def _setup_context(ctx, inputs, output) -> None:
     mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, _save = inputs
     out, _, _, ws1, ws2 = output
     ctx.mode, ctx.reverse, ctx.has_bias = mode, reverse, b_ih is not None
-    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2)
+    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, out, ws1, ws2)
     # no zeros the size of the saved gates for their (never used) gradients: 26 MB to fill per layer
     # at T100 B64 H256 float32; _layer_bwd makes the zeros it reads (states, an unused output)
     ctx.set_materialize_grads(False)
@@ -114,7 +115,7 @@ def _needs(needs_input_grad: tuple) -> tuple[bool, bool, bool]:
 
 
 def _layer_bwd(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
-    x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2 = ctx.saved_tensors
+    x, batch_sizes, h0, c0, w_ih, w_hh, _, _, w_hr, out, ws1, ws2 = ctx.saved_tensors
     lstm = ctx.mode == 0
     g_out = torch.zeros_like(out) if g_out is None else g_out
     g_hn = torch.zeros_like(h0) if g_hn is None else g_hn
@@ -128,7 +129,25 @@ def _layer_bwd(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
             db_hh if bias else None, dw_hr if w_hr is not None else None, None, None)
 
 
-_backward = first_order("cpu", _layer_bwd)
+def _grads_with_graph(mode: int, reverse: bool, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
+                      c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                      w_hr: Optional[Tensor], g_out: Optional[Tensor], g_hn: Optional[Tensor],
+                      g_cn: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """layer_fwd's gradients w.r.t. (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as a graph (layer_grads_with_graph):
+    the backward of the operator and of the eager C++ node when autograd asks for a graph."""
+    return layer_grads_with_graph("cpu", MODES[mode], reverse, x, batch_sizes, h0, c0 if mode == 0 else None,
+                                  LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), (g_out, g_hn, g_cn if mode == 0 else None))
+
+
+def _layer_with_graph(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _, _, _ = ctx.saved_tensors
+    dx, dh0, dc0, *dw = _grads_with_graph(ctx.mode, ctx.reverse, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                          g_out, g_hn, g_cn)
+    return (None, dx, None, dh0, dc0, *dw, None, None)
+
+
+_backward = first_order("cpu", _layer_bwd, _layer_with_graph)
+_C.set_grads_with_graph(_grads_with_graph)
 torch.library.register_autograd("rnnfast::layer_fwd", _backward, setup_context=_setup_context)
 
 

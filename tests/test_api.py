@@ -279,8 +279,14 @@ def test_empty_batch(backend, name):
     assert (out[0] if name == "LSTM" else out).shape == (0, 5)
 
 
-def test_double_backward_works_or_raises(backend):
-    """Second derivatives: exact on the reference (autograd), a clear error on fused backends."""
+# Backends whose second derivatives are exact: reference (autograd through torch ops), and cpu, whose
+# backward reruns the reference loop when asked for a graph (saying so).
+SECOND_ORDER = ("reference", "cpu")
+
+
+def test_double_backward_works_or_raises(backend, monkeypatch):
+    """Second derivatives, as torch.nn's layers take them: exact on reference and cpu, a clear error on the
+    other fused backends."""
     device = backend_device(backend)
     torch.manual_seed(0)
     ref = nn.GRU(3, 4).double().to(device)
@@ -292,8 +298,13 @@ def test_double_backward_works_or_raises(backend):
         g, = torch.autograd.grad(module(x)[0].square().sum(), x, create_graph=True)
         return torch.autograd.grad(g.sum(), x)[0]
 
-    if backend == "reference":
-        torch.testing.assert_close(second(ours), second(ref))
+    if backend in SECOND_ORDER:
+        monkeypatch.setattr(rnnfast.backend, "_WARNED", set())  # warned once a process: again here
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(second(ours), second(ref))
+        said = any("double backward" in str(w.message) for w in caught if issubclass(w.category, BackendFallbackWarning))
+        assert said == (backend != "reference")
         return
     # never a silently wrong second derivative: each fused backend's own error
     with pytest.raises(NotImplementedError, match=f"rnnfast {backend} backend: double backward .* not supported; "
@@ -342,7 +353,7 @@ def test_forward_ad_tangents(backend, name, grad, monkeypatch):
 @pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
 def test_torch_func_grad(backend, name):
     """torch.func.grad through functional_call, as with torch.nn's layers; a second derivative
-    (torch.func.grad of it) works on reference and raises clearly on the fused backends."""
+    (torch.func.grad of it) works on reference and cpu and raises clearly on the other fused backends."""
     device = backend_device(backend)
     torch.manual_seed(0)
     ref = getattr(nn, name)(3, 4).double().to(device)
@@ -360,7 +371,7 @@ def test_torch_func_grad(backend, name):
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=lambda m: f"{n}: {m}")
     second = torch.func.grad(lambda inp: torch.func.grad(lambda i: loss(ours, params, i))(inp).sum())
-    if backend == "reference":
+    if backend in SECOND_ORDER:
         torch.testing.assert_close(second(x), torch.func.grad(
             lambda inp: torch.func.grad(lambda i: loss(ref, params, i))(inp).sum())(x))
     else:

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rnnfast
-from rnnfast.backend import get_backend
+from rnnfast.backend import BackendFallbackWarning, get_backend
 
 from parity import TORCH_CLASSES, Case, check_layer, make_inputs, num_threads, run_layer, twins
 
@@ -195,6 +196,47 @@ def test_inference_mode_then_training():
     out, _ = ours(x)
     out.sum().backward()
     assert ours.weight_hh_l1.grad is not None
+
+
+@pytest.mark.parametrize("name, kwargs, packed", [
+    ("LSTM", dict(num_layers=2, bidirectional=True), False),
+    ("LSTM", dict(proj_size=3), True),
+    ("GRU", dict(batch_first=True, bias=False), False),
+    ("GRU", dict(bidirectional=True), True),
+    ("RNN", dict(nonlinearity="relu", num_layers=2), False),
+    ("LSTMCell", {}, False),
+    ("GRUCell", {}, False),
+    ("RNNCell", dict(nonlinearity="tanh"), False),
+])
+def test_second_derivatives_match_torch(name, kwargs, packed):
+    """create_graph=True through the cpu backend (the eager C++ node; torch.func's path is in test_api) gives
+    torch.nn's second derivatives w.r.t. the input, the initial state and every weight, packed input too."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(3, 5, **kwargs).double()
+    ours = rnnfast.convert(copy.deepcopy(ref), backend="cpu")
+    cell = name.endswith("Cell")
+    x = torch.randn(*(() if cell else (4,)), 3, 3, dtype=torch.float64, requires_grad=True)
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    h0 = torch.randn(*(() if cell else (layers,)), 3, kwargs.get("proj_size") or 5, dtype=torch.float64,
+                     requires_grad=True)
+    state = h0 if not name.startswith("LSTM") else (h0, torch.randn(*h0.shape[:-1], 5, dtype=torch.float64))
+    if kwargs.get("batch_first"):
+        x = x.detach().transpose(0, 1).contiguous().requires_grad_()
+
+    def second(module):
+        inp = torch.nn.utils.rnn.pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False) if packed else x
+        out = module(inp, state)
+        y = out if cell else out[0]
+        y = y.data if packed else y[0] if isinstance(y, tuple) else y  # LSTMCell: (h, c)
+        wrt = [x, h0, *module.parameters()]
+        g = torch.autograd.grad(y.square().sum(), wrt, create_graph=True)
+        return torch.autograd.grad(sum((t * t.detach().sin()).sum() for t in g), wrt)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        got = second(ours)
+    for a, b in zip(got, second(ref)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])

@@ -4,8 +4,10 @@
 // alone. Eager calls skip autograd.Function's Python machinery in both directions (about 50 us a
 // call, as long as a small cell's whole step) and torch.ops' argument parsing. The operators are
 // called through the dispatcher below autograd, so fake tensors, dispatch modes and the profiler
-// see them as before.
+// see them as before. A backward asked for a graph (create_graph=True, a second derivative) takes
+// its gradients from rnnfast.cpu._grads_with_graph, as the Python registration does.
 #include <torch/autograd.h>
+#include <torch/python.h>
 
 #include "layer.h"
 
@@ -17,19 +19,10 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<Tensor>;
 
-// The identity on a fused backward's gradients, tied to the tensors they came from, for
-// create_graph=True: a second derivative raises the error of rnnfast.backend.first_order.
-struct FirstOrder : public torch::autograd::Function<FirstOrder> {
-  static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList) {
-    variable_list views;
-    for (const Tensor& g : grads) views.push_back(g.view_as(g));
-    return views;
-  }
-  static variable_list backward(AutogradContext*, const variable_list&) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, "rnnfast cpu backend: double backward (create_graph=True) is not supported; "
-                                       "use backend='reference'");
-  }
-};
+// rnnfast.cpu._grads_with_graph, which rnnfast.cpu sets on import: a backward asked for a graph
+// (create_graph=True) takes its gradients from there (reference's loop, differentiable). Never freed:
+// the interpreter may be gone when statics are destroyed.
+pybind11::object* grads_with_graph = nullptr;
 
 // The operators, called through the dispatcher (below autograd: callers hold the guard).
 const c10::TypedOperatorHandle<LayerFwdSignature>& layer_fwd_op() {
@@ -61,7 +54,7 @@ struct Layer : public torch::autograd::Function<Layer> {
     ctx->saved_data["need_dw"] = w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
                                  requires_grad(b_hh) || requires_grad(w_hr);
     ctx->save_for_backward({x, batch_sizes.value_or(Tensor()), h0, c0.value_or(Tensor()), w_ih, w_hh,
-                            w_hr.value_or(Tensor()), out, ws1, ws2});
+                            w_hr.value_or(Tensor()), out, ws1, ws2, b_ih.value_or(Tensor()), b_hh.value_or(Tensor())});
     // no zeros the size of the saved gates for their (never used) gradients
     ctx->set_materialize_grads(false);
     return {out, h_n, c_n, ws1, ws2};
@@ -74,39 +67,45 @@ struct Layer : public torch::autograd::Function<Layer> {
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
     const bool lstm = mode == LSTM;
+    if (at::GradMode::is_enabled()) return with_graph(mode, reverse, saved, grads);
     auto given = [](const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); };
-    variable_list result;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
-      const Tensor g_cn = lstm ? given(grads[2], c0) : at::empty({0}, x.options());
-      auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-          layer_bwd_op().call(mode, x, opt(bs), h0, opt(c0), w_ih, w_hh, opt(w_hr), has_bias, reverse, out, saved[8],
-                              saved[9], given(grads[0], out), given(grads[1], h0), g_cn, ctx->saved_data["need_dx"].toBool(),
-                              ctx->saved_data["need_dh0"].toBool(), ctx->saved_data["need_dw"].toBool());
-      const Tensor none;
-      // one gradient per argument of forward: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
-      result = {none,  dx,    none, dh0, lstm ? dc0 : none, dw_ih, dw_hh, has_bias ? db_ih : none,
-                has_bias ? db_hh : none, w_hr.defined() ? dw_hr : none, none};
-    }
-    if (!at::GradMode::is_enabled()) return result;
-    variable_list present, anchors;
-    for (const Tensor& g : result) {
-      if (g.defined()) present.push_back(g);
-    }
-    for (const Tensor& t : saved) {
-      if (t.defined() && t.requires_grad()) anchors.push_back(t);
-    }
-    if (present.empty() || anchors.empty()) return result;
-    const variable_list tied = FirstOrder::apply(at::TensorList(present), at::TensorList(anchors));
-    for (size_t k = 0, j = 0; k < result.size(); ++k) {
-      if (result[k].defined()) result[k] = tied[j++];
-    }
-    return result;
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const Tensor g_cn = lstm ? given(grads[2], c0) : at::empty({0}, x.options());
+    auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
+        layer_bwd_op().call(mode, x, opt(bs), h0, opt(c0), w_ih, w_hh, opt(w_hr), has_bias, reverse, out, saved[8],
+                            saved[9], given(grads[0], out), given(grads[1], h0), g_cn, ctx->saved_data["need_dx"].toBool(),
+                            ctx->saved_data["need_dh0"].toBool(), ctx->saved_data["need_dw"].toBool());
+    const Tensor none;
+    // one gradient per argument of forward: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
+    return {none,  dx,    none, dh0, lstm ? dc0 : none, dw_ih, dw_hh, has_bias ? db_ih : none,
+            has_bias ? db_hh : none, w_hr.defined() ? dw_hr : none, none};
+  }
+
+  // The gradients as a graph, from grads_with_graph: one per argument of forward, as backward's.
+  static variable_list with_graph(int64_t mode, bool reverse, const variable_list& saved, const variable_list& grads) {
+    namespace py = pybind11;
+    TORCH_CHECK(grads_with_graph != nullptr, "rnnfast: import rnnfast.cpu before asking layer_fwd_eager for a graph");
+    py::gil_scoped_acquire gil;
+    auto arg = [](const Tensor& t) -> py::object { return t.defined() ? py::cast(t) : py::none(); };
+    // saved: x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, out, ws1, ws2, b_ih, b_hh
+    const py::tuple got = (*grads_with_graph)(mode, reverse, arg(saved[0]), arg(saved[1]), arg(saved[2]), arg(saved[3]),
+                                              arg(saved[4]), arg(saved[5]), arg(saved[10]), arg(saved[11]),
+                                              arg(saved[6]), arg(grads[0]), arg(grads[1]), arg(grads[2]));
+    auto grad = [&](size_t k) { return got[k].is_none() ? Tensor() : got[k].cast<Tensor>(); };
+    const Tensor none;
+    // forward's arguments: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
+    return {none, grad(0), none, grad(1), grad(2), grad(3), grad(4), grad(5), grad(6), grad(7), none};
   }
 };
 
 }  // namespace
+
+void set_grads_with_graph(pybind11::object fn) {
+  pybind11::object* old = grads_with_graph;
+  grads_with_graph = new pybind11::object(std::move(fn));
+  delete old;
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd_eager(int64_t mode, const Tensor& x,
                                                                    const OptTensor& batch_sizes, const Tensor& h0,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
 
 #include <tuple>
 
@@ -31,6 +32,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
     const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
+
+// The Python function (rnnfast.cpu._grads_with_graph) that layer_fwd_eager's backward takes its
+// gradients from when autograd asks for a graph (create_graph=True): a second derivative then goes
+// through reference's loop. Without it such a backward raises.
+void set_grads_with_graph(pybind11::object fn);
 
 // PackedSequence data (sum of batch_sizes, ...) to the padded layout (T, B, ...), zeros past each row's
 // end, and back (packed.cpp): inference's conversions, without autograd.
