@@ -2,7 +2,8 @@
 ``torch.jit.trace`` and ``torch.jit.script``.
 
 Those tools record a program to run elsewhere. While one of them runs, a layer
-or cell takes torch.nn's own forward, so the recorded graph is exactly torch.nn's:
+or cell takes torch.nn's own forward (``torch.jit.script`` compiles its torch.nn
+twin, :func:`torch_twin`), so the recorded graph is exactly torch.nn's:
 ``aten::lstm`` / ``aten::gru`` / ``aten::rnn_tanh`` (the standard ONNX LSTM, GRU
 and RNN operators once exported), valid for any sequence length and runnable
 without rnnfast. rnnfast's own paths would not record well: the ``reference``
@@ -16,12 +17,12 @@ is not a capture for export: it keeps rnnfast's fast operators.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["capturing", "check_onnx_exportable", "refuse_script", "to_torch"]
+__all__ = ["capturing", "check_onnx_exportable", "to_torch", "torch_twin"]
 
 
 def capturing() -> bool:
@@ -59,14 +60,22 @@ def _in_onnx_export() -> bool:
     return torch.onnx.is_in_onnx_export() or getattr(_flags, "_is_onnx_exporting", False)
 
 
-def refuse_script(module: nn.Module) -> NoReturn:
-    """Raise the error ``torch.jit.script`` gives for an rnnfast module (see ``__prepare_scriptable__``)."""
-    raise RuntimeError(
-        f"torch.jit.script cannot compile rnnfast.{type(module).__name__}: its forward picks a backend in Python. "
-        "Use torch.jit.trace or torch.export (they record torch.nn's operators), torch.compile (keeps "
-        "rnnfast's kernels), or script a torch.nn copy: "
-        "torch.jit.script(rnnfast.export.to_torch(copy.deepcopy(model)))."
-    )
+def _torch_class(module: nn.Module) -> Optional[type]:
+    """The torch.nn class of an rnnfast layer or cell, else None."""
+    from .modules import _SWAPS
+
+    return {ours: theirs for theirs, ours in _SWAPS.items()}.get(type(module))
+
+
+def torch_twin(module: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles for an rnnfast layer or cell (its ``__prepare_scriptable__``): an
+    instance of its torch.nn class over the same parameters, buffers, hooks and mode (the same dicts), so the
+    scripted module is torch.nn's, runs torch.nn's kernels without rnnfast, and trains the same parameters.
+    ``module`` itself keeps its class; torch's scripting puts the twin in place of a layer in its parent."""
+    twin = object.__new__(_torch_class(module))
+    twin.__dict__.update(module.__dict__)
+    twin.__dict__.pop("_backend", None)
+    return twin
 
 
 def to_torch(model: nn.Module) -> nn.Module:
@@ -74,11 +83,8 @@ def to_torch(model: nn.Module) -> nn.Module:
 
     Parameters, hooks and mode are kept (only the class changes). Returns ``model``.
     """
-    from .modules import _SWAPS
-
-    back = {ours: theirs for theirs, ours in _SWAPS.items()}
     for module in model.modules():
-        target = back.get(type(module))
+        target = _torch_class(module)
         if target is not None:
             module.__dict__.pop("_backend", None)
             module.__class__ = target

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backend import RNNSpec, check_backend_name, load_backends, resolve
-from .export import capturing, check_onnx_exportable, refuse_script
+from .export import capturing, check_onnx_exportable, torch_twin
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert"]
 
@@ -45,8 +45,8 @@ class _BackendChoice:
         return "" if self._backend == "auto" else f", backend={self._backend!r}"
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """Called by ``torch.jit.script``: refuse with an error naming what to use instead."""
-        refuse_script(self)
+        """Called by ``torch.jit.script``: it compiles the torch.nn twin (see ``rnnfast.export.torch_twin``)."""
+        return torch_twin(self)
 
 
 def _check_state(name: str, state: Tensor, input: Tensor) -> None:

@@ -5,6 +5,7 @@ with the same model in torch.nn classes."""
 
 import collections
 import copy
+import io
 
 import pytest
 import torch
@@ -148,12 +149,27 @@ def test_jit_trace_passes_its_checks_and_generalises():
     assert_outputs(list(got), want)
 
 
-def test_jit_script_names_what_to_use_instead():
+def test_jit_script_compiles_torch_nn_twins():
+    """torch.jit.script compiles each rnnfast layer's torch.nn twin over the same parameters: torch.nn's
+    outputs and gradients, saved and loaded without rnnfast; the twins take the layers' places in the
+    scripted model's parents (torch's own prepare step), still training the same parameters."""
     ref, ours = twins(Zoo)
-    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile rnnfast.LSTM.*torch.jit.trace"):
-        torch.jit.script(ours)
-    assert type(ours.lstm) is rnnfast.LSTM  # the refused model is left as it was
-    scripted = torch.jit.script(to_torch(copy.deepcopy(ours)))  # the way the error names
+    scripted = torch.jit.script(ours)
+    kinds = {n.kind() for n in scripted.inlined_graph.nodes()}
+    assert {"aten::lstm", "aten::gru", "aten::rnn_relu"} <= kinds
+    assert not any(k.startswith("rnnfast::") for k in kinds)
     inputs = zoo_inputs()
-    with torch.no_grad():
-        assert_outputs(torch.utils._pytree.tree_leaves(scripted(*inputs)), ref(*inputs))
+    assert_outputs(torch.utils._pytree.tree_leaves(scripted(*inputs)), ref(*inputs))
+    got = torch.autograd.grad(sum(o.sum() for o in torch.utils._pytree.tree_leaves(scripted(*inputs))),
+                              list(ours.parameters()))
+    want = torch.autograd.grad(sum(o.sum() for o in torch.utils._pytree.tree_leaves(ref(*inputs))),
+                               list(ref.parameters()))
+    assert_outputs(list(got), want)
+    assert type(ours.lstm) is nn.LSTM and ours.lstm.weight_hh_l0 is scripted.lstm.weight_hh_l0
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    assert_outputs(torch.utils._pytree.tree_leaves(torch.jit.load(buffer)(*inputs)), ref(*inputs))
+    cell = rnnfast.GRUCell(3, 4)  # a layer scripted on its own stays as it was
+    torch.jit.script(cell)
+    assert type(cell) is rnnfast.GRUCell
