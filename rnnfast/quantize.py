@@ -112,7 +112,15 @@ class _Quantized(nn.Module):
             if self.bias:
                 for b in (b_ih, b_hh):
                     self.register_buffer(b, getattr(float_module, b).detach().float().clone())
+        self._repack()
+
+    def _repack(self) -> None:
+        """Drop the kernel's packed copy and, with the weights on the CPU, build it now: a first call under
+        torch.jit.trace then finds it (packed inside the trace, it would sit in one traced call's graph only,
+        and the trace's check fails)."""
         self._packed: Optional[list[Tensor]] = None
+        if all(b.device.type == "cpu" for b in self.buffers(recurse=False)):
+            self._packed_weights()
 
     def _packed_weights(self) -> list[Tensor]:
         """The kernel's layout of every layer and direction (4 tensors each), built once."""
@@ -132,11 +140,20 @@ class _Quantized(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None
+        self._repack()
 
     def _apply(self, fn, recurse: bool = True):
-        self._packed = None
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        self._repack()
+        return module
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``, which cannot compile these Python forwards: name what can."""
+        raise RuntimeError(
+            f"torch.jit.script cannot compile rnnfast's {type(self).__name__}: its forward is Python. "
+            "torch.jit.trace records it (the graph calls rnnfast's int8 operators, so it runs where rnnfast is "
+            "imported); torch.compile runs it too."
+        )
 
 
 class _QuantizedLayer(_Quantized):

@@ -333,6 +333,35 @@ def test_state_dict_round_trip_and_repr():
     assert repr(q) == "QuantizedLSTM(8, 20, num_layers=2, batch_first=True, bidirectional=True, dtype=torch.qint8)"
 
 
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+        self.cell = nn.GRUCell(16, 5)
+
+    def forward(self, x):
+        return self.cell(self.lstm(x)[0][-1])
+
+
+def test_jit_trace_records_int8_calls_and_script_names_it():
+    """torch.jit.trace records the quantized layers (as torch's quantized LSTM traces): the graph calls the
+    int8 operator for any length and batch, and saves and loads; torch.jit.script names trace instead."""
+    torch.manual_seed(0)
+    q = rnnfast.quantize_dynamic(Stack().eval())  # not called before the trace: its packed weights are ready
+    traced = torch.jit.trace(q, torch.randn(5, 2, 4))
+    assert "rnnfast::quant_rnn" in {n.kind() for n in traced.inlined_graph.nodes()}
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    with torch.no_grad():
+        for T, B in [(5, 2), (9, 3), (1, 1)]:
+            x = torch.randn(T, B, 4)
+            torch.testing.assert_close(loaded(x), q(x), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile rnnfast's QuantizedLSTM.*trace"):
+        torch.jit.script(q)
+
+
 # ---- errors ---------------------------------------------------------------------
 
 def test_unsupported_requests_raise():
