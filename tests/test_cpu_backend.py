@@ -130,6 +130,29 @@ def test_weight_caches_follow_weight_changes(T, B, decode_calls):
     assert len(decode_calls) == (5 if T == 1 else 0)
 
 
+@pytest.mark.parametrize("T, B", [(1, 2), (20, 9)], ids=["decode", "layer"])
+def test_module_conversion_by_swapped_tensors(T, B):
+    """Under torch.__future__.set_swap_module_params_on_conversion(True) (and for tensor subclasses),
+    module.to() swaps each parameter's tensor in place, which torch refuses for a tensor anything holds a
+    weak reference to: the weight caches hold the storages weakly, not the tensors. After the swaps the
+    caches see the new weights."""
+    ref, ours = twins("LSTM", "cpu", 12, 24, num_layers=2)
+    x = torch.randn(T, B, 12)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for dtype in (torch.float64, torch.float32):
+            now = ours.weight_hh_l0.dtype
+            with torch.no_grad():
+                assert_same(ours(x.to(now)), ref(x.to(now)), now)
+            ours.to(dtype)
+            ref.to(dtype)
+            with torch.no_grad():
+                assert_same(ours(x.to(dtype)), ref(x.to(dtype)), dtype)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+
+
 def assert_matches_float64(family: str, case: Case) -> None:
     """rnnfast cpu in float32 against torch.nn in float64: outputs, states and every gradient, within
     1e-5 of each tensor's scale. Long sums (T * B rows) put float32 torch.nn itself ~1e-6 of the scale off."""

@@ -7,8 +7,11 @@
 // would cost 5% of a training step and 3x a short inference call; a fingerprint
 // costs a few hundred loads. Tensors made under torch.inference_mode have no version
 // counter: on the CPU their fingerprint alone stands for it, and elsewhere (GPU, no
-// fingerprint) nothing is cached for them. Holds the weights weakly, so it never keeps a
-// module's parameters alive.
+// fingerprint) nothing is cached for them. Holds the weights' storages weakly, so it never keeps a
+// module's parameters alive, and not the tensors themselves: torch.utils.swap_tensors (module.to() and
+// load_state_dict under torch.__future__.set_swap_module_params_on_conversion, and for tensor
+// subclasses) refuses a tensor that anything holds a weak reference to. A tensor is then known by its
+// TensorImpl's address with its storage, data pointer, sizes and strides.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,7 +46,9 @@ class WeightCache {
     }
     Entry entry;
     for (const at::Tensor& t : weights) {
-      entry.refs.push_back(t.defined() ? std::optional<WeakImpl>(t.getIntrusivePtr()) : std::nullopt);
+      entry.storages.push_back(t.defined() ? std::optional<WeakStorage>(t.storage().getWeakStorageImpl()) : std::nullopt);
+      entry.impls.push_back(t.defined() ? t.unsafeGetTensorImpl() : nullptr);
+      entry.layouts.push_back(layout(t));
       entry.versions.push_back(version(t));
       entry.ptrs.push_back(t.defined() ? t.data_ptr() : nullptr);
       entry.prints.push_back(fingerprint(t));
@@ -53,7 +58,7 @@ class WeightCache {
   }
 
  private:
-  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
   using Key = std::pair<const c10::TensorImpl*, int64_t>;
   static constexpr size_t kMaxEntries = 64;
   static constexpr int64_t kExact = 8192;  // tensors up to this many elements are kept whole
@@ -64,10 +69,20 @@ class WeightCache {
   // t's version counter, or -1 for a tensor without one (undefined, or made in inference mode).
   static int64_t version(const at::Tensor& t) { return t.defined() && !t.is_inference() ? t._version() : -1; }
 
-  // Whether a change to any of the weights would show: a version counter or a fingerprint each.
+  // Whether a change to any of the weights would show: each has a storage, and a version counter or a
+  // fingerprint.
   static bool trackable(const std::vector<at::Tensor>& weights) {
-    return std::all_of(weights.begin(), weights.end(),
-                       [](const at::Tensor& t) { return !t.defined() || !t.is_inference() || t.device().is_cpu(); });
+    return std::all_of(weights.begin(), weights.end(), [](const at::Tensor& t) {
+      return !t.defined() || (t.has_storage() && (!t.is_inference() || t.device().is_cpu()));
+    });
+  }
+
+  // t's sizes, then its strides.
+  static std::vector<int64_t> layout(const at::Tensor& t) {
+    if (!t.defined()) return {};
+    std::vector<int64_t> v(t.sizes().begin(), t.sizes().end());
+    v.insert(v.end(), t.strides().begin(), t.strides().end());
+    return v;
   }
 
   // Calls f(k, element) for the elements of t that its fingerprint holds: all of a small
@@ -112,20 +127,25 @@ class WeightCache {
   }
 
   struct Entry {
-    std::vector<std::optional<WeakImpl>> refs;  // nullopt: an absent (undefined) weight
+    std::vector<std::optional<WeakStorage>> storages;  // nullopt: an absent (undefined) weight
+    std::vector<const c10::TensorImpl*> impls;
+    std::vector<std::vector<int64_t>> layouts;
     std::vector<int64_t> versions;
     std::vector<const void*> ptrs;
     std::vector<std::string> prints;
     V value;
 
-    bool expired() const { return refs[0]->expired(); }
+    bool expired() const { return storages[0]->expired(); }
     bool matches(const std::vector<at::Tensor>& weights) const {
-      if (weights.size() != refs.size()) return false;
+      if (weights.size() != storages.size()) return false;
       for (size_t k = 0; k < weights.size(); ++k) {
         const at::Tensor& t = weights[k];
-        if (t.defined() != refs[k].has_value()) return false;
-        if (t.defined() && (refs[k]->expired() || refs[k]->_unsafe_get_target() != t.unsafeGetTensorImpl() ||
-                            ptrs[k] != t.data_ptr() || versions[k] != version(t) || !same(t, prints[k]))) {
+        if (t.defined() != storages[k].has_value()) return false;
+        if (t.defined() &&
+            (!t.has_storage() || storages[k]->expired() ||
+             storages[k]->_unsafe_get_target() != t.storage().unsafeGetStorageImpl() ||
+             impls[k] != t.unsafeGetTensorImpl() || ptrs[k] != t.data_ptr() || layouts[k] != layout(t) ||
+             versions[k] != version(t) || !same(t, prints[k]))) {
           return false;
         }
       }
