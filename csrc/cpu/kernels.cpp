@@ -3,6 +3,8 @@
 // any x86-64 machine and uses the wide units where they exist.
 #include "kernels.h"
 
+#include "bf16_emulation.h"
+
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -63,7 +65,11 @@ int isa_level() {
     level = 1;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+#ifdef RNNFAST_EMULATE_BF16
+      level = 3;  // a test build: bf16_emulation.h stands in for the instructions
+#else
       level = __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+#endif
     }
   }
   const char* cap = std::getenv("RNNFAST_CPU_ISA");
@@ -71,7 +77,9 @@ int isa_level() {
   if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
   if (cap != nullptr && std::strcmp(cap, "avx512") == 0) level = std::min(level, 2);
   const bool below_amx = cap != nullptr && std::strcmp(cap, "avx512bf16") == 0;
+#ifndef RNNFAST_EMULATE_BF16
   if (level == 3 && !below_amx && amx_usable()) level = 4;
+#endif
   return level;
 }
 

@@ -37,6 +37,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "kernels.h"
+#include "bf16_emulation.h"
 
 namespace rnnfast {
 namespace {
