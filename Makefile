@@ -69,20 +69,21 @@ sanitize: setup
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 RNNFAST_TEST_BACKENDS=cpu \
 		$(PY) -P -m pytest -q -p no:cacheprovider --capture=sys $(SANITIZE_TESTS)
 
-# The bfloat16 fused loop on a CPU without AVX512-BF16 (this project's CI host): the extension built with its
-# two bfloat16 instructions emulated by AVX-512F (csrc/cpu/bf16_emulation.h), in build/bf16-emulated next to a
-# copy of the package as for `sanitize`, then the tests that run the loop on the cpu backend (test_lowp's
-# loop tests run there instead of skipping; PYTHONSAFEPATH keeps the source tree's package out of their
-# subprocesses too). AMX stays off. Needs an AVX-512 CPU; about 5 min to build, 1 to test.
+# The bfloat16 fused loop on a CPU without AVX512-BF16 or AMX (this project's CI host): the extension built
+# with those instructions emulated (csrc/cpu/bf16_emulation.h: vdpbf16ps and vcvtneps2bf16 by AVX-512F, the
+# AMX tiles in plain C++), in build/bf16-emulated next to a copy of the package as for `sanitize`, then the
+# tests that run the loop on the cpu backend: on AMX tiles, and test_bf16_below_amx's capped run on
+# vdpbf16ps (test_lowp's loop tests run instead of skipping; PYTHONSAFEPATH keeps the source tree's package
+# out of their subprocesses too). Needs an AVX-512 CPU; about 5 min to build, 1 to test.
 BF16_TESTS ?= tests/test_lowp.py tests/test_cpu_backend.py tests/test_parity.py tests/test_api.py tests/test_torch_inputs.py
 test-bf16-emulated: setup
 	rm -rf build/bf16-emulated && mkdir -p build/bf16-emulated
 	cp -r rnnfast build/bf16-emulated/rnnfast && rm -f build/bf16-emulated/rnnfast/*.so
 	cp -r kernels build/bf16-emulated/rnnfast/kernels
-	RNNFAST_EXTRA_CFLAGS="-DRNNFAST_EMULATE_BF16" $(PY) setup.py -q build_ext --build-lib build/bf16-emulated \
+	RNNFAST_EXTRA_CFLAGS="-DRNNFAST_EMULATE_BF16 -DRNNFAST_EMULATE_AMX" $(PY) setup.py -q build_ext --build-lib build/bf16-emulated \
 		--build-temp build/bf16-emulated-tmp > build/bf16-emulated/build.log 2>&1 || (tail -50 build/bf16-emulated/build.log; exit 1)
 	PYTHONSAFEPATH=1 PYTHONPATH=build/bf16-emulated:$(CURDIR) RNNFAST_TEST_BACKENDS=cpu $(PY) -c \
-		"from rnnfast import _C; assert _C.has_bf16_loop(), 'the emulated build runs no bfloat16 loop'"
+		"from rnnfast import _C; assert _C.product_isa('bfloat16') == 'AMX tdpbf16ps', _C.product_isa('bfloat16')"
 	PYTHONSAFEPATH=1 PYTHONPATH=build/bf16-emulated:$(CURDIR) RNNFAST_TEST_BACKENDS=cpu $(PY) -m pytest -q \
 		-p no:cacheprovider -n 2 $(BF16_TESTS)
 

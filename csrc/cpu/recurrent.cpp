@@ -553,11 +553,24 @@ RNNFAST_AMX void amx_block(const BF16* const* a_tile, int64_t lda, const PanelTi
   if constexpr (S > 3) sum_end<3>(sums[3].to, sums[3].to_ld);
 }
 
+// A buffered sum tile's start (16 rows, 64 floats apart): its first `rows` rows from c (row stride ldc,
+// `lanes` live columns) where given, else the bias, else zero; the rows past them zero.
+RNNFAST_AMX void block_start(float* start, int64_t rows, const float* c, int64_t ldc, int64_t lanes, const float* bias) {
+  const __mmask16 mask = static_cast<__mmask16>((uint32_t(1) << lanes) - 1);
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    __m512 y = _mm512_setzero_ps();
+    if (r < rows && c != nullptr) y = _mm512_maskz_loadu_ps(mask, c + r * ldc);
+    if (r < rows && c == nullptr && bias != nullptr) y = _mm512_loadu_ps(bias);
+    _mm512_storeu_ps(start + r * 64, y);
+  }
+}
+
 // c (+)= a @ B (+ bias) for rows [0, n) and panels [nb0, nb1) of bfloat16 panels on AMX tiles, 32
-// rows of a at a time (in L1 across the panels). A sum tile of 16 whole rows and 16 live columns
-// starts from c (add) or the bias and is stored straight to c; the others (the last rows, a
-// panel's columns past N) go through a small float32 block, whence they reach c as tile_store
-// puts them (bias, add, masks).
+// rows of a at a time (in L1 across the panels). Every sum tile starts from c (add) or the bias: one
+// of 16 whole rows and 16 live columns straight from c and back to it, the others (the last rows, a
+// panel's columns past N) through a small float32 block, whence their live rows and columns reach c.
+// A row's sum so takes the same order whatever its tile's rows (2 rows of a batch equal the batch's
+// rows bit for bit, split by rows or by units).
 RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const BF16* a, int64_t lda, int64_t n,
                           float* c, int64_t ldc, bool add) {
   if (n <= 0 || nb0 >= nb1) return;
@@ -610,9 +623,12 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
           st.from_ld = add ? ldc : 0;
           st.to = dst;
           st.to_ld = ldc;
-        } else {
-          st.to = block.data() + i * kTileRows * 64 + v * 16;
-          st.to_ld = 64;
+        } else {  // from the same start as a whole tile's, so that no row's sum depends on its tile's rows
+          float* start = block.data() + i * kTileRows * 64 + v * 16;
+          block_start(start, std::clamp<int64_t>(rows - i * kTileRows, 0, kTileRows), add ? c_rows + i * kTileRows * ldc + col[v] : nullptr,
+                      ldc, lanes[v], bias != nullptr ? bias + 16 * v : nullptr);
+          st.from = st.to = start;
+          st.from_ld = st.to_ld = 64;
           buffered = true;
         }
         return st;
@@ -647,11 +663,7 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
         for (int64_t v = 0; v < V; ++v) {
           if (lanes[v] == 0 || (lanes[v] == 16 && (i + 1) * kTileRows <= rows)) continue;
           const __mmask16 mask = static_cast<__mmask16>((uint32_t(1) << lanes[v]) - 1);
-          float* dst = c_rows + r * ldc + col[v];
-          __m512 y = _mm512_loadu_ps(block.data() + r * 64 + v * 16);
-          if (bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + 16 * v));
-          if (add) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, dst));
-          _mm512_mask_storeu_ps(dst, mask, y);
+          _mm512_mask_storeu_ps(c_rows + r * ldc + col[v], mask, _mm512_loadu_ps(block.data() + r * 64 + v * 16));
         }
       }
     }
