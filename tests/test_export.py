@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfast
-from rnnfast.export import to_torch
 
 onnx = pytest.importorskip("onnx", reason="onnx is a test dependency (requirements-dev.txt)")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test dependency (requirements-dev.txt)")

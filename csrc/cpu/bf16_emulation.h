@@ -38,6 +38,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m25
 #endif
 
 #ifdef RNNFAST_EMULATE_AMX
+#include <immintrin.h>  // first: its _tile_* macros are replaced below
+
 #include <cstdint>
 #include <cstring>
 

@@ -3,12 +3,12 @@
 // any x86-64 machine and uses the wide units where they exist.
 #include "kernels.h"
 
-#include "bf16_emulation.h"
-
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "bf16_emulation.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -45,14 +45,21 @@ namespace rnnfast {
 namespace {
 
 // Whether the CPU has AMX tiles with bfloat16 products and Linux lets this process use them
-// (the tile data is a large state that a process must ask for, once, before its first use).
+// (the tile data is a large state that a process must ask for, once, before its first use); in a
+// test build, whether bf16_emulation.h stands in for them.
 bool amx_usable() {
+#if defined(RNNFAST_EMULATE_AMX)
+  return true;
+#elif defined(RNNFAST_EMULATE_BF16)
+  return false;
+#else
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (__get_cpuid_max(0, nullptr) < 7) return false;
   __cpuid_count(7, 0, eax, ebx, ecx, edx);
   const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return tile && bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#endif
 }
 
 // 0: baseline x86-64, 1: AVX2+FMA, 2: AVX-512, 3: AVX-512 with AVX512-BF16, 4: and AMX-BF16.
@@ -77,11 +84,7 @@ int isa_level() {
   if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
   if (cap != nullptr && std::strcmp(cap, "avx512") == 0) level = std::min(level, 2);
   const bool below_amx = cap != nullptr && std::strcmp(cap, "avx512bf16") == 0;
-#if defined(RNNFAST_EMULATE_AMX)
-  if (level == 3 && !below_amx) level = 4;  // a test build: bf16_emulation.h stands in for the tiles
-#elif !defined(RNNFAST_EMULATE_BF16)
   if (level == 3 && !below_amx && amx_usable()) level = 4;
-#endif
   return level;
 }
 

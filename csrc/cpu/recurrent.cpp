@@ -73,8 +73,8 @@ struct Panels {
   const float* bias_data = nullptr;
   int64_t U, V, N, K, NB, ldb, pstride;
   bool tiled = false;  // in AMX tiles: only gemm_amx reads them
-  // float32 weights of one gate of at most 8 units as (8, K) rows, zero past N: the B side of dot products
-  // (see dot_product); else undefined
+  // float32 weights of one gate of at most 8 units as (8, K) rows, zero past N: the B side of gemm's dot
+  // products (dot_rows8); else undefined
   Tensor rows;
   const float* rows_data = nullptr;
 
@@ -693,7 +693,7 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
     }
   }
   if constexpr (std::is_same_v<E, float>) {
-    if (kHasAvx512 && p.rows_data != nullptr && !transposed_a && p.K >= kDotMinK && nb1 > nb0 && std::getenv("RNNFAST_OLD") == nullptr) {
+    if (kHasAvx512 && p.rows_data != nullptr && !transposed_a && p.K >= kDotMinK && nb1 > nb0) {
       return dot_rows8(a, lda, n, p.rows_data, p.K, p.N, p.bias_data, c, ldc, add);
     }
   }
