@@ -257,18 +257,21 @@ class _FirstOrder(torch.autograd.Function):
 
 
 def first_order(backend: str, backward: Callable, with_graph: Optional[Callable] = None) -> Callable:
-    """A fused backward ``backward(ctx, *grads)`` whose kernels have no derivative of their own. It runs
-    without building a graph. When autograd asks for one (create_graph=True, torch.func.grad), the
-    gradients come from ``with_graph(ctx, *grads)`` (see :func:`layer_grads_with_graph`) where the
+    """A fused backward ``backward(ctx, saved, *grads)`` whose kernels have no derivative of their own;
+    ``saved`` is ``ctx.saved_tensors``, unpacked here once (torch.utils.checkpoint refuses a second
+    unpacking). It runs without building a graph. When autograd asks for one (create_graph=True,
+    torch.func.grad), the gradients come from ``with_graph(ctx, saved, *grads)`` (see
+    :func:`layer_grads_with_graph`) where the
     backend gives one; else they come back tied to the saved tensors through a node whose derivative
     raises: a second derivative is exact or fails with a clear error, never silently wrong."""
 
     def run(ctx, *grads):
-        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        saved = ctx.saved_tensors
+        anchors = [t for t in saved if t is not None and t.requires_grad]
         if with_graph is not None and torch.is_grad_enabled() and anchors:
-            return with_graph(ctx, *grads)
+            return with_graph(ctx, saved, *grads)
         with torch.no_grad():
-            result = backward(ctx, *grads)
+            result = backward(ctx, saved, *grads)
         present = [g for g in result if isinstance(g, Tensor)]
         if not torch.is_grad_enabled() or not anchors or not present:
             return result

@@ -114,8 +114,8 @@ def _needs(needs_input_grad: tuple) -> tuple[bool, bool, bool]:
     return needs_input_grad[1], needs_input_grad[3], any(needs_input_grad[5:10])
 
 
-def _layer_bwd(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
-    x, batch_sizes, h0, c0, w_ih, w_hh, _, _, w_hr, out, ws1, ws2 = ctx.saved_tensors
+def _layer_bwd(ctx, saved, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
+    x, batch_sizes, h0, c0, w_ih, w_hh, _, _, w_hr, out, ws1, ws2 = saved
     lstm = ctx.mode == 0
     g_out = torch.zeros_like(out) if g_out is None else g_out
     g_hn = torch.zeros_like(h0) if g_hn is None else g_hn
@@ -139,8 +139,8 @@ def _grads_with_graph(mode: int, reverse: bool, x: Tensor, batch_sizes: Optional
                                   LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr), (g_out, g_hn, g_cn if mode == 0 else None))
 
 
-def _layer_with_graph(ctx, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
-    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _, _, _ = ctx.saved_tensors
+def _layer_with_graph(ctx, saved, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _, _, _ = saved
     dx, dh0, dc0, *dw = _grads_with_graph(ctx.mode, ctx.reverse, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                           g_out, g_hn, g_cn)
     return (None, dx, None, dh0, dc0, *dw, None, None)

@@ -159,12 +159,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zeros the size of the saved gates
 
 
-def _backward(ctx, dhs: Optional[Tensor], dcs: Optional[Tensor], bwd) -> tuple:
+def _backward(ctx, saved: tuple, dhs: Optional[Tensor], dcs: Optional[Tensor], bwd) -> tuple:
     """Gradients of the states by time back to (dout, dh_n, dc_n) for rnn_bwd. h_n is hs at the
     last walked step, where out's last gradient lands too: rnn_bwd adds the two for rows still
     running then; for packed rows that ended earlier (forward direction) h_n is their carried
     state, and its gradient goes in as dh_n."""
-    x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, ms, gs = ctx.saved_tensors
+    x, w_ih, w_hh, w_hr, batch_sizes, hs, cs, ms, gs = saved
     T, reverse = x.shape[0], ctx.reverse
     i_n = 0 if reverse else T
     dhs = torch.zeros_like(hs) if dhs is None else dhs
@@ -183,7 +183,7 @@ def _backward(ctx, dhs: Optional[Tensor], dcs: Optional[Tensor], bwd) -> tuple:
             dw_hr if w_hr is not None else None, None, None, None, None, None)
 
 
-_fwd_op.register_autograd(first_order("triton", lambda ctx, dhs, dcs, _dms, _dgs: _backward(ctx, dhs, dcs, _bwd_op)),
+_fwd_op.register_autograd(first_order("triton", lambda ctx, saved, dhs, dcs, _dms, _dgs: _backward(ctx, saved, dhs, dcs, _bwd_op)),
                           setup_context=_setup_context)
 
 
@@ -194,8 +194,8 @@ class _Layer(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
 
     # under torch.func the saved tensors are functorch wrappers, which only the operator unwraps
-    backward = staticmethod(first_order("triton", lambda ctx, dhs, dcs, _dms, _dgs: _backward(
-        ctx, dhs, dcs, _bwd_op if torch._C._are_functorch_transforms_active() else _bwd)))
+    backward = staticmethod(first_order("triton", lambda ctx, saved, dhs, dcs, _dms, _dgs: _backward(
+        ctx, saved, dhs, dcs, _bwd_op if torch._C._are_functorch_transforms_active() else _bwd)))
 
 
 def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, batch_sizes: Optional[Tensor],

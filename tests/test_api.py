@@ -377,3 +377,22 @@ def test_torch_func_grad(backend, name):
     else:
         with pytest.raises(NotImplementedError, match=f"rnnfast {backend} backend: double backward"):
             second(x)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(backend, use_reentrant):
+    """torch.utils.checkpoint recomputes the layer in backward and gives torch.nn's gradients; the
+    non-reentrant form also refuses a backward that unpacks its saved tensors twice."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = nn.GRU(3, 4, num_layers=2, bidirectional=True).double().to(device)
+    ours = rnnfast.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+
+    def grads(model):  # the reentrant form takes .backward(), not autograd.grad
+        inp = x.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(lambda i: model(i)[0], inp, use_reentrant=use_reentrant)
+        out.square().sum().backward()
+        return out, inp.grad, [p.grad for p in model.parameters()]
+
+    torch.testing.assert_close(grads(ours), grads(ref))
