@@ -58,9 +58,11 @@ def decode_calls(monkeypatch):
      ("RNN", dict(num_layers=2)), ("RNN", dict(nonlinearity="relu", bias=False))],
     ids=["lstm", "lstm-L3", "lstm-proj", "lstm-L2-proj-nobias", "gru-L2", "gru-nobias", "rnn-L2", "relu-nobias"],
 )
-@pytest.mark.parametrize("T, B", [(1, 1), (2, 1)], ids=["T1B1", "T2B1"])
+@pytest.mark.parametrize("T, B", [(1, 1), (2, 1), (1, 2)], ids=["T1B1", "T2B1", "T1B2"])
 def test_decode_path_matches_torch(family, kwargs, T, B, dtype, decode_calls):
-    ref, ours = twins(family, "cpu", 19, 40, dtype=dtype, **kwargs)
+    """Short inference calls take the decode path; two rows share each read of the weights (dot_pairs),
+    37 units leave a block of rows short of 8."""
+    ref, ours = twins(family, "cpu", 19, 37, dtype=dtype, **kwargs)
     x = torch.randn(T, B, 19, dtype=dtype)
     state_ref = state_ours = None
     with torch.no_grad():
@@ -184,7 +186,7 @@ def test_long_sequences_cross_time_chunks(family, packed):
 @pytest.mark.parametrize("bias", [True, False])
 def test_narrow_elman_projection(H, bias):
     """An Elman RNN of at most 8 units projects inputs of 128 features or more by dot products
-    (dot_rows8): an odd row at the end of a thread's rows, a K tail, bias or not, several chunks, both
+    (dot_pairs): an odd row at the end of a thread's rows, a K tail, bias or not, several chunks, both
     directions, with gradients."""
     assert_matches_float64("RNN", Case("narrow", dict(bidirectional=True, bias=bias), I=131, H=H, T=7, B=45))
 

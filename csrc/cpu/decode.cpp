@@ -56,18 +56,9 @@ void project(const Tensor& w, const Tensor& bias, const E* x, int64_t in, const 
   const A* bh = bi + rows;
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 17) / std::max<int64_t>(ld * B, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t b = 0; b < B; ++b) {
-      A* gib = gi + b * rows;
-      A* ghb = gh + b * rows;
-      dot_rows(W + r0 * ld, ld, r1 - r0, x + b * in, in, gib + r0, 1);
-      if (h_zero) {
-        std::memcpy(ghb + r0, bh + r0, (r1 - r0) * sizeof(A));
-      } else {
-        dot_rows(W + r0 * ld + in, ld, r1 - r0, h + b * H, H, ghb + r0, 1);
-        for (int64_t r = r0; r < r1; ++r) ghb[r] += bh[r];
-      }
-      for (int64_t r = r0; r < r1; ++r) gib[r] += bi[r];
-    }
+    dot_rows_batch(x, in, B, W + r0 * ld, ld, in, r1 - r0, bi + r0, gi + r0, rows);
+    if (!h_zero) return dot_rows_batch(h, H, B, W + r0 * ld + in, ld, H, r1 - r0, bh + r0, gh + r0, rows);
+    for (int64_t b = 0; b < B; ++b) std::memcpy(gh + b * rows + r0, bh + r0, (r1 - r0) * sizeof(A));
   });
 }
 

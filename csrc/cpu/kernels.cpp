@@ -293,32 +293,37 @@ void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat
   for (; r < rows; ++r) dot_rows_bf16<1>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void dot_rows8(const float* a, int64_t lda, int64_t n,
-                                                                   const float* w, int64_t K, int64_t N,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dot_pairs(const float* a, int64_t lda, int64_t n,
+                                                                   const float* w, int64_t ldw, int64_t K, int64_t N,
                                                                    const float* bias, float* c, int64_t ldc,
                                                                    bool add) {
-  const __mmask8 out = static_cast<__mmask8>((1u << N) - 1);
-  const __m256 b = bias != nullptr ? _mm256_maskz_loadu_ps(out, bias) : _mm256_setzero_ps();
-  for (int64_t r = 0; r < n; r += 2) {
-    const int rows = n - r >= 2 ? 2 : 1;
-    const float* a0 = a + r * lda;
-    const float* a1 = rows == 2 ? a0 + lda : a0;  // an odd last row sums itself twice
-    __m512 acc[2][8];
-    for (int q = 0; q < 8; ++q) acc[0][q] = acc[1][q] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 live = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-      const __m512 x0 = _mm512_maskz_loadu_ps(live, a0 + k), x1 = _mm512_maskz_loadu_ps(live, a1 + k);
-      for (int q = 0; q < 8; ++q) {
-        const __m512 wq = _mm512_maskz_loadu_ps(live, w + q * K + k);
-        acc[0][q] = _mm512_fmadd_ps(x0, wq, acc[0][q]);
-        acc[1][q] = _mm512_fmadd_ps(x1, wq, acc[1][q]);
+  for (int64_t j0 = 0; j0 < N; j0 += 8) {
+    const int64_t m = std::min<int64_t>(8, N - j0);
+    const __mmask8 out = static_cast<__mmask8>((1u << m) - 1);
+    const float* wq[8];
+    for (int q = 0; q < 8; ++q) wq[q] = w + (j0 + std::min<int64_t>(q, m - 1)) * ldw;  // dead rows repeat the last
+    const __m256 b = bias != nullptr ? _mm256_maskz_loadu_ps(out, bias + j0) : _mm256_setzero_ps();
+    for (int64_t r = 0; r < n; r += 2) {
+      const int rows = n - r >= 2 ? 2 : 1;
+      const float* a0 = a + r * lda;
+      const float* a1 = rows == 2 ? a0 + lda : a0;  // an odd last row sums itself twice
+      __m512 acc[2][8];
+      for (int q = 0; q < 8; ++q) acc[0][q] = acc[1][q] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+        const __m512 x0 = _mm512_maskz_loadu_ps(live, a0 + k), x1 = _mm512_maskz_loadu_ps(live, a1 + k);
+        for (int q = 0; q < 8; ++q) {
+          const __m512 wk = _mm512_maskz_loadu_ps(live, wq[q] + k);
+          acc[0][q] = _mm512_fmadd_ps(x0, wk, acc[0][q]);
+          acc[1][q] = _mm512_fmadd_ps(x1, wk, acc[1][q]);
+        }
       }
-    }
-    for (int i = 0; i < rows; ++i) {
-      float* dst = c + (r + i) * ldc;
-      __m256 y = _mm256_add_ps(sums8(acc[i]), b);
-      if (add) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(out, dst));
-      _mm256_mask_storeu_ps(dst, out, y);
+      for (int i = 0; i < rows; ++i) {
+        float* dst = c + (r + i) * ldc + j0;
+        __m256 y = _mm256_add_ps(sums8(acc[i]), b);
+        if (add) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(out, dst));
+        _mm256_mask_storeu_ps(dst, out, y);
+      }
     }
   }
 }

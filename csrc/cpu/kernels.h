@@ -13,6 +13,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace rnnfast {
@@ -23,6 +24,22 @@ enum Mode : int64_t { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 inline int64_t gate_count(int64_t mode) {
   return mode == LSTM ? 4 : mode == GRU ? 3 : 1;
 }
+
+// The CPU has AVX2 and FMA and RNNFAST_CPU_ISA does not cap them: float32 layers run the
+// fused loop (on 8-lane registers).
+extern const bool kHasAvx2;
+// ... and AVX-512 (F, DQ, VL, BW): the widest build of the kernels and of the fused loop run.
+extern const bool kHasAvx512;
+// ... and AVX512-BF16 (vdpbf16ps): bfloat16 layers run the fused loop in bfloat16.
+extern const bool kHasAvx512Bf16;
+// ... and AMX-BF16 tiles, usable by this process: the bfloat16 loops' products run on them.
+extern const bool kHasAmxBf16;
+// RNNFAST_CPU_ISA is set, at any level: library paths that pick their own instructions (MKL) stay
+// off, so that a capped run tests rnnfast's own kernels.
+extern const bool kIsaCapped;
+// One core's L2 in bytes (512 KB where the system does not say): what the loops' splits and
+// slabs are sized for.
+int64_t l2_bytes();
 
 // Row kernels: units [0, n) of one batch row of one step, overloaded for float
 // and double; gate q of unit j sits at q * H + j, so a caller may hand a kernel
@@ -53,6 +70,30 @@ void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64
 void dot_rows(const at::BFloat16* w, int64_t ldw, int64_t rows, const at::BFloat16* v, int64_t n, float* res,
               int64_t res_stride);
 
+// c[r, j] (+)= sum_k a[r, k] w[j, k] (+ bias[j]) for rows r < n of a and j < N of w (row stride ldw): dot
+// products along K, 8 rows of w and 2 of a at a time (16 chains, each sum's lanes reduced at the end), so
+// that w is read once for every pair of a's rows; on AVX-512 CPUs only. The B side of a product with
+// few outputs (gemm's, for an Elman layer of up to 8 units) and of GEMVs over two rows (dot_rows_batch).
+void dot_pairs(const float* a, int64_t lda, int64_t n, const float* w, int64_t ldw, int64_t K, int64_t N,
+               const float* bias, float* c, int64_t ldc, bool add);
+
+// out[b * ldo + r] = dot(w + r * ldw, a + b * lda, K) (+ bias[r]) for rows r < rows of w and b < n: in
+// float32 on AVX-512 w is read once for every pair of a's rows (dot_pairs), else once for every row.
+template <typename E, typename A>
+void dot_rows_batch(const E* a, int64_t lda, int64_t n, const E* w, int64_t ldw, int64_t K, int64_t rows,
+                    const A* bias, A* out, int64_t ldo) {
+  if constexpr (std::is_same_v<E, float> && std::is_same_v<A, float>) {
+    if (kHasAvx512) return dot_pairs(a, lda, n, w, ldw, K, rows, bias, out, ldo, false);
+  }
+  for (int64_t b = 0; b < n; ++b) {
+    A* o = out + b * ldo;
+    dot_rows(w, ldw, rows, a + b * lda, K, o, 1);
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) o[r] += bias[r];
+    }
+  }
+}
+
 // out[b] = w @ a[b] (+ bias) for n rows: w (N, K) row-major in E, a (n, K) in E, sums in A (float32
 // for bfloat16). Threads split the rows of w from 64K multiply-adds each: a product this small is
 // bound by reading w, which one core reads at about half the speed two do. With it, and ATen's GEMM
@@ -62,13 +103,7 @@ template <typename E, typename A>
 void gemv_rows(const E* a, int64_t n, int64_t K, const E* w, int64_t N, const A* bias, A* out) {
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(K * n, 1));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t b = 0; b < n; ++b) {
-      A* o = out + b * N;
-      dot_rows(w + r0 * K, K, r1 - r0, a + b * K, K, o + r0, 1);
-      if (bias != nullptr) {
-        for (int64_t r = r0; r < r1; ++r) o[r] += bias[r];
-      }
-    }
+    dot_rows_batch(a, K, n, w + r0 * K, K, K, r1 - r0, bias != nullptr ? bias + r0 : nullptr, out + r0, N);
   });
 }
 
@@ -85,11 +120,6 @@ inline void round_row(float* dst, const float* src, int64_t n) { std::memcpy(dst
 inline void round_row(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }
 void round_row(at::BFloat16* dst, const float* src, int64_t n);
 
-// c[r, j] (+)= sum_k a[r, k] w[j, k] (+ bias[j]) for rows r < n and units j < N <= 8 of a product with
-// few outputs (a one-gate layer of up to 8 units): w (8, K), rows past N zero. Dot products along K, two
-// rows of a at a time (16 chains), each sum's lanes reduced at the end; on AVX-512 CPUs only.
-void dot_rows8(const float* a, int64_t lda, int64_t n, const float* w, int64_t K, int64_t N, const float* bias,
-               float* c, int64_t ldc, bool add);
 
 }  // namespace rnnfast
 
@@ -114,21 +144,6 @@ struct Rows {
   T* operator()(int64_t step, int64_t b) const { return data + (start(step) + b) * W; }
 };
 
-// The CPU has AVX2 and FMA and RNNFAST_CPU_ISA does not cap them: float32 layers run the
-// fused loop (on 8-lane registers).
-extern const bool kHasAvx2;
-// ... and AVX-512 (F, DQ, VL, BW): the widest build of the kernels and of the fused loop run.
-extern const bool kHasAvx512;
-// ... and AVX512-BF16 (vdpbf16ps): bfloat16 layers run the fused loop in bfloat16.
-extern const bool kHasAvx512Bf16;
-// ... and AMX-BF16 tiles, usable by this process: the bfloat16 loops' products run on them.
-extern const bool kHasAmxBf16;
-// RNNFAST_CPU_ISA is set, at any level: library paths that pick their own instructions (MKL) stay
-// off, so that a capped run tests rnnfast's own kernels.
-extern const bool kIsaCapped;
-// One core's L2 in bytes (512 KB where the system does not say): what the loops' splits and
-// slabs are sized for.
-int64_t l2_bytes();
 
 // The gradients a backward is asked for (autograd's needs_input_grad): dx, dh0, and the weights'
 // (dW_ih, dW_hh and the biases' together). One not asked for is left out of the products and comes

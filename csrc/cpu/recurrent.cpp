@@ -73,8 +73,8 @@ struct Panels {
   const float* bias_data = nullptr;
   int64_t U, V, N, K, NB, ldb, pstride;
   bool tiled = false;  // in AMX tiles: only gemm_amx reads them
-  // float32 weights of one gate of at most 8 units as (8, K) rows, zero past N: the B side of gemm's dot
-  // products (dot_rows8); else undefined
+  // float32 weights of one gate of at most 8 units as (N, K) rows: the B side of gemm's dot products
+  // (dot_pairs); else undefined
   Tensor rows;
   const float* rows_data = nullptr;
 
@@ -123,8 +123,8 @@ Panels<E> pack(const Tensor& w_, const Tensor& bias, int64_t G, int64_t U) {
     }
   }
   p.data = p.w.template data_ptr<E>();
-  if (std::is_same_v<E, float> && G == 1 && p.N <= 8) {  // (8, K), zero rows past N
-    p.rows = at::constant_pad_nd(w, {0, 0, 0, 8 - p.N});
+  if (std::is_same_v<E, float> && G == 1 && p.N <= 8) {
+    p.rows = w.contiguous();
     p.rows_data = p.rows.template data_ptr<float>();
   }
   return p;
@@ -673,7 +673,7 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
 }
 
 // A product of at most 8 units of one gate over a long K (an Elman RNN's input projection) runs as dot
-// products (dot_rows8): 16 lanes of K a multiply-add where the tile's had at most 8 live lanes, and a
+// products (dot_pairs): 16 lanes of K a multiply-add where the tile's had at most 8 live lanes, and a
 // broadcast each.
 constexpr int64_t kDotMinK = 128;
 
@@ -694,7 +694,7 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
   }
   if constexpr (std::is_same_v<E, float>) {
     if (kHasAvx512 && p.rows_data != nullptr && !transposed_a && p.K >= kDotMinK && nb1 > nb0) {
-      return dot_rows8(a, lda, n, p.rows_data, p.K, p.N, p.bias_data, c, ldc, add);
+      return dot_pairs(a, lda, n, p.rows_data, p.K, p.K, p.N, p.bias_data, c, ldc, add);
     }
   }
   if (transposed_a) {
