@@ -2,7 +2,8 @@
 
 The grid (``python -m bench``) times named shapes; users run others. This draws ``--count`` random
 configurations of every constructor option the grid leaves fixed (bidirectional, proj_size,
-batch_first, bias, nonlinearity, packed input, odd sizes), builds torch.nn and rnnfast (backend
+batch_first, bias, nonlinearity, packed input, odd sizes) and of the call (initial states given or
+not: hx None lets the first step skip its recurrent product), builds torch.nn and rnnfast (backend
 ``--backend``) on the same weights, and times both side by side: interleaved rounds of calibrated
 batches, the speed-up being the median of the per-round ratios (``measure.paired_speedup``). The
 table lists the slowest first. Examples::
@@ -20,7 +21,7 @@ import json
 import os
 import random
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,12 +44,14 @@ class Config(Case):
     packed: bool = False
     options: dict = field(default_factory=dict)  # bias, nonlinearity, proj_size
     input_grad: bool = True  # fwdbwd: the input needs a gradient (an embedding's output), else data
+    states: bool = False  # random initial states given (a decoder's, truncated BPTT's), else hx None
 
     @property
     def label(self) -> str:
         flags = [f"L{self.layers}"] if self.layers > 1 else []
         flags += [n for n, on in (("bidir", self.bidirectional), ("batch_first", self.batch_first),
-                                  ("packed", self.packed), ("data-input", self.mode == "fwdbwd" and not self.input_grad))
+                                  ("packed", self.packed), ("data-input", self.mode == "fwdbwd" and not self.input_grad),
+                                  ("hx", self.states))
                   if on]
         flags += [f"{k}={v}" for k, v in sorted(self.options.items())]
         return f"{self.family} {self.mode} T{self.T} B{self.B} I{self.I} H{self.H}" + "".join(f" {f}" for f in flags)
@@ -82,13 +85,14 @@ def draw(rng: random.Random, modes: tuple[str, ...]) -> Config:
 
 
 def drawn(seed: int, count: int, modes: list[str], max_cost: float) -> list[Config]:
-    """``count`` random configurations of at most ``max_cost`` multiply-adds a call."""
-    rng = random.Random(seed)
+    """``count`` random configurations of at most ``max_cost`` multiply-adds a call; whether each gives
+    initial states comes from a stream of its own, so that a seed draws the shapes it always drew."""
+    rng, states = random.Random(seed), random.Random(f"{seed}-states")
     configs: list[Config] = []
     while len(configs) < count:
         cfg = draw(rng, tuple(modes))
         if cfg.cost <= max_cost:
-            configs.append(cfg)
+            configs.append(replace(cfg, states=states.random() < 0.3))
     return configs
 
 
@@ -111,11 +115,16 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
     x = torch.randn((cfg.B, cfg.T, cfg.I) if cfg.batch_first else (cfg.T, cfg.B, cfg.I))
     lengths = torch.randint(1, cfg.T + 1, (cfg.B,))
     lengths[0] = cfg.T
+    hx = None
+    if cfg.states:
+        rows = (cfg.layers * (2 if cfg.bidirectional else 1), cfg.B)
+        h = torch.randn(*rows, cfg.options.get("proj_size", cfg.H))
+        hx = (h, torch.randn(*rows, cfg.H)) if cfg.family == "LSTM" else h
 
     def inputs() -> Any:
         if cfg.packed:
-            return nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=cfg.batch_first, enforce_sorted=False)
-        return x
+            return nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=cfg.batch_first, enforce_sorted=False), hx
+        return x, hx
 
     def make(module: nn.Module) -> Callable[[], Any]:
         if cfg.mode == "fwd":
@@ -123,7 +132,7 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
 
             def fwd() -> Any:
                 with torch.no_grad():
-                    return module(inputs())
+                    return module(*inputs())
 
             return fwd
         module.train()
@@ -132,7 +141,7 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
         def fwdbwd() -> None:
             module.zero_grad(set_to_none=True)
             x.grad = None
-            out = module(inputs())[0]
+            out = module(*inputs())[0]
             (out.data if cfg.packed else out).sum().backward()
 
         return fwdbwd

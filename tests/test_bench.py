@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import rnnfast
 from bench.cases import Case
@@ -218,3 +219,24 @@ def test_sweep_pairs_each_round(monkeypatch):
     got = sweep.measure(sweep.Config("GRU", "fwd", 2, 1, 3, 4), "cpu", rounds=5, min_seconds=1.0)
     assert got["speedup"] == got["speedup_p20"] == got["speedup_p80"] == 2.0
     assert got["torch_ms"] == 6000.0
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(family="LSTM", mode="fwd", T=2, B=3, I=4, H=6, layers=2, bidirectional=True, options={"proj_size": 3}),
+    dict(family="GRU", mode="fwdbwd", T=3, B=2, I=4, H=5, packed=True),
+], ids=["lstm-proj-bidir", "gru-packed-train"])
+def test_sweep_gives_states_to_both_modules(cfg):
+    """A drawn configuration with ``states`` hands torch.nn and rnnfast the same initial states, of
+    the shapes each layout takes; seeds keep the shapes they drew before states were drawn too."""
+    import bench.sweep as sweep
+
+    config = sweep.Config(**cfg, states=True)
+    assert "hx" in config.label.split()
+    ref, fast = sweep.steps(config, "reference")
+    a, b = ref(), fast()
+    if config.mode == "fwd":
+        torch.testing.assert_close(b, a)
+    with open(os.path.join(ROOT, "bench", "results", "2026-12-07-cpu-sweep-10.json")) as f:
+        committed = json.load(f)["results"]
+    drawn = sweep.drawn(9, 6, ["fwd", "fwdbwd"], 3e10)
+    assert [c.label.replace(" hx", "") for c in drawn] == [r["label"] for r in committed[:6]]
