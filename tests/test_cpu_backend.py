@@ -588,20 +588,22 @@ def test_two_threads_no_slower_than_one_on_a_small_training_step():
     assert two < 2.5 * one, f"2 threads {two * 1e3:.2f} ms, 1 thread {one * 1e3:.2f} ms"
 
 
+@pytest.mark.parametrize("T, B", [(9, 24), (1, 130)], ids=["T9B24", "T1B130"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
-def test_rows_and_units_splits_agree(family, dtype):
+def test_rows_and_units_splits_agree(family, dtype, T, B):
     """On 2 threads, a batch of 24 splits each step by rows (Split: 12 rows a thread, enough on AMX
-    tiles too) and one of 2 by units (hidden 48: LSTM and GRU have 3 panels of 48 rows of K, enough
-    for two threads, threads_for); every row's arithmetic is the same either way, so the outputs,
-    states and input gradients of the big batch equal those of its 2-row slices exactly (the weight
-    gradients sum the rows in another order, and in bfloat16 each slice's is rounded apart)."""
+    tiles too), a single step from 64 rows a thread (kOneStepRows), and one of 2 rows by units (hidden
+    48: LSTM and GRU have 3 panels of 48 rows of K, enough for two threads, threads_for); every row's
+    arithmetic is the same either way, so the outputs, states and input gradients of the big batch
+    equal those of its 2-row slices exactly (the weight gradients sum the rows in another order, and
+    in bfloat16 each slice's is rounded apart)."""
     with num_threads(2):
         _, ours = twins(family, "cpu", 5, 48, num_layers=2, bidirectional=True, dtype=dtype)
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(9, 24, 5, generator=g).to(dtype)
-        h0 = torch.randn(4, 24, 48, generator=g).to(dtype)
-        hx = (h0, torch.randn(4, 24, 48, generator=g).to(dtype)) if family == "LSTM" else h0
+        x = torch.randn(T, B, 5, generator=g).to(dtype)
+        h0 = torch.randn(4, B, 48, generator=g).to(dtype)
+        hx = (h0, torch.randn(4, B, 48, generator=g).to(dtype)) if family == "LSTM" else h0
 
         def run(rows):
             xs = x[:, rows].clone().requires_grad_()
@@ -612,7 +614,7 @@ def test_rows_and_units_splits_agree(family, dtype):
             return [y, *(hn if family == "LSTM" else (hn,))], xs.grad, [p.grad.clone() for p in ours.parameters()]
 
         outs, dx, dw = run(slice(None))
-        slices = [run(slice(b, b + 2)) for b in range(0, 24, 2)]
+        slices = [run(slice(b, b + 2)) for b in range(0, B, 2)]
         for i, out in enumerate(outs):
             assert torch.equal(out, torch.cat([s[0][i] for s in slices], dim=1))
         assert torch.equal(dx, torch.cat([s[1] for s in slices], dim=1))

@@ -112,7 +112,21 @@ void gemv_rows(const E* a, int64_t n, int64_t K, const E* w, int64_t N, const A*
 // torch.nn runs them. Stops at the first nonzero value.
 template <typename E>
 bool all_zero(const E* v, int64_t n) {
-  return std::all_of(v, v + n, [](E a) { return static_cast<float>(a) == 0.0f; });
+  // each value's bits but its sign, OR-ed over blocks (a loop the compiler vectorizes: std::all_of's
+  // compare-and-branch took 4% of a call of 3 Elman layers at T1 B256 H200)
+  using Bits = std::conditional_t<sizeof(E) == 8, uint64_t, std::conditional_t<sizeof(E) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Bits) == sizeof(E));
+  constexpr int64_t kBlock = 1024;
+  for (int64_t i = 0; i < n; i += kBlock) {
+    Bits any = 0;
+    for (int64_t j = i, end = std::min(n, i + kBlock); j < end; ++j) {
+      Bits b;
+      std::memcpy(&b, v + j, sizeof(Bits));
+      any |= static_cast<Bits>(b << 1);
+    }
+    if (any != 0) return false;
+  }
+  return true;
 }
 
 // dst[j] = src[j] for j < n: a copy, or rounded to nearest even for bfloat16.

@@ -792,7 +792,12 @@ int64_t threads_for(const Panels<E>& p) {
 // (2-core Xeon, bfloat16 LSTM H256 inference B8 1.42x vs 0.87x torch.nn, B16 1.10x vs 0.91x) and
 // fell behind from 12 (B24 0.99x vs 1.27x, B32 H128 1.14x vs 1.98x). A single step (a cell's) goes
 // by units: it has its one barrier either way, and each thread then reads half of the weights
-// (LSTMCell B8 H256 inference 1.39x, training 1.08x; GRUCell 1.27x, 1.09x; 2-core Xeon).
+// (LSTMCell B8 H256 inference 1.39x, training 1.08x; GRUCell 1.27x, 1.09x; 2-core Xeon); but by rows
+// from kOneStepRows rows a thread, which amortise each thread's read of all of W_hh, where whole panels
+// may split the units unevenly (an Elman layer of 200 units: 128 and 72). 2-core Xeon, T1: inference
+// RNN B256 H200 1.15x, LSTM/GRU B128-256 H256 1.00-1.01x, training 1.05-1.13x
+// (bench/results/2026-12-07-cpu-one-step-rows-ab.md); at 32 rows a thread LSTM H256 ran 0.92-0.96x.
+constexpr int64_t kOneStepRows = 64;
 struct Split {
   bool by_rows;
   int64_t threads;  // threads to start
@@ -805,7 +810,7 @@ struct Split {
   template <typename E>
   Split(const Panels<E>& p, int64_t B, int64_t T) {
     const int64_t nt = at::get_num_threads(), min_rows = std::is_same_v<E, BF16> && kHasAmxBf16 ? 12 : 3;
-    by_rows = nt > 1 && B >= min_rows * nt && p.bytes() <= l2_bytes() && T > 1;
+    by_rows = nt > 1 && B >= min_rows * nt && p.bytes() <= l2_bytes() && (T > 1 || B >= kOneStepRows * nt);
     threads = by_rows ? std::min(nt, B) : threads_for(p);
   }
 
