@@ -3,7 +3,8 @@
 The grid (``python -m bench``) times named shapes; users run others. This draws ``--count`` random
 configurations of every constructor option the grid leaves fixed (bidirectional, proj_size,
 batch_first, bias, nonlinearity, packed input, odd sizes) and of the call (initial states given or
-not: hx None lets the first step skip its recurrent product), builds torch.nn and rnnfast (backend
+not: hx None lets the first step skip its recurrent product), a fifth of them as cells stepped in a
+Python loop, builds torch.nn and rnnfast (backend
 ``--backend``) on the same weights, and times both side by side: interleaved rounds of calibrated
 batches, the speed-up being the median of the per-round ratios (``measure.paired_speedup``). The
 table lists the slowest first. Examples::
@@ -59,7 +60,7 @@ class Config(Case):
     @property
     def cost(self) -> float:
         """Multiply-adds of one call, roughly: to keep a sweep within minutes."""
-        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[self.family]
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[self.family.removesuffix("Cell")]
         dirs = 2 if self.bidirectional else 1
         return (self.T * max(self.B, 8) * gates * self.H * (self.I + self.H * (2 * self.layers - 1)) * dirs
                 * (3 if self.mode == "fwdbwd" else 1))
@@ -87,13 +88,22 @@ def draw(rng: random.Random, modes: tuple[str, ...]) -> Config:
 def drawn(seed: int, count: int, modes: list[str], max_cost: float) -> list[Config]:
     """``count`` random configurations of at most ``max_cost`` multiply-adds a call; whether each gives
     initial states comes from a stream of its own, so that a seed draws the shapes it always drew."""
-    rng, states = random.Random(seed), random.Random(f"{seed}-states")
+    rng, states, cells = random.Random(seed), random.Random(f"{seed}-states"), random.Random(f"{seed}-cells")
     configs: list[Config] = []
     while len(configs) < count:
         cfg = draw(rng, tuple(modes))
         if cfg.cost <= max_cost:
-            configs.append(replace(cfg, states=states.random() < 0.3))
+            cfg = replace(cfg, states=states.random() < 0.3)
+            configs.append(as_cell(cfg) if cells.random() < 0.2 else cfg)
     return configs
+
+
+def as_cell(cfg: Config) -> Config:
+    """The configuration's cell: T steps of LSTMCell, GRUCell or RNNCell in a Python loop, the state
+    carried (a decoder with attention steps one so); the layer-only options dropped."""
+    options = {k: v for k, v in cfg.options.items() if k != "proj_size"}
+    return replace(cfg, family=cfg.family + "Cell", layers=1, bidirectional=False, batch_first=False, packed=False,
+                   options=options)
 
 
 def rerun(path: str, below: Optional[float]) -> list[Config]:
@@ -107,6 +117,8 @@ def rerun(path: str, below: Optional[float]) -> list[Config]:
 
 def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """torch.nn's call and rnnfast's on the same weights and input."""
+    if cfg.family.endswith("Cell"):
+        return cell_steps(cfg, backend)
     torch.manual_seed(0)
     kwargs = dict(num_layers=cfg.layers, bidirectional=cfg.bidirectional, batch_first=cfg.batch_first, **cfg.options)
     ref = getattr(nn, cfg.family)(cfg.I, cfg.H, **kwargs)
@@ -143,6 +155,44 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
             x.grad = None
             out = module(*inputs())[0]
             (out.data if cfg.packed else out).sum().backward()
+
+        return fwdbwd
+
+    return make(ref), make(fast)
+
+
+def cell_steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """steps() for a cell: T calls in a Python loop, the state carried; training sums every step's output."""
+    torch.manual_seed(0)
+    ref = getattr(nn, cfg.family)(cfg.I, cfg.H, **cfg.options)
+    fast = getattr(rnnfast, cfg.family)(cfg.I, cfg.H, backend=backend, **cfg.options)
+    fast.load_state_dict(ref.state_dict())
+    lstm = cfg.family == "LSTMCell"
+    x = torch.randn(cfg.T, cfg.B, cfg.I)
+    hx = None
+    if cfg.states:
+        hx = (torch.randn(cfg.B, cfg.H), torch.randn(cfg.B, cfg.H)) if lstm else torch.randn(cfg.B, cfg.H)
+
+    def run(cell: nn.Module) -> list:
+        state, outs = hx, []
+        for t in range(cfg.T):
+            state = cell(x[t], state)
+            outs.append(state[0] if lstm else state)
+        return outs
+
+    def make(cell: nn.Module) -> Callable[[], Any]:
+        if cfg.mode == "fwd":
+            def fwd() -> Any:
+                with torch.no_grad():
+                    return run(cell)
+
+            return fwd
+        x.requires_grad_(cfg.input_grad)
+
+        def fwdbwd() -> None:
+            cell.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.stack(run(cell)).sum().backward()
 
         return fwdbwd
 

@@ -224,10 +224,13 @@ def test_sweep_pairs_each_round(monkeypatch):
 @pytest.mark.parametrize("cfg", [
     dict(family="LSTM", mode="fwd", T=2, B=3, I=4, H=6, layers=2, bidirectional=True, options={"proj_size": 3}),
     dict(family="GRU", mode="fwdbwd", T=3, B=2, I=4, H=5, packed=True),
-], ids=["lstm-proj-bidir", "gru-packed-train"])
+    dict(family="LSTMCell", mode="fwd", T=3, B=2, I=4, H=5),
+    dict(family="RNNCell", mode="fwdbwd", T=3, B=2, I=4, H=5, options={"nonlinearity": "relu"}),
+], ids=["lstm-proj-bidir", "gru-packed-train", "lstm-cell", "relu-cell-train"])
 def test_sweep_gives_states_to_both_modules(cfg):
     """A drawn configuration with ``states`` hands torch.nn and rnnfast the same initial states, of
-    the shapes each layout takes; seeds keep the shapes they drew before states were drawn too."""
+    the shapes each layout (or cell, stepped T times) takes; seeds keep the shapes they drew before
+    states and cells were drawn too."""
     import bench.sweep as sweep
 
     config = sweep.Config(**cfg, states=True)
@@ -239,4 +242,6 @@ def test_sweep_gives_states_to_both_modules(cfg):
     with open(os.path.join(ROOT, "bench", "results", "2026-12-07-cpu-sweep-10.json")) as f:
         committed = json.load(f)["results"]
     drawn = sweep.drawn(9, 6, ["fwd", "fwdbwd"], 3e10)
-    assert [c.label.replace(" hx", "") for c in drawn] == [r["label"] for r in committed[:6]]
+    shape = ("mode", "T", "B", "I", "H")
+    assert [(c.family.removesuffix("Cell"), *(getattr(c, k) for k in shape)) for c in drawn] == [
+        (r["family"], *(r[k] for k in shape)) for r in committed[:6]]
