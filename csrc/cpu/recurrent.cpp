@@ -795,7 +795,7 @@ int64_t threads_for(const Panels<E>& p) {
 // (LSTMCell B8 H256 inference 1.39x, training 1.08x; GRUCell 1.27x, 1.09x; 2-core Xeon); but by rows
 // from kOneStepRows rows a thread, which amortise each thread's read of all of W_hh, where whole panels
 // may split the units unevenly (an Elman layer of 200 units: 128 and 72). 2-core Xeon, T1: inference
-// RNN B256 H200 1.15x, LSTM/GRU B128-256 H256 1.00-1.01x, training 1.05-1.13x
+// RNN B256 H200 1.13x, LSTM/GRU B128-256 H256 1.01-1.05x, training 1.07-1.14x
 // (bench/results/2026-12-07-cpu-one-step-rows-ab.md); at 32 rows a thread LSTM H256 ran 0.92-0.96x.
 constexpr int64_t kOneStepRows = 64;
 struct Split {
