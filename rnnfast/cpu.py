@@ -32,6 +32,11 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 DECODE_MAX_ROWS = 2
 DECODE_MAX_T = 16
 DECODE_MAX_B = 8
+# A float32 cell's step on one or two rows takes the decode path only below this many multiply-adds a
+# row (gates x hidden x (input + hidden)): beyond, the fused loop's cached panels ran it 1.1-1.8x as fast
+# (LSTMCell B1 H256 1.79x, GRUCell B2 H256 1.45x, RNNCell B1 H512 1.57x; 2-core Xeon,
+# bench/results/2026-12-07-cpu-cell-decode-ab.md). A layer's decode runs its whole stack in one call.
+CELL_DECODE_MAX_MACS = 1 << 16
 _FUSED_LOOP = _C.has_fused_loop()
 _BF16_LOOP = _C.has_bf16_loop()
 
@@ -332,7 +337,8 @@ class CPUBackend(Backend):
         b_ih: Optional[Tensor],
         b_hh: Optional[Tensor],
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """One step; inference on one or two rows takes the decode path, as a layer's short calls do.
+        """One step; inference on one or two rows takes the decode path, as a layer's short calls do,
+        where the weights are small (CELL_DECODE_MAX_MACS).
         Eager steps are one call into the extension (``_C.cell_eager``); torch.compile and torch.func
         take the operator through ``_layer_fwd``."""
         save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
@@ -340,5 +346,7 @@ class CPUBackend(Backend):
             _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False, save)
             return h_n, c_n if mode == "LSTM" else None
-        decode = not save and _takes_decode(x.dtype, 1, x.size(0))
+        decode = not save and _takes_decode(x.dtype, 1, x.size(0)) and (
+            x.dtype != torch.float32 or not _FUSED_LOOP or GATES[mode] * h.size(1) * (x.size(1) + h.size(1))
+            < CELL_DECODE_MAX_MACS)
         return _C.cell_eager(MODE_ID[mode], x, h, c, w_ih, w_hh, b_ih, b_hh, decode, save)

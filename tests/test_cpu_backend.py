@@ -92,6 +92,24 @@ def test_cells_decode_one_or_two_rows(family, kwargs, B, dtype, decode_calls):
     assert len(decode_calls) == (3 if takes else 0)
 
 
+@pytest.mark.parametrize("family", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_wide_float32_cells_take_the_loop(family, decode_calls):
+    """A float32 cell's step on two rows whose weights are wide (CELL_DECODE_MAX_MACS multiply-adds a
+    row or more) runs the fused loop, which is faster there, and still gives torch.nn's states."""
+    gates = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}[family]
+    H = 8
+    while gates * H * (19 + H) < rnnfast.cpu.CELL_DECODE_MAX_MACS:
+        H += 8
+    ref, ours = twins(family, "cpu", 19, H)
+    x = torch.randn(2, 2, 19)
+    state_ref = state_ours = None
+    with torch.no_grad():
+        for t in range(2):
+            state_ref, state_ours = ref(x[t], state_ref), ours(x[t], state_ours)
+            assert_same(state_ours, state_ref, torch.float32)
+    assert decode_calls == []
+
+
 def test_decode_path_not_taken_with_grad(decode_calls):
     _, ours = twins("LSTM", "cpu", 8, 16)
     out, _ = ours(torch.randn(1, 1, 8))
