@@ -50,10 +50,9 @@ class Config(Case):
     @property
     def label(self) -> str:
         flags = [f"L{self.layers}"] if self.layers > 1 else []
-        flags += [n for n, on in (("bidir", self.bidirectional), ("batch_first", self.batch_first),
-                                  ("packed", self.packed), ("data-input", self.mode == "fwdbwd" and not self.input_grad),
-                                  ("hx", self.states))
-                  if on]
+        named = (("bidir", self.bidirectional), ("batch_first", self.batch_first), ("packed", self.packed),
+                 ("data-input", self.mode == "fwdbwd" and not self.input_grad), ("hx", self.states))
+        flags += [n for n, on in named if on]
         flags += [f"{k}={v}" for k, v in sorted(self.options.items())]
         return f"{self.family} {self.mode} T{self.T} B{self.B} I{self.I} H{self.H}" + "".join(f" {f}" for f in flags)
 

@@ -261,9 +261,9 @@ def first_order(backend: str, backward: Callable, with_graph: Optional[Callable]
     ``saved`` is ``ctx.saved_tensors``, unpacked here once (torch.utils.checkpoint refuses a second
     unpacking). It runs without building a graph. When autograd asks for one (create_graph=True,
     torch.func.grad), the gradients come from ``with_graph(ctx, saved, *grads)`` (see
-    :func:`layer_grads_with_graph`) where the
-    backend gives one; else they come back tied to the saved tensors through a node whose derivative
-    raises: a second derivative is exact or fails with a clear error, never silently wrong."""
+    :func:`layer_grads_with_graph`) where the backend gives one; else they come back tied to the saved
+    tensors through a node whose derivative raises: a second derivative is exact or fails with a clear
+    error, never silently wrong."""
 
     def run(ctx, *grads):
         saved = ctx.saved_tensors

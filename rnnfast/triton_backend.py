@@ -183,8 +183,9 @@ def _backward(ctx, saved: tuple, dhs: Optional[Tensor], dcs: Optional[Tensor], b
             dw_hr if w_hr is not None else None, None, None, None, None, None)
 
 
-_fwd_op.register_autograd(first_order("triton", lambda ctx, saved, dhs, dcs, _dms, _dgs: _backward(ctx, saved, dhs, dcs, _bwd_op)),
-                          setup_context=_setup_context)
+_fwd_op.register_autograd(
+    first_order("triton", lambda ctx, saved, dhs, dcs, _dms, _dgs: _backward(ctx, saved, dhs, dcs, _bwd_op)),
+    setup_context=_setup_context)
 
 
 class _Layer(torch.autograd.Function):

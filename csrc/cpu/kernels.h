@@ -109,7 +109,7 @@ void gemv_rows(const E* a, int64_t n, int64_t K, const E* w, int64_t N, const A*
 
 // Whether n values are all zero (-0 too): the initial state a module makes when hx is None. The
 // products with it then are their biases alone (forward) and nothing (the weight gradients);
-// torch.nn runs them. Stops at the first nonzero value.
+// torch.nn runs them. Stops at the first block of values with a nonzero one.
 template <typename E>
 bool all_zero(const E* v, int64_t n) {
   // each value's bits but its sign, OR-ed over blocks (a loop the compiler vectorizes: std::all_of's
@@ -133,7 +133,6 @@ bool all_zero(const E* v, int64_t n) {
 inline void round_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void round_row(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }
 void round_row(at::BFloat16* dst, const float* src, int64_t n);
-
 
 }  // namespace rnnfast
 
