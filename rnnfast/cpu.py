@@ -37,6 +37,11 @@ DECODE_MAX_B = 8
 # (LSTMCell B1 H256 1.79x, GRUCell B2 H256 1.45x, RNNCell B1 H512 1.57x; 2-core Xeon,
 # bench/results/2026-12-07-cpu-cell-decode-ab.md). A layer's decode runs its whole stack in one call.
 CELL_DECODE_MAX_MACS = 1 << 16
+# Two steps of one row (T=2, B=1) take a float32 stack's decode path only below this many multiply-adds
+# a row in a layer: the decode path goes step by step through every layer, reading each layer's weights
+# once a step, where the layer loop reads them once a call. From about here the loop ran it 1.0-1.5x as
+# fast (2-core Xeon, bench/results/2026-12-07-cpu-decode-t2-ab.md).
+DECODE_T2_MAX_MACS = 1 << 17
 _FUSED_LOOP = _C.has_fused_loop()
 _BF16_LOOP = _C.has_bf16_loop()
 
@@ -281,9 +286,13 @@ class CPUBackend(Backend):
         c0: Optional[Tensor],
         weights: list[Tensor],
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Short unidirectional inference calls take the fused decode path, the rest run layer by layer."""
-        if _takes_decode(x.dtype, x.size(0), x.size(1)) and stack_decodes(spec, batch_sizes,
-                                                                           _needs_grad(x, h0, c0, weights)):
+        """Short unidirectional inference calls take the fused decode path (two steps only on narrow
+        layers, DECODE_T2_MAX_MACS), the rest run layer by layer."""
+        T, P = x.size(0), spec.proj_size or spec.hidden_size
+        wide = (T > 1 and x.dtype == torch.float32 and _FUSED_LOOP
+                and GATES[spec.mode] * spec.hidden_size * (max(spec.input_size, P) + P) >= DECODE_T2_MAX_MACS)
+        if _takes_decode(x.dtype, T, x.size(1)) and not wide and stack_decodes(spec, batch_sizes,
+                                                                                _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 

@@ -110,6 +110,21 @@ def test_wide_float32_cells_take_the_loop(family, decode_calls):
     assert decode_calls == []
 
 
+def test_two_steps_of_wide_float32_layers_take_the_loop(decode_calls):
+    """Two steps of one row through layers of DECODE_T2_MAX_MACS multiply-adds a row or more run layer by
+    layer (each layer's weights read once, not once a step), with torch.nn's outputs and states; one
+    step still takes the decode path."""
+    H = 8
+    while 4 * H * 2 * H < rnnfast.cpu.DECODE_T2_MAX_MACS:
+        H += 8
+    ref, ours = twins("LSTM", "cpu", H, H, num_layers=2)
+    with torch.no_grad():
+        for T in (2, 1):
+            x = torch.randn(T, 1, H)
+            assert_same(ours(x), ref(x), torch.float32)
+    assert len(decode_calls) == 1
+
+
 def test_decode_path_not_taken_with_grad(decode_calls):
     _, ours = twins("LSTM", "cpu", 8, 16)
     out, _ = ours(torch.randn(1, 1, 8))
