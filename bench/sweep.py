@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import rnnfast
 
@@ -116,13 +116,39 @@ def rerun(path: str, below: Optional[float]) -> list[Config]:
 
 def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """torch.nn's call and rnnfast's on the same weights and input."""
-    if cfg.family.endswith("Cell"):
-        return cell_steps(cfg, backend)
     torch.manual_seed(0)
-    kwargs = dict(num_layers=cfg.layers, bidirectional=cfg.bidirectional, batch_first=cfg.batch_first, **cfg.options)
+    cell = cfg.family.endswith("Cell")
+    kwargs = dict(cfg.options) if cell else dict(num_layers=cfg.layers, bidirectional=cfg.bidirectional,
+                                                  batch_first=cfg.batch_first, **cfg.options)
     ref = getattr(nn, cfg.family)(cfg.I, cfg.H, **kwargs)
     fast = getattr(rnnfast, cfg.family)(cfg.I, cfg.H, backend=backend, **kwargs)
     fast.load_state_dict(ref.state_dict())
+    x, call, loss = (cell_call if cell else layer_call)(cfg)
+
+    def make(module: nn.Module) -> Callable[[], Any]:
+        if cfg.mode == "fwd":
+            module.eval()
+
+            def fwd() -> Any:
+                with torch.no_grad():
+                    return call(module)
+
+            return fwd
+        module.train()
+        x.requires_grad_(cfg.input_grad)
+
+        def fwdbwd() -> None:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            loss(call(module)).backward()
+
+        return fwdbwd
+
+    return make(ref), make(fast)
+
+
+def layer_call(cfg: Config) -> tuple[Tensor, Callable[[nn.Module], Any], Callable[[Any], Tensor]]:
+    """A layer's input, its call (packed or padded, states given or not) and the loss training sums."""
     x = torch.randn((cfg.B, cfg.T, cfg.I) if cfg.batch_first else (cfg.T, cfg.B, cfg.I))
     lengths = torch.randint(1, cfg.T + 1, (cfg.B,))
     lengths[0] = cfg.T
@@ -132,70 +158,36 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
         h = torch.randn(*rows, cfg.options.get("proj_size", cfg.H))
         hx = (h, torch.randn(*rows, cfg.H)) if cfg.family == "LSTM" else h
 
-    def inputs() -> Any:
+    def call(module: nn.Module) -> Any:
         if cfg.packed:
-            return nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=cfg.batch_first, enforce_sorted=False), hx
-        return x, hx
+            return module(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=cfg.batch_first,
+                                                            enforce_sorted=False), hx)
+        return module(x, hx)
 
-    def make(module: nn.Module) -> Callable[[], Any]:
-        if cfg.mode == "fwd":
-            module.eval()
+    def loss(result: Any) -> Tensor:
+        out = result[0]
+        return (out.data if cfg.packed else out).sum()
 
-            def fwd() -> Any:
-                with torch.no_grad():
-                    return module(*inputs())
-
-            return fwd
-        module.train()
-        x.requires_grad_(cfg.input_grad)
-
-        def fwdbwd() -> None:
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            out = module(*inputs())[0]
-            (out.data if cfg.packed else out).sum().backward()
-
-        return fwdbwd
-
-    return make(ref), make(fast)
+    return x, call, loss
 
 
-def cell_steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """steps() for a cell: T calls in a Python loop, the state carried; training sums every step's output."""
-    torch.manual_seed(0)
-    ref = getattr(nn, cfg.family)(cfg.I, cfg.H, **cfg.options)
-    fast = getattr(rnnfast, cfg.family)(cfg.I, cfg.H, backend=backend, **cfg.options)
-    fast.load_state_dict(ref.state_dict())
+def cell_call(cfg: Config) -> tuple[Tensor, Callable[[nn.Module], Any], Callable[[Any], Tensor]]:
+    """A cell's inputs, its call (T steps in a Python loop, the state carried) and the loss training
+    sums (every step's output)."""
     lstm = cfg.family == "LSTMCell"
     x = torch.randn(cfg.T, cfg.B, cfg.I)
     hx = None
     if cfg.states:
         hx = (torch.randn(cfg.B, cfg.H), torch.randn(cfg.B, cfg.H)) if lstm else torch.randn(cfg.B, cfg.H)
 
-    def run(cell: nn.Module) -> list:
+    def call(cell: nn.Module) -> list[Tensor]:
         state, outs = hx, []
         for t in range(cfg.T):
             state = cell(x[t], state)
             outs.append(state[0] if lstm else state)
         return outs
 
-    def make(cell: nn.Module) -> Callable[[], Any]:
-        if cfg.mode == "fwd":
-            def fwd() -> Any:
-                with torch.no_grad():
-                    return run(cell)
-
-            return fwd
-        x.requires_grad_(cfg.input_grad)
-
-        def fwdbwd() -> None:
-            cell.zero_grad(set_to_none=True)
-            x.grad = None
-            torch.stack(run(cell)).sum().backward()
-
-        return fwdbwd
-
-    return make(ref), make(fast)
+    return x, call, lambda outs: torch.stack(outs).sum()
 
 
 def measure(cfg: Config, backend: str, rounds: int, min_seconds: float) -> dict:

@@ -46,6 +46,13 @@ _FUSED_LOOP = _C.has_fused_loop()
 _BF16_LOOP = _C.has_bf16_loop()
 
 
+def _narrow(dtype: torch.dtype, mode: str, I: int, H: int, P: int, limit: int) -> bool:  # noqa: E741
+    """Whether a step of H units from I inputs and a state of P (H, or proj_size) stays under ``limit``
+    multiply-adds a row (gates x H x (I + P)), the width from which the fused loop beats the decode path
+    in float32; other dtypes, and CPUs without the fused loop, keep the decode path at any width."""
+    return dtype != torch.float32 or not _FUSED_LOOP or GATES[mode] * H * (I + P) < limit
+
+
 def _takes_decode(dtype: torch.dtype, T: int, B: int) -> bool:
     """Whether T steps of B rows in dtype run faster on the decode path than in the loops."""
     if dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 or AVX2 (widening) to beat the loops
@@ -289,10 +296,10 @@ class CPUBackend(Backend):
         """Short unidirectional inference calls take the fused decode path (two steps only on narrow
         layers, DECODE_T2_MAX_MACS), the rest run layer by layer."""
         T, P = x.size(0), spec.proj_size or spec.hidden_size
-        wide = (T > 1 and x.dtype == torch.float32 and _FUSED_LOOP
-                and GATES[spec.mode] * spec.hidden_size * (max(spec.input_size, P) + P) >= DECODE_T2_MAX_MACS)
-        if _takes_decode(x.dtype, T, x.size(1)) and not wide and stack_decodes(spec, batch_sizes,
-                                                                                _needs_grad(x, h0, c0, weights)):
+        narrow = T == 1 or _narrow(x.dtype, spec.mode, max(spec.input_size, P), spec.hidden_size, P,
+                                       DECODE_T2_MAX_MACS)
+        if _takes_decode(x.dtype, T, x.size(1)) and narrow and stack_decodes(spec, batch_sizes,
+                                                                              _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 
@@ -355,7 +362,6 @@ class CPUBackend(Backend):
             _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False, save)
             return h_n, c_n if mode == "LSTM" else None
-        decode = not save and _takes_decode(x.dtype, 1, x.size(0)) and (
-            x.dtype != torch.float32 or not _FUSED_LOOP or GATES[mode] * h.size(1) * (x.size(1) + h.size(1))
-            < CELL_DECODE_MAX_MACS)
+        decode = (not save and _takes_decode(x.dtype, 1, x.size(0))
+                  and _narrow(x.dtype, mode, x.size(1), h.size(1), h.size(1), CELL_DECODE_MAX_MACS))
         return _C.cell_eager(MODE_ID[mode], x, h, c, w_ih, w_hh, b_ih, b_hh, decode, save)
