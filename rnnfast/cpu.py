@@ -294,13 +294,19 @@ class CPUBackend(Backend):
         weights: list[Tensor],
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """Short unidirectional inference calls take the fused decode path (two steps only on narrow
-        layers, DECODE_T2_MAX_MACS), the rest run layer by layer."""
+        layers, DECODE_T2_MAX_MACS), the rest run layer by layer: eager calls on unpadded input in one
+        call into the extension (``_C.stack_eager``, run_stack's loop in C++), the others through
+        run_stack."""
         T, P = x.size(0), spec.proj_size or spec.hidden_size
         narrow = T == 1 or _narrow(x.dtype, spec.mode, max(spec.input_size, P), spec.hidden_size, P,
                                        DECODE_T2_MAX_MACS)
         if _takes_decode(x.dtype, T, x.size(1)) and narrow and stack_decodes(spec, batch_sizes,
                                                                               _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
+        if batch_sizes is None and _eager():
+            out, h_n, c_n = _C.stack_eager(MODE_ID[spec.mode], x, h0, c0, weights, spec.num_layers,
+                                           spec.bidirectional, spec.bias, spec.dropout if spec.training else 0.0)
+            return out, h_n, c_n
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 
     def rnn_packed(

@@ -133,17 +133,9 @@ class _RNNLayer(_BackendChoice):
         return super().extra_repr() + self._backend_repr()
 
     def _spec(self) -> RNNSpec:
-        return RNNSpec(
-            mode=self.mode,
-            input_size=self.input_size,
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            bias=self.bias,
-            bidirectional=self.bidirectional,
-            proj_size=self.proj_size,
-            dropout=self.dropout,
-            training=self.training,
-        )
+        # positional: 0.6 us less a call than by keyword
+        return RNNSpec(self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias, self.bidirectional,
+                       self.proj_size, self.dropout, self.training)
 
     def _weights(self) -> list[Tensor]:
         """The current weights in torch's flat order, also when replaced or under ``functional_call``.

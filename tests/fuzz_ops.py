@@ -3,7 +3,7 @@ test_ops_errors.py and of ``make fuzz``) so that a crash shows as a failed exit.
 
 ``python tests/fuzz_ops.py CALLS SEED``: builds CALLS valid calls of
 ``torch.ops.rnnfast.layer_fwd`` / ``layer_bwd`` / ``rnnfast._C.decode`` (and the eager
-``_C.layer_fwd_eager`` / ``_C.cell_eager``) with random
+``_C.layer_fwd_eager`` / ``_C.cell_eager`` / ``_C.stack_eager``) with random
 sizes (1, and 0 for the batch), breaks each with one to three random edits (a size, a
 dtype, a device, strides, a missing or extra optional, the mode, batch sizes) and
 makes it. Every call must return or raise RuntimeError; anything else (another
@@ -21,7 +21,7 @@ import torch
 import rnnfast  # noqa: F401  (loads the extension and registers the operators)
 from rnnfast.backend import MODE_ID
 
-from test_ops_errors import call_bwd, call_cell, call_decode, call_fwd, call_fwd_eager
+from test_ops_errors import call_bwd, call_cell, call_decode, call_fwd, call_fwd_eager, call_stack
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.bool)
 
@@ -34,7 +34,7 @@ def valid(rng: random.Random) -> tuple[str, dict]:
     dtype = rng.choice([torch.float32, torch.float64])
     G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
     lstm = mode == "LSTM"
-    op = rng.choice(["fwd", "fwd-eager", "bwd", "decode", "cell"])
+    op = rng.choice(["fwd", "fwd-eager", "bwd", "decode", "cell", "stack"])
     if op == "cell":
         return op, dict(mode=MODE_ID[mode], x=torch.randn(B, I, dtype=dtype), h=torch.randn(B, H, dtype=dtype),
                         c=torch.randn(B, H, dtype=dtype) if lstm else None, w_ih=torch.randn(G * H, I, dtype=dtype),
@@ -47,6 +47,16 @@ def valid(rng: random.Random) -> tuple[str, dict]:
         return op, dict(mode=MODE_ID[mode], weights=weights, num_layers=L, has_bias=True,
                         x=torch.randn(T, B, I, dtype=dtype), h0=torch.randn(L, B, H, dtype=dtype),
                         c0=torch.randn(L, B, H, dtype=dtype) if lstm else None)
+    if op == "stack":
+        L, D = rng.choice([1, 2]), rng.choice([1, 2])
+        P = rng.choice([0, 1]) if lstm and H > 1 else 0
+        S = P or H
+        weights = [torch.randn(s, dtype=dtype) for layer in range(L) for _ in range(D)
+                   for s in ((G * H, I if layer == 0 else D * S), (G * H, S), (G * H,), (G * H,)) + (((P, H),) if P else ())]
+        return op, dict(mode=MODE_ID[mode], x=torch.randn(T, B, I, dtype=dtype),
+                        h0=torch.randn(L * D, B, S, dtype=dtype),
+                        c0=torch.randn(L * D, B, H, dtype=dtype) if lstm else None, weights=weights, num_layers=L,
+                        bidirectional=D == 2, has_bias=True, dropout=rng.choice([0.0, 0.5]))
     P = rng.choice([0, 0, 1, 2]) if lstm else 0
     K = P or H
     lengths = sorted((rng.randint(1, T) for _ in range(B)), reverse=True)
@@ -109,7 +119,7 @@ def break_call(rng: random.Random, op: str, args: dict) -> None:
     elif edit == "lengths" and "batch_sizes" in args:
         T = args["x"].shape[0] if args["x"].dim() else 0
         args["batch_sizes"] = torch.randint(-2, 9, (max(0, T + rng.choice([-1, 0, 0, 1])),))
-    elif edit == "weights" and op == "decode":
+    elif edit == "weights" and op in ("decode", "stack"):
         w = args["weights"]
         if w and rng.random() < 0.5:
             w[rng.randrange(len(w))] = broken(rng, w[rng.randrange(len(w))])
@@ -122,7 +132,8 @@ def main(calls: int, seed: int) -> int:
     torch.manual_seed(seed)
     outcomes: Counter = Counter()
     surprises = []
-    run = {"fwd": call_fwd, "fwd-eager": call_fwd_eager, "bwd": call_bwd, "decode": call_decode, "cell": call_cell}
+    run = {"fwd": call_fwd, "fwd-eager": call_fwd_eager, "bwd": call_bwd, "decode": call_decode, "cell": call_cell,
+           "stack": call_stack}
     for n in range(calls):
         try:
             op, args = valid(rng)

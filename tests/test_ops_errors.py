@@ -1,6 +1,6 @@
 """Direct calls to the CPU backend's operators (``torch.ops.rnnfast.layer_fwd`` /
 ``layer_bwd``, ``rnnfast._C.decode``, and the eager entries ``_C.layer_fwd_eager`` /
-``_C.cell_eager``) with wrong shapes, dtypes, devices, strides or
+``_C.cell_eager`` / ``_C.stack_eager``) with wrong shapes, dtypes, devices, strides or
 batch sizes: a RuntimeError naming the argument (from the TORCH_CHECKs of
 csrc/cpu/checks.cpp), never a crash or a read out of bounds; strided arguments
 are fine. A fuzz of random bad calls runs in a subprocess, so a crash fails the
@@ -95,6 +95,36 @@ def call_decode(args: dict):
     return rnnfast.cpu._C.decode(*args.values())
 
 
+def stack_args(mode: str = "GRU", layers: int = 2, bidirectional: bool = False, dtype=torch.float32,
+               P: int = 0) -> dict:
+    """A valid _C.stack_eager call: ``layers`` with biases, both directions if asked (LSTM: proj_size P), T steps."""
+    D = 2 if bidirectional else 1
+    g = torch.Generator().manual_seed(0)
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    S = P or H
+    weights = []
+    for layer in range(layers):
+        for _ in range(D):
+            for shape in ((G * H, I if layer == 0 else D * S), (G * H, S), (G * H,), (G * H,)) + (((P, H),) if P else ()):
+                weights.append(torch.randn(shape, generator=g, dtype=dtype))
+    lstm = mode == "LSTM"
+    return dict(mode=MODE_ID[mode], x=torch.randn(T, B, I, dtype=dtype), h0=torch.zeros(layers * D, B, S, dtype=dtype),
+                c0=torch.zeros(layers * D, B, H, dtype=dtype) if lstm else None, weights=weights, num_layers=layers,
+                bidirectional=bidirectional, has_bias=True, dropout=0.0)
+
+
+def call_stack(args: dict):
+    return rnnfast.cpu._C.stack_eager(*args.values())
+
+
+def raises_after(edit: Callable[[dict], None], args: dict, call: Callable[[dict], object], match: str) -> None:
+    """``call(args)`` runs as built, and raises a RuntimeError matching ``match`` once ``edit`` broke args."""
+    call(args)
+    edit(args)
+    with pytest.raises(RuntimeError, match=match):
+        call(args)
+
+
 def _edit(**changes) -> Callable[[dict], None]:
     return lambda args: args.update(changes)
 
@@ -145,22 +175,14 @@ FWD_CASES = [
 
 @pytest.mark.parametrize("mode, P, packed, edit, match", [pytest.param(*c[1:], id=c[0]) for c in FWD_CASES])
 def test_layer_fwd_bad_call(mode, P, packed, edit, match):
-    args = fwd_args(mode, P, packed)
-    call_fwd(args)  # valid as built
-    edit(args)
-    with pytest.raises(RuntimeError, match=match):
-        call_fwd(args)
+    raises_after(edit, fwd_args(mode, P, packed), call_fwd, match)
 
 
 @pytest.mark.parametrize("save", [False, True], ids=["no-save", "save"])
 @pytest.mark.parametrize("mode, P, packed, edit, match", [pytest.param(*c[1:], id=c[0]) for c in FWD_CASES[::3]])
 def test_layer_fwd_eager_bad_call(mode, P, packed, edit, match, save):
     """The eager entry reaches the operator's checks (through the dispatcher, with or without its node)."""
-    args = dict(fwd_args(mode, P, packed), save=save)
-    call_fwd_eager(args)
-    edit(args)
-    with pytest.raises(RuntimeError, match=match):
-        call_fwd_eager(args)
+    raises_after(edit, dict(fwd_args(mode, P, packed), save=save), call_fwd_eager, match)
 
 
 CELL_CASES = [
@@ -180,11 +202,7 @@ CELL_CASES = [
 
 @pytest.mark.parametrize("mode, decode, edit, match", [pytest.param(*c[1:], id=c[0]) for c in CELL_CASES])
 def test_cell_eager_bad_call(mode, decode, edit, match):
-    args = cell_args(mode, decode)
-    call_cell(args)
-    edit(args)
-    with pytest.raises(RuntimeError, match=match):
-        call_cell(args)
+    raises_after(edit, cell_args(mode, decode), call_cell, match)
 
 
 def _stride(t: torch.Tensor) -> torch.Tensor:
@@ -233,11 +251,7 @@ BWD_CASES = [
 
 @pytest.mark.parametrize("mode, P, edit, match", [pytest.param(*c[1:], id=c[0]) for c in BWD_CASES])
 def test_layer_bwd_bad_call(mode, P, edit, match):
-    args = bwd_args(mode, P, packed=True)
-    call_bwd(args)
-    edit(args)
-    with pytest.raises(RuntimeError, match=match):
-        call_bwd(args)
+    raises_after(edit, bwd_args(mode, P, packed=True), call_bwd, match)
 
 
 DECODE_CASES = [
@@ -265,11 +279,50 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("mode, edit, match", [pytest.param(*c[1:], id=c[0]) for c in DECODE_CASES])
 def test_decode_bad_call(mode, edit, match):
-    args = decode_args(mode)
-    call_decode(args)
-    edit(args)
-    with pytest.raises(RuntimeError, match=match):
-        call_decode(args)
+    raises_after(edit, decode_args(mode), call_decode, match)
+
+
+STACK_CASES = [
+    ("mode-unknown", "GRU", _edit(mode=6), "unknown mode 6"),
+    ("no-layers", "LSTM", lambda a: a.update(num_layers=0, weights=[]), "num_layers must be at least 1"),
+    ("dropout-above-1", "GRU", _edit(dropout=1.5), r"dropout must be in \[0, 1\]"),
+    ("weight-count", "LSTM", lambda a: a["weights"].pop(), "expected 8 weights"),
+    ("bidirectional-count", "GRU", _edit(bidirectional=True), "h0 must be 3-D with 4"),
+    ("x-2d", "RNN_TANH", lambda a: a.update(x=a["x"][0]), "input must be 3-D"),
+    ("h0-2d", "GRU", lambda a: a.update(h0=a["h0"][0]), "h0 must be 3-D with 2"),
+    ("h0-layers", "RNN_RELU", lambda a: a.update(h0=a["h0"][:1]), r"h0 must be 3-D with 2 .* got shape \[1, 3, 6\]"),
+    ("c0-missing", "LSTM", _edit(c0=None), "LSTM needs a 3-D c0 with 2"),
+    ("c0-not-lstm", "GRU", lambda a: a.update(c0=torch.zeros(2, B, H)), "c0 is for LSTM only"),
+    ("c0-wider", "LSTM", lambda a: a.update(c0=torch.zeros(2, B, H + 1)), "expected 10 weights"),
+    ("layer1-input", "GRU", lambda a: a["weights"].__setitem__(4, torch.zeros(3 * H, I)), "weight_ih has shape"),
+    ("x-dtype", "LSTM", lambda a: a.update(x=a["x"].double()), "has dtype Float but the input has dtype Double"),
+    ("h0-batch", "GRU", lambda a: a.update(h0=torch.zeros(2, B + 1, H)), r"h0 has shape \[4, 6\], expected"),
+    ("x-device", "RNN_TANH", lambda a: a.update(x=a["x"].to("meta")), "meta"),
+]
+
+
+@pytest.mark.parametrize("mode, edit, match", [pytest.param(*c[1:], id=c[0]) for c in STACK_CASES])
+def test_stack_eager_bad_call(mode, edit, match):
+    raises_after(edit, stack_args(mode), call_stack, match)
+
+
+@pytest.mark.parametrize("mode, P", [("LSTM", 0), ("LSTM", 2), ("GRU", 0), ("RNN_RELU", 0)])
+def test_stack_eager_matches_run_stack(mode, P):
+    """The C++ stack is run_stack's loop: the same outputs, bitwise, and dropout draws the same masks."""
+    args = stack_args(mode, layers=3, bidirectional=True, P=P)
+    args.update(dropout=0.5, x=torch.randn(T, B, I), h0=torch.randn_like(args["h0"]),
+                c0=None if args["c0"] is None else torch.randn_like(args["c0"]))
+    spec = rnnfast.backend.RNNSpec(mode, I, H, num_layers=3, bidirectional=True, proj_size=P, dropout=0.5,
+                                   training=True)
+    torch.manual_seed(3)
+    got = call_stack(args)
+    torch.manual_seed(3)
+    want = rnnfast.backend.Backend.rnn(rnnfast.backend.get_backend("cpu"), spec, args["x"], None, args["h0"],
+                                       args["c0"], args["weights"])
+    assert (got[2] is None) == (want[2] is None)
+    for a, b in zip(got, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("call, match", [

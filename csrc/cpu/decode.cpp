@@ -199,6 +199,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One layer, one direction over PackedSequence data in inference: (output data, h_n, c_n).");
   m.def("cell_eager", &rnnfast::cell_eager,
         "One eager cell step, 2-D input and states: the decode path, or layer_fwd_eager.");
+  m.def("stack_eager", &rnnfast::stack_eager,
+        "A stack of layers and directions on unpadded input in one eager call: (output, h_n, c_n).");
   m.def("set_grads_with_graph", &rnnfast::set_grads_with_graph,
         "The Python function whose gradients layer_fwd_eager's backward returns when asked for a graph.");
   m.def("layer_fwd_eager", &rnnfast::layer_fwd_eager,

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -32,6 +33,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd
     const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
+
+// A stack of layers (and directions) in one eager call on unpadded input: (output, h_n, c_n), c_n
+// undefined but for LSTM; dropout (> 0 in training) between layers, as rnnfast.backend.run_stack.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stack_eager(int64_t mode, const at::Tensor& x, const at::Tensor& h0,
+                                                           const c10::optional<at::Tensor>& c0,
+                                                           const std::vector<at::Tensor>& weights, int64_t num_layers,
+                                                           bool bidirectional, bool has_bias, double dropout);
 
 // The Python function (rnnfast.cpu._grads_with_graph) that layer_fwd_eager's backward takes its
 // gradients from when autograd asks for a graph (create_graph=True): a second derivative then goes
