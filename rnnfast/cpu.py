@@ -363,11 +363,12 @@ class CPUBackend(Backend):
         where the weights are small (CELL_DECODE_MAX_MACS).
         Eager steps are one call into the extension (``_C.cell_eager``); torch.compile and torch.func
         take the operator through ``_layer_fwd``."""
-        save = _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
+        save = torch.is_grad_enabled() and _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
         if not _eager():
             _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False, save)
             return h_n, c_n if mode == "LSTM" else None
-        decode = (not save and _takes_decode(x.dtype, 1, x.size(0))
-                  and _narrow(x.dtype, mode, x.size(1), h.size(1), h.size(1), CELL_DECODE_MAX_MACS))
+        B, I = x.shape
+        H = h.shape[1]
+        decode = not save and _takes_decode(x.dtype, 1, B) and _narrow(x.dtype, mode, I, H, H, CELL_DECODE_MAX_MACS)
         return _C.cell_eager(MODE_ID[mode], x, h, c, w_ih, w_hh, b_ih, b_hh, decode, save)

@@ -372,13 +372,13 @@ class _Cell(_BackendChoice):
         tensor, or for LSTMCell a tuple of two, each (B, hidden) on the CPU in the input's dtype, the
         weights in that dtype, no autocast. A cell's step is short: the full forward's casts and
         checks cost about as much Python as a B8 H256 step's products take."""
-        if (type(input) is not Tensor or input.dim() != 2 or not input.is_cpu or input.size(1) != self.input_size
+        if (type(input) is not Tensor or input.ndim != 2 or not input.is_cpu or input.shape[1] != self.input_size
                 or torch.is_autocast_enabled("cpu")):
             return None
         spec = self._spec()
         mode = spec.mode
         lstm = mode == "LSTM"
-        shape = (input.size(0), self.hidden_size)
+        shape = (input.shape[0], self.hidden_size)
         if hx is None:
             zeros = input.new_zeros(shape)
             states = (zeros, zeros) if lstm else (zeros,)
