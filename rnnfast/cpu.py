@@ -304,9 +304,8 @@ class CPUBackend(Backend):
                                                                               _needs_grad(x, h0, c0, weights)):
             return _C.decode(MODE_ID[spec.mode], weights, spec.num_layers, spec.bias, x, h0, c0)
         if batch_sizes is None and _eager():
-            out, h_n, c_n = _C.stack_eager(MODE_ID[spec.mode], x, h0, c0, weights, spec.num_layers,
-                                           spec.bidirectional, spec.bias, spec.dropout if spec.training else 0.0)
-            return out, h_n, c_n
+            return _C.stack_eager(MODE_ID[spec.mode], x, h0, c0, weights, spec.num_layers, spec.bidirectional,
+                                  spec.bias, spec.dropout if spec.training else 0.0)
         return super().rnn(spec, x, batch_sizes, h0, c0, weights)
 
     def rnn_packed(

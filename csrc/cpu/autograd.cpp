@@ -6,6 +6,8 @@
 // called through the dispatcher below autograd, so fake tensors, dispatch modes and the profiler
 // see them as before. A backward asked for a graph (create_graph=True, a second derivative) takes
 // its gradients from rnnfast.cpu._grads_with_graph, as the Python registration does.
+#include <algorithm>
+
 #include <torch/autograd.h>
 #include <torch/python.h>
 
@@ -134,11 +136,14 @@ std::tuple<Tensor, Tensor, Tensor> stack_eager(int64_t mode, const Tensor& x, co
   TORCH_CHECK(mode >= LSTM && mode <= RNN_RELU, op, ": unknown mode ", mode, " (0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU)");
   TORCH_CHECK(num_layers >= 1, op, ": num_layers must be at least 1, got ", num_layers);
   TORCH_CHECK(dropout >= 0 && dropout <= 1, op, ": dropout must be in [0, 1], got ", dropout);
-  const int64_t D = bidirectional ? 2 : 1, n = num_layers * D;
+  const int64_t D = bidirectional ? 2 : 1;
   const bool lstm = mode == LSTM;
   TORCH_CHECK(x.defined() && x.dim() == 3, op, ": input must be 3-D (T, B, input_size)");
-  TORCH_CHECK(h0.defined() && h0.dim() == 3 && h0.size(0) == n, op, ": h0 must be 3-D with ", n,
-              " (num_layers x directions) states, got shape ", h0.defined() ? h0.sizes() : at::IntArrayRef());
+  // num_layers x directions states (compared by division: a direct call's num_layers may be any int64)
+  TORCH_CHECK(h0.defined() && h0.dim() == 3 && h0.size(0) % D == 0 && h0.size(0) / D == num_layers, op,
+              ": h0 must be 3-D with num_layers x directions = ", num_layers, " x ", D, " states, got shape ",
+              h0.defined() ? h0.sizes() : at::IntArrayRef());
+  const int64_t n = num_layers * D;
   TORCH_CHECK(!lstm || (present(c0) && c0->dim() == 3 && c0->size(0) == n), op, ": LSTM needs a 3-D c0 with ", n,
               " (num_layers x directions) states");
   TORCH_CHECK(lstm || !present(c0), op, ": c0 is for LSTM only");
@@ -148,6 +153,8 @@ std::tuple<Tensor, Tensor, Tensor> stack_eager(int64_t mode, const Tensor& x, co
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * n, op, ": expected ", per * n, " weights (", per,
               " per layer and direction), got ", weights.size());
   const auto needs_grad = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
+  const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+  const bool grad_mode = at::GradMode::is_enabled();
   std::vector<Tensor> hs, cs;
   Tensor layer_in = x;
   for (int64_t i = 0; i < num_layers; ++i) {
@@ -157,9 +164,8 @@ std::tuple<Tensor, Tensor, Tensor> stack_eager(int64_t mode, const Tensor& x, co
       const int64_t k = i * D + d;
       const Tensor* w = weights.data() + k * per;
       const Tensor h = h0.select(0, k), c = lstm ? c0->select(0, k) : Tensor();
-      bool save = at::GradMode::is_enabled() && (needs_grad(layer_in) || needs_grad(h) || needs_grad(c));
-      for (int64_t j = 0; j < per; ++j) save = save || (at::GradMode::is_enabled() && needs_grad(w[j]));
-      const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+      const bool save = grad_mode && (needs_grad(layer_in) || needs_grad(h) || needs_grad(c) ||
+                                       std::any_of(w, w + per, needs_grad));
       auto [out, h_n, c_n, ws1, ws2] =
           layer_fwd_eager(mode, layer_in, c10::nullopt, h, opt(c), w[0], w[1], has_bias ? opt(w[2]) : OptTensor(),
                           has_bias ? opt(w[3]) : OptTensor(), proj ? opt(w[per - 1]) : OptTensor(), d == 1, save);
