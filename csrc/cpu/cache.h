@@ -5,7 +5,7 @@
 // weights are also fingerprinted: small tensors (biases) byte for byte, larger ones
 // at kSamples positions spread over every block of rows. Repacking on every call
 // would cost 5% of a training step and 3x a short inference call; a fingerprint
-// costs a few hundred loads. Tensors made under torch.inference_mode have no version
+// costs a few dozen loads. Tensors made under torch.inference_mode have no version
 // counter: on the CPU their fingerprint alone stands for it, and elsewhere (GPU, no
 // fingerprint) nothing is cached for them. Holds the weights' storages weakly, so it never keeps a
 // module's parameters alive, and not the tensors themselves: torch.utils.swap_tensors (module.to() and
@@ -62,7 +62,10 @@ class WeightCache {
   using Key = std::pair<const c10::TensorImpl*, int64_t>;
   static constexpr size_t kMaxEntries = 64;
   static constexpr int64_t kExact = 8192;  // tensors up to this many elements are kept whole
-  static constexpr int64_t kSamples = 128;
+  // Each sample of a large weight sits on a page of its own that the call's work has not touched: a
+  // TLB and cache miss. 128 cost 4-9 us of an RNNCell B2 H512 step, 32 cost 0.5-3
+  // (bench/results/2026-12-07-cpu-fingerprint-ab.md); 32 still put 8 in each gate's rows of an LSTM.
+  static constexpr int64_t kSamples = 32;
 
   static int64_t samples(int64_t n) { return n <= kExact ? n : kSamples; }
 
