@@ -14,7 +14,7 @@ registered as unavailable with the error as its reason (see ``register_lazy``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -241,11 +241,12 @@ def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool
     )
 
 
-def _needs_grad(x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list[Tensor]) -> bool:
+def _needs_grad(x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: Iterable[Optional[Tensor]]) -> bool:
+    """Whether autograd will ask for gradients of a call; absent weights (None) need none."""
     if not torch.is_grad_enabled():
         return False
     return x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad) or any(
-        w.requires_grad for w in weights)
+        w is not None and w.requires_grad for w in weights)
 
 
 class CPUBackend(Backend):
@@ -341,7 +342,7 @@ class CPUBackend(Backend):
         w: LayerWeights,
         reverse: bool,
     ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        save = _needs_grad(x, h0, c0, [t for t in w if t is not None])
+        save = _needs_grad(x, h0, c0, w)
         out, h_n, c_n, _, _ = _layer_fwd(
             MODE_ID[mode], x, batch_sizes, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, reverse, save
         )
@@ -362,7 +363,7 @@ class CPUBackend(Backend):
         where the weights are small (CELL_DECODE_MAX_MACS).
         Eager steps are one call into the extension (``_C.cell_eager``); torch.compile and torch.func
         take the operator through ``_layer_fwd``."""
-        save = torch.is_grad_enabled() and _needs_grad(x, h, c, [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None])
+        save = _needs_grad(x, h, c, (w_ih, w_hh, b_ih, b_hh))
         if not _eager():
             _, h_n, c_n, _, _ = _layer_fwd(MODE_ID[mode], x.unsqueeze(0), None, h, c, w_ih, w_hh, b_ih, b_hh, None,
                                            False, save)

@@ -149,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> stack_eager(int64_t mode, const Tensor& x, co
   TORCH_CHECK(lstm || !present(c0), op, ": c0 is for LSTM only");
   // LSTM with proj_size: h0 (.., proj_size) beside c0 (.., hidden_size), W_hr after each layer's weights
   const bool proj = lstm && c0->size(2) != h0.size(2);
-  const int64_t per = (has_bias ? 4 : 2) + (proj ? 1 : 0);
+  const int64_t per = weights_per_layer(has_bias, proj);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * n, op, ": expected ", per * n, " weights (", per,
               " per layer and direction), got ", weights.size());
   const auto needs_grad = [](const Tensor& t) { return t.defined() && t.requires_grad(); };

@@ -143,7 +143,7 @@ void check_decode(int64_t mode, const std::vector<Tensor>& weights, int64_t num_
   TORCH_CHECK(P <= H, op, ": proj_size (h0.size(2) = ", P, ") must be smaller than hidden_size (c0.size(2) = ", H,
               ")");
   const bool proj = P != H;
-  const int64_t per = (has_bias ? 4 : 2) + (proj ? 1 : 0);
+  const int64_t per = weights_per_layer(has_bias, proj);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == per * num_layers, op, ": expected ", per * num_layers,
               " weights (", per, " per layer", proj ? ", with weight_hr: h0 and c0 differ in size(2)" : "", "), got ",
               weights.size());

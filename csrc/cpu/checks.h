@@ -35,6 +35,8 @@ void check_layer_bwd(int64_t mode, const at::Tensor& x, const c10::optional<at::
 void check_decode(int64_t mode, const std::vector<at::Tensor>& weights, int64_t num_layers, bool has_bias,
                   const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0);
 
+// Tensors a layer (and direction) has in torch's flat weight list: w_ih, w_hh, [b_ih, b_hh], [w_hr].
+inline int64_t weights_per_layer(bool has_bias, bool proj) { return (has_bias ? 4 : 2) + (proj ? 1 : 0); }
 // Active rows per step (the CPU and CUDA time loops): batch_sizes for packed input, checked
 // non-increasing and at most B, else B at every step.
 inline std::vector<int64_t> step_sizes(const c10::optional<at::Tensor>& batch_sizes, int64_t T, int64_t B) {

@@ -27,7 +27,7 @@ struct Packed {
 // in the dtype the sums run in.
 Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers, bool has_bias, bool proj,
             at::ScalarType dtype, at::ScalarType acc) {
-  const int64_t per = (has_bias ? 4 : 2) + (proj ? 1 : 0);
+  const int64_t per = weights_per_layer(has_bias, proj);
   Packed p;
   at::NoGradGuard no_grad;
   for (int64_t l = 0; l < num_layers; ++l) {
