@@ -1308,16 +1308,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   Tensor dx = packed ? at::zeros({T, B, I}, opts) : at::empty({T, B, I}, opts);
   Tensor dh = grad_hn.to(at::kFloat, false, /*copy=*/true).contiguous();
   Tensor dc = lstm ? grad_cn.to(at::kFloat, false, /*copy=*/true).contiguous() : none;
-  // the weight gradients: through MKL (float32) straight into (GH, I) and (GH, H) tensors from the
-  // recycling pool, which the first chunk writes and the others add to; else their float32 sums,
-  // transposed, in scratch, zeroed (which costs less than the page faults of a fresh zeroed tensor:
-  // at H 256 about 5% of a bfloat16 training step), then transposed out. Without the zeroing and the
-  // transposes a cell's training step (T 1) ran 1.30-1.44x as fast
-  // (bench/results/2026-12-06-cpu-dw-layout-ab.md).
+  // the weight gradients: float32 sums straight into (GH, I) and (GH, H) tensors from the recycling
+  // pool, which the first chunk writes and the others add to, through MKL (float32 on Intel CPUs) or
+  // the tile products; on AMX, whose tiles take no transposed a, their sums transposed, in scratch,
+  // zeroed (which costs less than the page faults of a fresh zeroed tensor: at H 256 about 5% of a
+  // bfloat16 training step), then transposed out. Without the zeroing and the transposes a cell's
+  // training step (T 1) ran 1.30-1.44x as fast (bench/results/2026-12-06-cpu-dw-layout-ab.md).
+  const bool amx = low && kHasAmxBf16;
   const Mkl& mkl_dw = low ? kNoMkl : mkl();
   const bool by_mkl = mkl_dw.sgemm != nullptr;
-  Tensor dw_ih, dw_hh;  // by MKL (GH, I) and (GH, H), else transposed
-  if (by_mkl) {
+  Tensor dw_ih, dw_hh;  // (GH, I) and (GH, H), on AMX transposed
+  if (!amx) {
     dw_ih = recycling_pool().empty({GH, I}, T * B == 0);
     dw_hh = recycling_pool().empty({GH, H}, T * B == 0);
   } else {
@@ -1330,10 +1331,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
     const auto wt = w_ih.scalar_type();
     const Tensor db_ih = has_bias ? db_i.to(wt) : none;
     const Tensor db_hh = !has_bias ? none : gru ? db_h.to(wt) : db_ih.clone();
-    // in the weights' dtypes: the MKL path's pooled tensors, else the scratch sums transposed out
+    // in the weights' dtypes: the pooled tensors, on AMX the scratch sums transposed out
     return {dx, dh.to(h0.scalar_type()), lstm ? dc.to(c0.scalar_type()) : none,
-            by_mkl ? dw_ih.to(w_ih.scalar_type()) : transposed(dw_ih, w_ih.scalar_type()),
-            by_mkl ? dw_hh.to(w_hh.scalar_type()) : transposed(dw_hh, w_hh.scalar_type()),
+            !amx ? dw_ih.to(w_ih.scalar_type()) : transposed(dw_ih, w_ih.scalar_type()),
+            !amx ? dw_hh.to(w_hh.scalar_type()) : transposed(dw_hh, w_hh.scalar_type()),
             db_ih, db_hh};
   };
   if (B == 0) return grads();
@@ -1369,7 +1370,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   // bfloat16: per thread a row's gate gradients (2 GH) and widened state (H), and a block of dx;
   // per chunk the weight gradients' operands (x, h_prev, dgi, dgh for GRU) in pairs of rows, or on
   // AMX x and h_prev transposed and the gate gradients in tiles (K padded to 32 rows, zero)
-  const bool amx = low && kHasAmxBf16;
   const int64_t per_thread = 2 * GH + H + kRoundRows * I, pair_rows = (TC * B + kTileK - 1) / kTileK * kTileK;
   Tensor scratch = low ? workspace(kScratch, {nt_max, per_thread}) : Tensor();
   const int64_t GHt = amx ? (GH + 63) / 64 * 64 : GH;  // on AMX the gate gradients' tiles: whole panels
@@ -1551,8 +1551,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       const E* const b_gh = low ? pairs_gh : dgh_p;
       const int64_t ld_g = low ? GH : ldg;  // pairs are packed, the gate gradients' rows padded
       // the weight gradients, dgi^T x and dgh^T h_prev, by this thread's columns of the gate
-      // gradients: through MKL (its column-major C is their rows, beta 0 on the first chunk), else
-      // transposed, in blocks of rows that keep both operands in L2, the strided operand the narrower
+      // gradients (their rows): through MKL (its column-major C is their rows, beta 0 on the first
+      // chunk), else the tiles over a transposed (the gate gradients) in blocks of rows that keep both
+      // operands in L2, the first block of the first chunk writing, the others adding
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
       // dW_hh's rows [h0r, h1r): not those of the step whose h_prev is a zero h0 (the first forward)
       int64_t h0r = 0, h1r = rows;
@@ -1576,15 +1577,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
             }
           }
         }
-      } else {
-        for (int64_t k = 0; k < rows; k += kSumRows) {
+      } else if (cols.cnt > 0) {
+        const int64_t u0 = cols.u0, cnt = cols.cnt, pu0 = kPair<E> * u0;  // (bfloat16 a: pairs of rows)
+        bool hh_written = k0 > 0;
+        for (int64_t k = 0; k < rows; k += kSumRows) {  // (k, k_h even: bfloat16 has no zero h0 rows)
           const int64_t kb = std::min(kSumRows, rows - k), k_h = std::max(k, h0r), kb_h = std::min(k + kb, h1r) - k_h;
-          gemm(direct(b_gi + k * ld_g, kb, GH, ld_g), cols.nb0, cols.nb1, a_x + k * I, I, I, dw_ih_p, GH, true, true);
+          gemm(direct(a_x + k * I, kb, I, I), 0, (I + 63) / 64, b_gi + k * ld_g + pu0, ld_g, cnt, dw_ih_p + u0 * I, I,
+               k0 > 0 || k > 0, true);
           if (kb_h > 0) {
-            gemm(direct(b_gh + k_h * ld_g, kb_h, GH, ld_g), cols.nb0, cols.nb1, a_h + k_h * H, H, H, dw_hh_p, GH, true,
-                 true);
+            gemm(direct(a_h + k_h * H, kb_h, H, H), 0, (H + 63) / 64, b_gh + k_h * ld_g + pu0, ld_g, cnt,
+                 dw_hh_p + u0 * H, H, hh_written, true);
+            hh_written = true;
           }
         }
+        if (!hh_written) std::memset(dw_hh_p + u0 * H, 0, cnt * H * sizeof(float));
       }
 #pragma omp barrier
     }
@@ -1595,7 +1601,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   }
   if (!needs.dh0) dh.zero_();
   if (!needs.dx) dx.zero_();
-  if (!needs.dw && by_mkl) {  // (the scratch sums start zero)
+  if (!needs.dw && !amx) {  // (AMX's scratch sums start zero)
     dw_ih.zero_();
     dw_hh.zero_();
   }
