@@ -5,12 +5,15 @@ configurations of every constructor option the grid leaves fixed (bidirectional,
 batch_first, bias, nonlinearity, packed input, odd sizes) and of the call (initial states given or
 not: hx None lets the first step skip its recurrent product), a fifth of them as cells stepped in a
 Python loop, builds torch.nn and rnnfast (backend
-``--backend``) on the same weights, and times both side by side: interleaved rounds of calibrated
+``--backend``) on the same weights, in ``--precision`` (float32; bfloat16: both modules, inputs and
+states cast to bfloat16; autocast: float32 modules called under ``torch.autocast("cpu",
+dtype=torch.bfloat16)``), and times both side by side: interleaved rounds of calibrated
 batches, the speed-up being the median of the per-round ratios (``measure.paired_speedup``). The
 table lists the slowest first. Examples::
 
     python -m bench.sweep                          # 60 configurations, seed 0 (~5 min on 2 cores)
     python -m bench.sweep --seed 3 --count 200 --modes fwd
+    python -m bench.sweep --precision autocast     # bfloat16 products, against torch.nn's under autocast
     python -m bench.sweep --out bench/results      # a committed run
     python -m bench.sweep --rerun runs/bench/2026-12-06-cpu-sweep.json --below 1.0   # its slow ones again
 """
@@ -37,8 +40,8 @@ from .measure import keep_freed_memory, paired_speedup, time_batch
 
 @dataclass(frozen=True)
 class Config(Case):
-    """A grid case (``mode`` ``fwd``: eval, no autograd, or ``fwdbwd``; float32) with the options the grid
-    leaves at torch.nn's defaults."""
+    """A grid case (``mode`` ``fwd``: eval, no autograd, or ``fwdbwd``; ``dtype`` float32 or bfloat16) with
+    the options the grid leaves at torch.nn's defaults."""
 
     bidirectional: bool = False
     batch_first: bool = False
@@ -46,6 +49,7 @@ class Config(Case):
     options: dict = field(default_factory=dict)  # bias, nonlinearity, proj_size
     input_grad: bool = True  # fwdbwd: the input needs a gradient (an embedding's output), else data
     states: bool = False  # random initial states given (a decoder's, truncated BPTT's), else hx None
+    autocast: bool = False  # bfloat16 by autocast over float32 modules, inputs and states, not by casting them
 
     @property
     def label(self) -> str:
@@ -54,6 +58,7 @@ class Config(Case):
                  ("data-input", self.mode == "fwdbwd" and not self.input_grad), ("hx", self.states))
         flags += [n for n, on in named if on]
         flags += [f"{k}={v}" for k, v in sorted(self.options.items())]
+        flags += ["autocast"] if self.autocast else ["bf16"] if self.dtype == "bfloat16" else []
         return f"{self.family} {self.mode} T{self.T} B{self.B} I{self.I} H{self.H}" + "".join(f" {f}" for f in flags)
 
     @property
@@ -84,15 +89,17 @@ def draw(rng: random.Random, modes: tuple[str, ...]) -> Config:
                   input_grad=rng.random() < 0.5)
 
 
-def drawn(seed: int, count: int, modes: list[str], max_cost: float) -> list[Config]:
-    """``count`` random configurations of at most ``max_cost`` multiply-adds a call; whether each gives
-    initial states comes from a stream of its own, so that a seed draws the shapes it always drew."""
+def drawn(seed: int, count: int, modes: list[str], max_cost: float, precision: str = "float32") -> list[Config]:
+    """``count`` random configurations of at most ``max_cost`` multiply-adds a call, in ``precision``;
+    whether each gives initial states comes from a stream of its own, so that a seed draws the shapes it
+    always drew (in every precision)."""
+    low = {"dtype": "float32" if precision == "float32" else "bfloat16", "autocast": precision == "autocast"}
     rng, states, cells = random.Random(seed), random.Random(f"{seed}-states"), random.Random(f"{seed}-cells")
     configs: list[Config] = []
     while len(configs) < count:
         cfg = draw(rng, tuple(modes))
         if cfg.cost <= max_cost:
-            cfg = replace(cfg, states=states.random() < 0.3)
+            cfg = replace(cfg, states=states.random() < 0.3, **low)
             configs.append(as_cell(cfg) if cells.random() < 0.2 else cfg)
     return configs
 
@@ -123,7 +130,14 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
     ref = getattr(nn, cfg.family)(cfg.I, cfg.H, **kwargs)
     fast = getattr(rnnfast, cfg.family)(cfg.I, cfg.H, backend=backend, **kwargs)
     fast.load_state_dict(ref.state_dict())
-    x, call, loss = (cell_call if cell else layer_call)(cfg)
+    cast = cfg.dtype == "bfloat16" and not cfg.autocast
+    dtype = torch.bfloat16 if cast else torch.float32
+    ref, fast = ref.to(dtype), fast.to(dtype)
+    x, call_plain, loss = (cell_call if cell else layer_call)(cfg, dtype)
+
+    def call(module: nn.Module) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
+            return call_plain(module)
 
     def make(module: nn.Module) -> Callable[[], Any]:
         if cfg.mode == "fwd":
@@ -147,16 +161,16 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
     return make(ref), make(fast)
 
 
-def layer_call(cfg: Config) -> tuple[Tensor, Callable[[nn.Module], Any], Callable[[Any], Tensor]]:
+def layer_call(cfg: Config, dtype: torch.dtype) -> tuple[Tensor, Callable[[nn.Module], Any], Callable[[Any], Tensor]]:
     """A layer's input, its call (packed or padded, states given or not) and the loss training sums."""
-    x = torch.randn((cfg.B, cfg.T, cfg.I) if cfg.batch_first else (cfg.T, cfg.B, cfg.I))
+    x = torch.randn((cfg.B, cfg.T, cfg.I) if cfg.batch_first else (cfg.T, cfg.B, cfg.I), dtype=dtype)
     lengths = torch.randint(1, cfg.T + 1, (cfg.B,))
     lengths[0] = cfg.T
     hx = None
     if cfg.states:
         rows = (cfg.layers * (2 if cfg.bidirectional else 1), cfg.B)
-        h = torch.randn(*rows, cfg.options.get("proj_size", cfg.H))
-        hx = (h, torch.randn(*rows, cfg.H)) if cfg.family == "LSTM" else h
+        h = torch.randn(*rows, cfg.options.get("proj_size", cfg.H), dtype=dtype)
+        hx = (h, torch.randn(*rows, cfg.H, dtype=dtype)) if cfg.family == "LSTM" else h
 
     def call(module: nn.Module) -> Any:
         if cfg.packed:
@@ -171,14 +185,15 @@ def layer_call(cfg: Config) -> tuple[Tensor, Callable[[nn.Module], Any], Callabl
     return x, call, loss
 
 
-def cell_call(cfg: Config) -> tuple[Tensor, Callable[[nn.Module], Any], Callable[[Any], Tensor]]:
+def cell_call(cfg: Config, dtype: torch.dtype) -> tuple[Tensor, Callable[[nn.Module], Any], Callable[[Any], Tensor]]:
     """A cell's inputs, its call (T steps in a Python loop, the state carried) and the loss training
     sums (every step's output)."""
     lstm = cfg.family == "LSTMCell"
-    x = torch.randn(cfg.T, cfg.B, cfg.I)
+    x = torch.randn(cfg.T, cfg.B, cfg.I, dtype=dtype)
     hx = None
     if cfg.states:
-        hx = (torch.randn(cfg.B, cfg.H), torch.randn(cfg.B, cfg.H)) if lstm else torch.randn(cfg.B, cfg.H)
+        state = lambda: torch.randn(cfg.B, cfg.H, dtype=dtype)  # noqa: E731
+        hx = (state(), state()) if lstm else state()
 
     def call(cell: nn.Module) -> list[Tensor]:
         state, outs = hx, []
@@ -203,6 +218,10 @@ def measure(cfg: Config, backend: str, rounds: int, min_seconds: float) -> dict:
     return {"torch_ms": sorted(base)[len(base) // 2] * 1e3, **paired_speedup(base, fast)}
 
 
+PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16 (modules, inputs and states cast)",
+              "autocast": "bfloat16 by autocast (float32 modules under torch.autocast)"}
+
+
 def what(args: argparse.Namespace) -> str:
     """Where the configurations came from, for the report."""
     if args.rerun:
@@ -213,7 +232,8 @@ def what(args: argparse.Namespace) -> str:
 def markdown(env: dict, backend: str, args: argparse.Namespace, rows: list[dict]) -> str:
     lines = [f"# rnnfast bench.sweep: {env['device_name']} (cpu)", "",
              f"{env['date']}, commit {env['git_commit']}, {env['threads']} threads ({env['cpu_count']} CPUs), "
-             f"torch {env['torch']}, backend `{backend}`, float32; {what(args)}, {args.rounds} rounds of "
+             f"torch {env['torch']}, backend `{backend}`, {PRECISIONS[args.precision]}; {what(args)}, "
+             f"{args.rounds} rounds of "
              f"{args.min_seconds:g} s batches. "
              f"Host allocator: {env['allocator']}.", "",
              "Speed-up: the median over rounds of torch.nn's time / rnnfast's in the same round (>1 faster); "
@@ -237,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=60, help="configurations drawn (those over --max-cost are redrawn)")
     p.add_argument("--modes", nargs="*", choices=("fwd", "fwdbwd"), default=["fwd", "fwdbwd"])
     p.add_argument("--backend", default="cpu")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="float32",
+                   help="of the drawn configurations (a rerun keeps each one's)")
     p.add_argument("--max-cost", type=float, default=3e10, help="multiply-adds per call at most")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--rounds", type=int, default=5)
@@ -250,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
     env = report.environment("cpu", args.threads, "sweep")
     env["allocator"] = keep_freed_memory()
-    configs = rerun(args.rerun, args.below) if args.rerun else drawn(args.seed, args.count, args.modes, args.max_cost)
+    if args.rerun:
+        configs = rerun(args.rerun, args.below)
+        if configs:  # the report names the precision the configurations ran in
+            args.precision = "autocast" if configs[0].autocast else configs[0].dtype
+    else:
+        configs = drawn(args.seed, args.count, args.modes, args.max_cost, args.precision)
     os.makedirs(args.out, exist_ok=True)
     stem = report.results_stem(args.out, env, "sweep")
     rows: list[dict] = []
