@@ -172,6 +172,11 @@ struct Needs {
 // layer_bwd, with the batch sizes unpacked; with save false the forward keeps nothing for
 // backward (ws1, ws2 empty).
 bool fused_loop_supported(const at::Tensor& x, bool proj);
+// a @ w^T (transposed: a @ w) (+ bias), in float32, on AVX512-BF16 CPUs: a's rows rounded to bfloat16,
+// w (float32 or bfloat16) packed once into bfloat16 panels, cached while it is unchanged, the sums
+// float32, as in the fused loop; the products of the stepwise loop's bfloat16 calls (layer.cpp).
+at::Tensor bf16_product(const at::Tensor& a, const at::Tensor& w, bool transposed,
+                        const c10::optional<at::Tensor>& bias = c10::nullopt);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_layer_fwd(
     int64_t mode, const at::Tensor& x, const std::vector<int64_t>& bs, bool packed, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih,

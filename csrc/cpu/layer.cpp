@@ -5,7 +5,7 @@
 // CPUs, run the fused loops of recurrent.cpp. The outputs and states take h0's dtype: bfloat16
 // input with float32 states (autocast's GRU, packed LSTM, LSTMCell, GRUCell) runs its products
 // in bfloat16 and returns float32. Everything else (float64, proj_size, narrower CPUs;
-// bfloat16 there widened to float32) runs the stepwise loop here:
+// bfloat16 there runs in float32, its products in bfloat16 on AVX512-BF16 CPUs) runs the stepwise loop here:
 // one GEMM projects the input of every step; each step adds one GEMM call for the
 // recurrent term and one fused pointwise pass. Its backward walks the steps in
 // reverse with fused gate gradients and forms the weight gradients as single GEMMs
@@ -52,7 +52,8 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
 // bfloat16 where the fused bfloat16 loops do not run (no AVX512-BF16, proj_size): the float32
 // loops on widened copies, results rounded back to the dtypes of the tensors they belong to; the
 // float32 fused loop packs bfloat16 weights itself (once, into its cache; widened copies would be
-// new tensors each call, packed again each call). What the forward saves is float32 either way.
+// new tensors each call, packed again each call), and so do the stepwise loop's bfloat16 products
+// (weight_product) on AVX512-BF16 CPUs. What the forward saves is float32 either way.
 Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
 Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); }
@@ -64,6 +65,35 @@ constexpr int64_t kGemvMaxRows = 2;
 constexpr int64_t kSmallStep = int64_t(1) << 16;
 bool gemv_step(int64_t rows, int64_t macs) { return rows <= kGemvMaxRows || macs <= kSmallStep; }
 
+// The stepwise loop's weight products, a @ w^T (transposed: a @ w) (+ bias): on the weights as they are,
+// or with low (bfloat16 on AVX512-BF16 CPUs, the loop itself in float32) in bfloat16 over the weights'
+// cached panels, float32 sums (bf16_product): widened weights and float32 GEMMs ran bfloat16 LSTM
+// proj_size training at 0.41-0.48x torch.nn's bfloat16 (bench/results/2026-12-07-cpu-amd-bf16-proj-ab.md).
+// The weight gradients' products (of two activations) take ATen's bfloat16 GEMM.
+Tensor weight_product(bool low, const Tensor& a, const Tensor& w, bool transposed,
+                      const OptTensor& bias = c10::nullopt) {
+  return low ? bf16_product(a, w, transposed, bias) : matmul_nt(a, transposed ? w.t() : w, bias);
+}
+Tensor outer_product(bool low, const Tensor& a, const Tensor& b) {
+  return low ? matmul_nt(a.to(at::kBFloat16), b.to(at::kBFloat16)) : matmul_nt(a, b);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, const Tensor& x_,
+                                                                const OptTensor& batch_sizes, const Tensor& h0_,
+                                                                const OptTensor& c0_, const Tensor& w_ih_,
+                                                                const Tensor& w_hh_, const OptTensor& b_ih,
+                                                                const OptTensor& b_hh, const OptTensor& w_hr_,
+                                                                bool reverse, bool save, bool low);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_bwd(
+    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
+    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
+    bool low);
+
+// bfloat16 off the fused loops: the weights as they are for bfloat16 products, else widened
+template <typename W>
+W for_products(const W& w) { return kHasAvx512Bf16 ? w : widen(w); }
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
                                                              const OptTensor& batch_sizes, const Tensor& h0_,
                                                              const OptTensor& c0_, const Tensor& w_ih_,
@@ -71,10 +101,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                                                              const OptTensor& b_hh, const OptTensor& w_hr_,
                                                              bool reverse, bool save) {
   check_layer_fwd(mode, x_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
-  const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
-  const int64_t H = w_hh_.size(0) / G, P = h0_.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
@@ -85,21 +113,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                           given(b_ih), given(b_hh), reverse, save);
       return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
     }
-    const auto [out, h, c, ws1, ws2] = layer_fwd(mode, xf, batch_sizes, widen(h0_), widen(c0_), widen(w_ih),
-                                                 widen(w_hh), widen(b_ih), widen(b_hh), widen(w_hr_), reverse, save);
+    const auto [out, h, c, ws1, ws2] =
+        stepwise_fwd(mode, xf, batch_sizes, widen(h0_), widen(c0_), for_products(w_ih), for_products(w_hh),
+                     widen(b_ih), widen(b_hh), for_products(w_hr_), reverse, save, kHasAvx512Bf16);
     return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
   }
   if (fused_loop_supported(x, proj)) {
     return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh, given(b_ih), given(b_hh),
                            reverse, save);
   }
-  // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512); it computes what
-  // backward needs either way and returns it only with save
+  return stepwise_fwd(mode, x, batch_sizes, h0_, c0_, w_ih, w_hh, b_ih, b_hh, w_hr_, reverse, save, false);
+}
+
+// the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512; low: bfloat16's
+// products, see weight_product); it computes what backward needs either way and returns it only with save
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, const Tensor& x_,
+                                                                const OptTensor& batch_sizes, const Tensor& h0_,
+                                                                const OptTensor& c0_, const Tensor& w_ih_,
+                                                                const Tensor& w_hh_, const OptTensor& b_ih,
+                                                                const OptTensor& b_hh, const OptTensor& w_hr_,
+                                                                bool reverse, bool save, bool low) {
+  const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
+  const int64_t H = w_hh_.size(0) / G, P = h0_.size(1);
+  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor x2 = x.view({T * B, I});
   const auto [b_in, b_rec] =
       split_biases(mode, present(b_ih) ? *b_ih : Tensor(), given(b_hh));
   // input projection of every step, (T, B, G*H)
-  Tensor gi = matmul_nt(x2, w_ih, b_in.defined() ? OptTensor(b_in) : c10::nullopt).view({T, B, G * H});
+  Tensor gi =
+      weight_product(low, x2, w_ih, false, b_in.defined() ? OptTensor(b_in) : c10::nullopt).view({T, B, G * H});
 
   const auto opts = x.options();
   Tensor out = packed ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
@@ -109,7 +153,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   Tensor ws2 = lstm ? (packed ? at::zeros({proj ? 2 : 1, T, B, H}, opts) : at::empty({proj ? 2 : 1, T, B, H}, opts))
                     : at::empty({0}, opts);
   const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
-  const bool small = gemv_step(B, B * G * H * P), small_proj = proj && gemv_step(B, B * H * P);
+  // (the GEMV kernel reads the weights in the loop's dtype: not for bfloat16 products)
+  const bool small = !low && gemv_step(B, B * G * H * P), small_proj = !low && proj && gemv_step(B, B * H * P);
   Tensor gh = small ? at::empty({B, G * H}, opts) : Tensor();
   const Tensor cs = lstm ? ws2[0] : Tensor();
   const Tensor hp = proj ? ws2[1] : Tensor();
@@ -125,7 +170,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
         gemv_rows<scalar_t, scalar_t>(h.data_ptr<scalar_t>(), n, P, w_hh.data_ptr<scalar_t>(), G * H, bias,
                                       gh.data_ptr<scalar_t>());
       } else {
-        gh = matmul_nt(h.narrow(0, 0, n), w_hh, b_rec.defined() ? OptTensor(b_rec) : c10::nullopt).contiguous();
+        gh = weight_product(low, h.narrow(0, 0, n), w_hh, false, b_rec.defined() ? OptTensor(b_rec) : c10::nullopt)
+                 .contiguous();
       }
       const scalar_t* ghs = gh.data_ptr<scalar_t>();
       scalar_t* hs = h.data_ptr<scalar_t>();
@@ -142,7 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
         gemv_rows<scalar_t, scalar_t>(hp_r(t, 0), n, H, w_hr.data_ptr<scalar_t>(), P, nullptr, out_r(t, 0));
         std::memcpy(hs, out_r(t, 0), n * P * sizeof(scalar_t));
       } else if (proj) {
-        const Tensor o = matmul_nt(hp[t].narrow(0, 0, n), w_hr);
+        const Tensor o = weight_product(low, hp[t].narrow(0, 0, n), w_hr, false);
         out[t].narrow(0, 0, n).copy_(o);
         h.narrow(0, 0, n).copy_(o);
       }
@@ -173,9 +219,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
               has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
     }
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-        layer_bwd(mode, xf, batch_sizes, widen(h0), widen(c0), widen(w_ih_), widen(w_hh_), widen(w_hr_),
-                  has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn), widen(grad_cn), need_dx,
-                  need_dh0, need_dw);
+        stepwise_bwd(mode, xf, batch_sizes, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
+                     for_products(w_hr_), has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn),
+                     widen(grad_cn), kHasAvx512Bf16);
     // absent gradients as the fused loop returns them: empty, in x's dtype
     auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
       return there && present(like) ? narrow_to(t, *like) : none;
@@ -185,6 +231,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
             narrow_to(dw_hh, w_hh_), back(db_ih, w_ih_, has_bias),
             back(db_hh, w_ih_, has_bias), back(dw_hr, w_hr_)};
   }
+  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
+  const Tensor x = x_.contiguous(), go = grad_out.contiguous();
+  const Tensor none = at::empty({0}, x.options());
+  if (fused_loop_supported(x, proj)) {
+    const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
+        fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,
+                        reverse, out, ws1, ws2, go, grad_hn, grad_cn, needs);
+    return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
+  }
+  return stepwise_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, reverse, out, ws1, ws2,
+                      grad_out, grad_hn, grad_cn, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_bwd(
+    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
+    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
+    bool low) {
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
@@ -192,13 +257,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor x = x_.contiguous(), go = grad_out.contiguous();
   const auto opts = x.options();
   const Tensor none = at::empty({0}, opts);
-  if (fused_loop_supported(x, proj)) {
-    const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
-        fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,
-                        reverse, out, ws1, ws2, go, grad_hn, grad_cn, needs);
-    return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
-  }
-
   auto make = [&](at::IntArrayRef size) { return packed ? at::zeros(size, opts) : at::empty(size, opts); };
   const Tensor cs = lstm ? ws2[0] : Tensor();
   Tensor dh = grad_hn.contiguous().clone();
@@ -211,11 +269,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Tensor hp = proj ? ws2[1] : Tensor();
   const Tensor c_prev = lstm ? previous_states(cs, c0->contiguous(), bs, reverse) : Tensor();
   Tensor dh_proj = proj ? make({T, B, P}) : Tensor();  // gradient w.r.t. the projected output, for dW_hr
-  const bool small = gemv_step(B, B * G * H * P), small_proj = proj && gemv_step(B, B * H * P);
-  // the transposed weights: contiguous copies for the GEMV kernel, views for GEMM calls (which read them
-  // in place; a transposed copy of a (2048, 128) matrix took ~0.75 ms here)
-  const Tensor w_ih_t = w_ih_.t(), w_hh_t = small ? w_hh_.t().contiguous() : w_hh_.t();
-  const Tensor w_hr_t = !proj ? Tensor() : small_proj ? w_hr_->t().contiguous() : w_hr_->t();
+  const bool small = !low && gemv_step(B, B * G * H * P), small_proj = !low && proj && gemv_step(B, B * H * P);
+  // the transposed weights as contiguous copies for the GEMV kernel; GEMM calls read them in place (a
+  // transposed copy of a (2048, 128) matrix took ~0.75 ms here)
+  const Tensor w_hh_t = small ? w_hh_.t().contiguous() : Tensor();
+  const Tensor w_hr_t = small_proj ? w_hr_->t().contiguous() : Tensor();
   Tensor dhp = small_proj ? at::empty({B, H}, opts) : Tensor();
   Tensor dh_rec = small ? at::empty({B, P}, opts) : Tensor();
 
@@ -233,7 +291,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
           gemv_rows<scalar_t, scalar_t>(dh_act.data_ptr<scalar_t>(), n, P, w_hr_t.data_ptr<scalar_t>(), H, nullptr,
                                     dhp.data_ptr<scalar_t>());
         } else {
-          dhp = matmul_nt(dh_act, w_hr_t).contiguous();
+          dhp = weight_product(low, dh_act, *w_hr_, true).contiguous();
         }
       }
       const Tensor& d_src = proj ? dhp : dh;
@@ -248,7 +306,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
         gemv_rows<scalar_t, scalar_t>(dgh_r(t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
                         dh_rec.data_ptr<scalar_t>());
       } else {
-        dh_rec = matmul_nt(dgh[t].narrow(0, 0, n), w_hh_t);
+        dh_rec = weight_product(low, dgh[t].narrow(0, 0, n), w_hh_, true);
       }
       const Tensor dh_rec_act = dh_rec.narrow(0, 0, n);
       if (gru) {
@@ -258,14 +316,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
       }
     }
   });
-  Tensor dx = matmul_nt(dgi2, w_ih_t).view({T, B, I});
+  Tensor dx = weight_product(low, dgi2, w_ih_, true).view({T, B, I});
   // Sums over all steps, dgi^T x: both operands read transposed in place, and the result comes out in
   // the weight's own layout
-  Tensor dw_ih = matmul_nt(dgi2.t(), x2.t());
-  Tensor dw_hh = matmul_nt(dgh2.t(), h_prev.view({T * B, P}).t());
+  Tensor dw_ih = outer_product(low, dgi2.t(), x2.t());
+  Tensor dw_hh = outer_product(low, dgh2.t(), h_prev.view({T * B, P}).t());
   Tensor db_ih = has_bias ? dgi2.sum(0) : none;
   Tensor db_hh = has_bias ? (gru ? dgh2.sum(0) : db_ih.clone()) : none;
-  Tensor dw_hr = proj ? matmul_nt(dh_proj.view({T * B, P}).t(), hp.reshape({T * B, H}).t()) : none;
+  Tensor dw_hr = proj ? outer_product(low, dh_proj.view({T * B, P}).t(), hp.reshape({T * B, H}).t()) : none;
   return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 

@@ -882,7 +882,7 @@ void prefetch(const Rows<E>& t3, int64_t t, int64_t r0, int64_t r1, int64_t j0, 
 }
 
 // Weights packed for the loops, kept across calls until they change; tagged by use and mode.
-enum PanelUse { kForward, kInput, kBackward, kBackwardInput };
+enum PanelUse { kForward, kInput, kBackward, kBackwardInput, kStepwise, kStepwiseT };
 template <typename E>
 WeightCache<Panels<E>>& panels() {
   static WeightCache<Panels<E>> cache;
@@ -1710,6 +1710,27 @@ double peak_gflops(const std::string& dtype, double seconds) {
   const double secs = elapsed(t0);
   TORCH_CHECK(std::isfinite(sink[0]), "rnnfast: peak_gflops: the chains did not run");  // and keeps them
   return nt * iters * 5 * flops_per_round / secs / 1e9;
+}
+
+Tensor bf16_product(const Tensor& a, const Tensor& w, bool transposed, const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(kHasAvx512Bf16, "rnnfast: bf16_product needs AVX512-BF16");
+  const Panels<BF16> p = panels<BF16>().get({w}, (transposed ? kStepwiseT : kStepwise) * 4,
+                                            [&] { return pack<BF16>(transposed ? w.t() : w, Tensor(), 1, 64); });
+  const Tensor a_lo = a.to(at::kBFloat16).contiguous();
+  const int64_t n = a_lo.size(0);
+  TORCH_CHECK(a_lo.dim() == 2 && a_lo.size(1) == p.K, "rnnfast: bf16_product: a is ", a.sizes(), ", K ", p.K);
+  const bool add = bias.has_value() && bias->defined();
+  Tensor c = add ? bias->to(at::kFloat).expand({n, p.N}).contiguous()
+                 : at::empty({n, p.N}, a.options().dtype(at::kFloat));
+  if (n == 0) return c;
+  const BF16* const a_p = a_lo.data_ptr<BF16>();
+  float* const c_p = c.data_ptr<float>();
+#pragma omp parallel num_threads(std::min<int64_t>(at::get_num_threads(), p.NB))
+  {
+    const auto [nb0, nb1] = row_share(p.NB, omp_get_num_threads(), omp_get_thread_num());
+    if (nb1 > nb0) gemm(p, nb0, nb1, a_p, p.K, n, c_p, p.N, add);
+  }
+  return c;
 }
 
 bool fused_loop_supported(const Tensor& x, bool proj) {
