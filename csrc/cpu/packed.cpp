@@ -31,9 +31,13 @@ std::vector<int64_t> packed_steps(const Tensor& batch_sizes, int64_t rows) {
 Tensor pad_packed(const Tensor& data_, const Tensor& batch_sizes) {
   TORCH_CHECK(data_.dim() >= 1, "rnnfast pad_packed: data must be (rows, ...), got a scalar");
   TORCH_CHECK(data_.device().is_cpu(), "rnnfast pad_packed: data must be a CPU tensor");
+  const std::vector<int64_t> bs = packed_steps(batch_sizes, data_.size(0));
+  return pad_steps(data_, bs, bs[0]);
+}
+
+Tensor pad_steps(const Tensor& data_, const std::vector<int64_t>& bs, int64_t B) {
   const Tensor data = data_.contiguous();
-  const std::vector<int64_t> bs = packed_steps(batch_sizes, data.size(0));
-  const int64_t T = bs.size(), B = bs[0], row = data.numel() / std::max<int64_t>(data.size(0), 1);
+  const int64_t T = bs.size(), row = data.numel() / std::max<int64_t>(data.size(0), 1);
   std::vector<int64_t> shape{T, B};
   shape.insert(shape.end(), data.sizes().begin() + 1, data.sizes().end());
   Tensor out = at::empty(shape, data.options());
