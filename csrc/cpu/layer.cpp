@@ -69,7 +69,7 @@ bool gemv_step(int64_t rows, int64_t macs) { return rows <= kGemvMaxRows || macs
 // The stepwise loop's weight products, a @ w^T (transposed: a @ w) (+ bias): on the weights as they are,
 // or with low (bfloat16 on AVX512-BF16 CPUs, the loop itself in float32) in bfloat16 over the weights'
 // cached panels, float32 sums (bf16_product): widened weights and float32 GEMMs ran bfloat16 LSTM
-// proj_size training at 0.41-0.48x torch.nn's bfloat16 (bench/results/2026-12-07-cpu-amd-bf16-proj-ab.md).
+// proj_size at 0.41-0.95x torch.nn's bfloat16 (bench/results/2026-12-07-cpu-amd-bf16-proj-ab.md).
 // The weight gradients' products (of two activations) take ATen's bfloat16 GEMM.
 Tensor weight_product(bool low, const Tensor& a, const Tensor& w, bool transposed,
                       const OptTensor& bias = c10::nullopt) {
