@@ -183,6 +183,19 @@ RNNFAST_TILE_INLINE void tile_store(__m512 (&acc)[R][V], float* c, int64_t ldc, 
   }
 }
 
+// The same into bfloat16 c, each sum rounded once (a product's whole sums: add false).
+template <int R, int V>
+inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile_store(
+    __m512 (&acc)[R][V], BF16* c, int64_t ldc, const int64_t* col, const __mmask16* mask, bool) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (mask[v] != 0) _mm256_mask_storeu_epi16(c + r * ldc + col[v], mask[v], (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
+    }
+  }
+}
+
 // Whether every column of a tile is live: its panel loads then need no masks (a masked load
 // takes a port-0/5 uop beside its load, 4 of them per k against the 24 FMAs there).
 template <int V>
@@ -253,10 +266,12 @@ inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void pair_st
 // rows, a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators. With TA, a is
 // transposed in pairs (interleave_pairs of its columns, lda wide): a[r, k] at
 // a[(k - k % 2) * lda + 2 * r + k % 2], each pair of a row side by side as by rows.
-template <int R, int V, bool TA>
-__attribute__((target("avx512f,avx512bf16"))) void tile(const BF16* a, int64_t lda, int64_t K, const BF16* b,
-                                                        int64_t ldb, const float* bias, float* c, int64_t ldc,
-                                                        const int64_t* col, const __mmask16* mask, bool add) {
+template <int R, int V, bool TA, typename C>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile(const BF16* a, int64_t lda, int64_t K,
+                                                                          const BF16* b, int64_t ldb,
+                                                                          const float* bias, C* c, int64_t ldc,
+                                                                          const int64_t* col, const __mmask16* mask,
+                                                                          bool add) {
   __m512 acc[R][V];
   tile_start<R, V>(acc, bias);
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
@@ -358,9 +373,10 @@ void for_blocks(const Panels<E>& p, int64_t nb0, int64_t nb1, bool add, F&& f) {
   }
 }
 
-// Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias).
-template <int V, int R, bool TA, typename E>
-void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, float* c,
+// Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias); c float32, or
+// bfloat16 for bfloat16 operands (rounded sums: K one block, add false).
+template <int V, int R, bool TA, typename E, typename C = float>
+void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda, int64_t n, C* c,
              int64_t ldc, bool add) {
   const int64_t rs = !TA ? lda : kPair<E>;  // from one row of a to the next (see tile)
   for_blocks(p, nb0, nb1, add, [&](int64_t nb, int64_t k0, int64_t kb, const E* b, const float* bias, bool add_k) {
@@ -708,6 +724,16 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
   }
 }
 
+// c = a @ B over rows [0, n) and panels [nb0, nb1) of bfloat16 panels not in AMX tiles, straight
+// into bfloat16 c, each float32 sum rounded once: for a K of one block (kKBlock rows); a as in gemm.
+void gemm_rounded(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const BF16* a, int64_t lda, int64_t n, BF16* c,
+                  int64_t ldc, bool transposed_a) {
+  TORCH_CHECK(p.K <= kKBlock<BF16> && !p.tiled && p.V == 4,
+              "rnnfast: gemm_rounded takes one block of 4-register panels");
+  if (transposed_a) return product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, false);
+  product<4, 6, false>(p, nb0, nb1, a, lda, n, c, ldc, false);
+}
+
 // c = the bias of panels [nb0, nb1) (zero without one) for `rows` rows (row stride ldc): their
 // product with rows of zeros.
 template <typename E>
@@ -906,20 +932,20 @@ Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kF
   return t.as_strided(sizes, c10::contiguous_strides(sizes));  // one view, not narrow and view: short calls count
 }
 
-// float32 buffers that leave a call (what the forward saves for backward, the weight gradients
-// MKL writes), recycled when autograd frees them: the first touch of a fresh multi-megabyte
+// Buffers that leave a call (what the forward saves for backward, the weight gradients), recycled
+// when autograd frees them: the first touch of a fresh multi-megabyte
 // allocation page-faults every 4 KiB, which costs about as much as the arithmetic that fills it
 // (with the weight gradients from here an LSTMCell B32 H256 training step ran 1.45x as fast under
 // glibc's default malloc, bench/results/2026-12-06-cpu-recycled-grads-ab.md). Holds at most
 // kPoolBytes idle.
 class RecyclingPool {
  public:
-  Tensor empty(at::IntArrayRef sizes, bool zero) {
-    const size_t bytes = c10::multiply_integers(sizes) * sizeof(float);
-    if (bytes == 0) return at::empty(sizes, at::kFloat);
+  Tensor empty(at::IntArrayRef sizes, bool zero, at::ScalarType dtype = at::kFloat) {
+    const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(dtype);
+    if (bytes == 0) return at::empty(sizes, dtype);
     void* ptr = take(bytes);
     if (ptr == nullptr) ptr = c10::alloc_cpu(bytes);
-    Tensor t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, at::kFloat);
+    Tensor t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, dtype);
     return zero ? t.zero_() : poison(t);
   }
 
@@ -1317,10 +1343,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const bool amx = low && kHasAmxBf16;
   const Mkl& mkl_dw = low ? kNoMkl : mkl();
   const bool by_mkl = mkl_dw.sgemm != nullptr;
+  // bfloat16 weights whose gradients' products are each one block of rows (a cell's step, a short call):
+  // the tiles round their sums straight into bfloat16 tensors, with no float32 copy to write, read back
+  // and round (bfloat16 training, AMD EPYC: GRUCell B128 H1024 0.97x -> 1.08x torch.nn, LSTMCell B8 H256
+  // 1.64x -> 1.96x; bench/results/2026-12-07-cpu-amd-dw-rounded-ab.md). The same sums, rounded the same way.
+  const bool dw_rounded = low && !amx && needs.dw && T * B <= kSumRows && w_ih.scalar_type() == at::kBFloat16 &&
+                          w_hh.scalar_type() == at::kBFloat16;
   Tensor dw_ih, dw_hh;  // (GH, I) and (GH, H), on AMX transposed
   if (!amx) {
-    dw_ih = recycling_pool().empty({GH, I}, T * B == 0);
-    dw_hh = recycling_pool().empty({GH, H}, T * B == 0);
+    const auto dt = dw_rounded ? at::kBFloat16 : at::kFloat;
+    dw_ih = recycling_pool().empty({GH, I}, T * B == 0, dt);
+    dw_hh = recycling_pool().empty({GH, H}, T * B == 0, dt);
   } else {
     Tensor dw_sums = workspace(kWeightGrads, {(I + H) * GH}).zero_();
     dw_ih = dw_sums.narrow(0, 0, I * GH).view({I, GH});
@@ -1396,8 +1429,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
   const float* const c0_p = lstm ? c0_f.data_ptr<float>() : nullptr;
   const E* const x_p = x.data_ptr<E>();
   E* const dx_p = dx.data_ptr<E>();
-  float* const dw_ih_p = dw_ih.data_ptr<float>();
-  float* const dw_hh_p = dw_hh.data_ptr<float>();
+  float* const dw_ih_p = dw_rounded ? nullptr : dw_ih.data_ptr<float>();
+  float* const dw_hh_p = dw_rounded ? nullptr : dw_hh.data_ptr<float>();
   float* const scratch_p = low ? scratch.data_ptr<float>() : nullptr;
   E* const pairs_x = low ? pairs.data_ptr<E>() : nullptr;
   E* const pairs_h = low ? pairs_x + pair_rows * I : nullptr;
@@ -1577,6 +1610,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
             }
           }
         }
+      } else if (cols.cnt > 0 && dw_rounded) {  // (one chunk of at most kSumRows rows: E is bfloat16)
+        const int64_t u0 = cols.u0, cnt = cols.cnt;
+        BF16* const ih = reinterpret_cast<BF16*>(dw_ih.data_ptr()) + u0 * I;
+        BF16* const hh = reinterpret_cast<BF16*>(dw_hh.data_ptr()) + u0 * H;
+        gemm_rounded(direct(reinterpret_cast<const BF16*>(a_x), rows, I, I), 0, (I + 63) / 64,
+                     reinterpret_cast<const BF16*>(b_gi) + 2 * u0, ld_g, cnt, ih, I, true);
+        gemm_rounded(direct(reinterpret_cast<const BF16*>(a_h), rows, H, H), 0, (H + 63) / 64,
+                     reinterpret_cast<const BF16*>(b_gh) + 2 * u0, ld_g, cnt, hh, H, true);
       } else if (cols.cnt > 0) {
         const int64_t u0 = cols.u0, cnt = cols.cnt, pu0 = kPair<E> * u0;  // (bfloat16 a: pairs of rows)
         bool hh_written = k0 > 0;
