@@ -58,8 +58,13 @@ class Config(Case):
                  ("data-input", self.mode == "fwdbwd" and not self.input_grad), ("hx", self.states))
         flags += [n for n, on in named if on]
         flags += [f"{k}={v}" for k, v in sorted(self.options.items())]
-        flags += ["autocast"] if self.autocast else ["bf16"] if self.dtype == "bfloat16" else []
+        flags += {"float32": [], "bfloat16": ["bf16"], "autocast": ["autocast"]}[self.precision]
         return f"{self.family} {self.mode} T{self.T} B{self.B} I{self.I} H{self.H}" + "".join(f" {f}" for f in flags)
+
+    @property
+    def precision(self) -> str:
+        """``--precision``'s name for how the configuration runs (see :data:`PRECISIONS`)."""
+        return "autocast" if self.autocast else self.dtype
 
     @property
     def cost(self) -> float:
@@ -275,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rerun:
         configs = rerun(args.rerun, args.below)
         if configs:  # the report names the precision the configurations ran in
-            args.precision = "autocast" if configs[0].autocast else configs[0].dtype
+            args.precision = configs[0].precision
     else:
         configs = drawn(args.seed, args.count, args.modes, args.max_cost, args.precision)
     os.makedirs(args.out, exist_ok=True)

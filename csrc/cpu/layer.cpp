@@ -80,16 +80,17 @@ Tensor outer_product(bool low, const Tensor& a, const Tensor& b) {
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, const Tensor& x_,
-                                                                const OptTensor& batch_sizes, const Tensor& h0_,
+                                                                const OptTensor& batch_sizes,
+                                                                const std::vector<int64_t>& bs, const Tensor& h0_,
                                                                 const OptTensor& c0_, const Tensor& w_ih_,
                                                                 const Tensor& w_hh_, const OptTensor& b_ih,
                                                                 const OptTensor& b_hh, const OptTensor& w_hr_,
                                                                 bool reverse, bool save, bool low);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_bwd(
-    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
-    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
-    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
-    bool low);
+    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const std::vector<int64_t>& bs, const Tensor& h0,
+    const OptTensor& c0, const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
+    bool reverse, const Tensor& out, const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out,
+    const Tensor& grad_hn, const Tensor& grad_cn, bool low);
 
 // A packed sequence's rows that its steps run, as one matrix, and back to (T, B, ...) with zeros past each
 // sequence's end: the stepwise loop's products over all steps (input projection, dx, weight gradients)
@@ -132,7 +133,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
       return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
     }
     const auto [out, h, c, ws1, ws2] =
-        stepwise_fwd(mode, xf, batch_sizes, widen(h0_), widen(c0_), for_products(w_ih), for_products(w_hh),
+        stepwise_fwd(mode, xf, batch_sizes, bs, widen(h0_), widen(c0_), for_products(w_ih), for_products(w_hh),
                      widen(b_ih), widen(b_hh), for_products(w_hr_), reverse, save, kHasAvx512Bf16);
     return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
   }
@@ -140,13 +141,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
     return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh, given(b_ih), given(b_hh),
                            reverse, save);
   }
-  return stepwise_fwd(mode, x, batch_sizes, h0_, c0_, w_ih, w_hh, b_ih, b_hh, w_hr_, reverse, save, false);
+  return stepwise_fwd(mode, x, batch_sizes, bs, h0_, c0_, w_ih, w_hh, b_ih, b_hh, w_hr_, reverse, save, false);
 }
 
 // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512; low: bfloat16's
-// products, see weight_product); it computes what backward needs either way and returns it only with save
+// products, see weight_product); bs: batch_sizes' steps (step_sizes); it computes what backward needs
+// either way and returns it only with save
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, const Tensor& x_,
-                                                                const OptTensor& batch_sizes, const Tensor& h0_,
+                                                                const OptTensor& batch_sizes,
+                                                                const std::vector<int64_t>& bs, const Tensor& h0_,
                                                                 const OptTensor& c0_, const Tensor& w_ih_,
                                                                 const Tensor& w_hh_, const OptTensor& b_ih,
                                                                 const OptTensor& b_hh, const OptTensor& w_hr_,
@@ -154,7 +157,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, co
   const int64_t T = x_.size(0), B = x_.size(1), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0_.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const auto [b_in, b_rec] =
       split_biases(mode, present(b_ih) ? *b_ih : Tensor(), given(b_hh));
@@ -223,12 +225,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   const Needs needs{need_dx, need_dh0, need_dw};
   check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
                   grad_cn);
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
   if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
     const Tensor none = at::empty({0}, x_.options()), xf = widen(x_);
     if (!present(w_hr_) && fused_loop_supported(xf, false)) {  // the float32 fused loop, weights as they are
       const bool lstm = mode == LSTM;
       const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] = fused_layer_bwd(
-          mode, xf.contiguous(), step_sizes(batch_sizes, x_.size(0), x_.size(1)), present(batch_sizes),
+          mode, xf.contiguous(), bs, present(batch_sizes),
           widen(h0).contiguous(), lstm ? widen(*c0).contiguous() : Tensor(), w_ih_.contiguous(), w_hh_.contiguous(),
           has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn),
           needs);
@@ -236,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
               has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
     }
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-        stepwise_bwd(mode, xf, batch_sizes, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
+        stepwise_bwd(mode, xf, batch_sizes, bs, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
                      for_products(w_hr_), has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn),
                      widen(grad_cn), kHasAvx512Bf16);
     // absent gradients as the fused loop returns them: empty, in x's dtype
@@ -249,7 +252,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
             back(db_hh, w_ih_, has_bias), back(dw_hr, w_hr_)};
   }
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
   const Tensor x = x_.contiguous(), go = grad_out.contiguous();
   const Tensor none = at::empty({0}, x.options());
   if (fused_loop_supported(x, proj)) {
@@ -258,19 +260,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
                         reverse, out, ws1, ws2, go, grad_hn, grad_cn, needs);
     return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
   }
-  return stepwise_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, reverse, out, ws1, ws2,
+  return stepwise_bwd(mode, x_, batch_sizes, bs, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, reverse, out, ws1, ws2,
                       grad_out, grad_hn, grad_cn, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_bwd(
-    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
-    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
-    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
-    bool low) {
+    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const std::vector<int64_t>& bs, const Tensor& h0,
+    const OptTensor& c0, const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
+    bool reverse, const Tensor& out, const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out,
+    const Tensor& grad_hn, const Tensor& grad_cn, bool low) {
   const int64_t T = x_.size(0), B = x_.size(1), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
   const Tensor x = x_.contiguous(), go = grad_out.contiguous();
   const auto opts = x.options();
   const Tensor none = at::empty({0}, opts);

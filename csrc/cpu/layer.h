@@ -50,7 +50,8 @@ void set_grads_with_graph(pybind11::object fn);
 // end, and back (packed.cpp): inference's conversions, without autograd.
 at::Tensor pad_packed(const at::Tensor& data, const at::Tensor& batch_sizes);
 at::Tensor pack_padded(const at::Tensor& padded, const at::Tensor& batch_sizes);
-// pad_packed with the steps' sizes bs (checked) into (bs.size(), B, ...), B >= bs[0].
+// pad_packed into (bs.size(), B, ...) by the steps' sizes bs, which the caller has checked against data's rows
+// (step_sizes or packed_steps), B >= bs[0].
 at::Tensor pad_steps(const at::Tensor& data, const std::vector<int64_t>& bs, int64_t B);
 
 // One layer, one direction over PackedSequence data in inference: (output data, h_n, c_n). The fused

@@ -724,14 +724,14 @@ void gemm(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t lda,
   }
 }
 
-// c = a @ B over rows [0, n) and panels [nb0, nb1) of bfloat16 panels not in AMX tiles, straight
-// into bfloat16 c, each float32 sum rounded once: for a K of one block (kKBlock rows); a as in gemm.
+// c = a @ B over rows [0, n) and panels [nb0, nb1) of bfloat16 panels not in AMX tiles, a transposed in
+// pairs (as gemm's transposed_a), straight into bfloat16 c, each float32 sum rounded once: for a K of one
+// block (kKBlock rows), as the weight gradients of a short call are.
 void gemm_rounded(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const BF16* a, int64_t lda, int64_t n, BF16* c,
-                  int64_t ldc, bool transposed_a) {
+                  int64_t ldc) {
   TORCH_CHECK(p.K <= kKBlock<BF16> && !p.tiled && p.V == 4,
               "rnnfast: gemm_rounded takes one block of 4-register panels");
-  if (transposed_a) return product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, false);
-  product<4, 6, false>(p, nb0, nb1, a, lda, n, c, ldc, false);
+  product<4, 6, true>(p, nb0, nb1, a, lda, n, c, ldc, false);
 }
 
 // c = the bias of panels [nb0, nb1) (zero without one) for `rows` rows (row stride ldc): their
@@ -1610,14 +1610,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
             }
           }
         }
-      } else if (cols.cnt > 0 && dw_rounded) {  // (one chunk of at most kSumRows rows: E is bfloat16)
-        const int64_t u0 = cols.u0, cnt = cols.cnt;
-        BF16* const ih = reinterpret_cast<BF16*>(dw_ih.data_ptr()) + u0 * I;
-        BF16* const hh = reinterpret_cast<BF16*>(dw_hh.data_ptr()) + u0 * H;
-        gemm_rounded(direct(reinterpret_cast<const BF16*>(a_x), rows, I, I), 0, (I + 63) / 64,
-                     reinterpret_cast<const BF16*>(b_gi) + 2 * u0, ld_g, cnt, ih, I, true);
-        gemm_rounded(direct(reinterpret_cast<const BF16*>(a_h), rows, H, H), 0, (H + 63) / 64,
-                     reinterpret_cast<const BF16*>(b_gh) + 2 * u0, ld_g, cnt, hh, H, true);
+      } else if (cols.cnt > 0 && dw_rounded) {  // one chunk of at most kSumRows rows
+        if constexpr (low) {  // (dw_rounded is bfloat16's)
+          const int64_t u0 = cols.u0, cnt = cols.cnt;
+          gemm_rounded(direct(a_x, rows, I, I), 0, (I + 63) / 64, b_gi + 2 * u0, ld_g, cnt,
+                       dw_ih.data_ptr<BF16>() + u0 * I, I);
+          gemm_rounded(direct(a_h, rows, H, H), 0, (H + 63) / 64, b_gh + 2 * u0, ld_g, cnt,
+                       dw_hh.data_ptr<BF16>() + u0 * H, H);
+        }
       } else if (cols.cnt > 0) {
         const int64_t u0 = cols.u0, cnt = cols.cnt, pu0 = kPair<E> * u0;  // (bfloat16 a: pairs of rows)
         bool hh_written = k0 > 0;
