@@ -15,10 +15,11 @@
 // no buffer that grows with T besides what torch.nn also returns or saves.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/InferenceMode.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/strides.h>
 #include <dlfcn.h>
+#include <sys/mman.h>
 #include <immintrin.h>
 #include <omp.h>
 
@@ -26,9 +27,9 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <string>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <cstring>
@@ -933,53 +934,91 @@ Tensor workspace(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype = at::kF
 }
 
 // Buffers that leave a call (what the forward saves for backward, the weight gradients), recycled
-// when autograd frees them: the first touch of a fresh multi-megabyte
-// allocation page-faults every 4 KiB, which costs about as much as the arithmetic that fills it
-// (with the weight gradients from here an LSTMCell B32 H256 training step ran 1.45x as fast under
-// glibc's default malloc, bench/results/2026-12-06-cpu-recycled-grads-ab.md). Holds at most
-// kPoolBytes idle.
+// when autograd frees them: the first touch of a fresh multi-megabyte allocation page-faults every
+// 4 KiB, which costs about as much as the arithmetic that fills it (with the weight gradients from
+// here an LSTMCell B32 H256 training step ran 1.45x as fast under glibc's default malloc,
+// bench/results/2026-12-06-cpu-recycled-grads-ab.md). Holds at most kPoolBytes idle, in pages mapped
+// for it: none of it stays in malloc's heap, and a block dropped goes back to the system. It allocates
+// nothing as blocks come back: the nodes of an idle map, allocated as autograd freed a step's buffers,
+// sat between the large tensors of a cell stepped over an input that needs its gradient (each step's
+// x[t] hands autograd a zeroed (T, B, I) tensor), so that no freed tensor's hole took the next one and
+// malloc's heap grew by about one such tensor a step (LSTMCell T200 B128 I128 H8 training: 1.7 GB peak
+// resident against torch.nn's 0.1 GB, bench/results/2026-12-07-cpu-pool-pages-ab.md). Buffers below
+// kPoolMinBytes, which malloc serves from its heap without fresh pages (glibc maps 128 KiB and up
+// afresh by default), come from torch's allocator. Blocks in use are reported to torch's profiler as
+// its allocator reports its own, so memory profiles (and the bench's peak memory) count them.
 class RecyclingPool {
  public:
+  RecyclingPool() { idle_.reserve(kPoolBytes / kPoolMinBytes); }
+
   Tensor empty(at::IntArrayRef sizes, bool zero, at::ScalarType dtype = at::kFloat) {
     const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(dtype);
-    if (bytes == 0) return at::empty(sizes, dtype);
-    void* ptr = take(bytes);
-    if (ptr == nullptr) ptr = c10::alloc_cpu(bytes);
-    Tensor t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, dtype);
+    Tensor t;
+    if (bytes < kPoolMinBytes) {
+      t = at::empty(sizes, dtype);
+    } else {
+      void* ptr = take(bytes);
+      t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, dtype);
+    }
     return zero ? t.zero_() : poison(t);
   }
 
  private:
-  static constexpr size_t kPoolBytes = size_t(256) << 20;
+  static constexpr size_t kPoolBytes = size_t(256) << 20, kPoolMinBytes = size_t(128) << 10;
 
-  // the block of this size given back last: the likeliest to be in cache
+  // the block of this size given back last (the likeliest to be in cache), else a fresh one
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto same = idle_.equal_range(bytes);
-    if (same.first == same.second) return nullptr;
-    const auto it = std::prev(same.second);
-    void* p = it->second;
-    idle_.erase(it);
-    held_ -= bytes;
+    void* p = nullptr;
+    const auto it = std::find_if(idle_.rbegin(), idle_.rend(), [&](const Block& b) { return b.bytes == bytes; });
+    if (it != idle_.rend()) {
+      p = it->p;
+      idle_.erase(std::next(it).base());
+      held_ -= bytes;
+    } else {
+      p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK_WITH(OutOfMemoryError, p != MAP_FAILED, "rnnfast: could not map ", bytes, " bytes: ",
+                       std::strerror(errno));
+    }
+    used_ += bytes;
+    report(p, int64_t(bytes));
     return p;
   }
 
+  // allocates nothing: idle_ has room for every block the pool may hold
   void give(void* p, size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
+    used_ -= bytes;
+    report(p, -int64_t(bytes));
     while (held_ + bytes > kPoolBytes && !idle_.empty()) {  // make room: drop the largest
-      auto last = std::prev(idle_.end());
-      held_ -= last->first;
-      c10::free_cpu(last->second);
-      idle_.erase(last);
+      const auto largest =
+          std::max_element(idle_.begin(), idle_.end(), [](const Block& a, const Block& b) { return a.bytes < b.bytes; });
+      held_ -= largest->bytes;
+      munmap(largest->p, largest->bytes);
+      idle_.erase(largest);
     }
-    if (bytes > kPoolBytes) return c10::free_cpu(p);
-    idle_.emplace(bytes, p);
+    if (bytes > kPoolBytes) {
+      munmap(p, bytes);
+      return;
+    }
+    idle_.push_back({bytes, p});
     held_ += bytes;
   }
 
+  // a block handed out (bytes > 0) or given back, as torch's CPU allocator reports its own
+  void report(void* p, int64_t bytes) const {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(p, bytes, used_, used_ + held_, c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
+  struct Block {
+    size_t bytes;
+    void* p;
+  };
   std::mutex mutex_;
-  std::multimap<size_t, void*> idle_;
-  size_t held_ = 0;
+  std::vector<Block> idle_;  // reserved for the most it can hold: never grows
+  size_t held_ = 0, used_ = 0;
 };
 RecyclingPool& recycling_pool() {
   static RecyclingPool* pool = new RecyclingPool;  // never destroyed: deleters may run at exit
