@@ -753,6 +753,14 @@ def test_profiler_counts_recycled_buffers():
     assert peak >= saved + kept[0][0].numel() * 4, (peak, how)
 
 
+@pytest.mark.parametrize("family", ["LSTM", "GRU"])
+def test_recycled_blocks_serve_other_lengths(family):
+    """Training calls whose lengths change reuse the pool's larger blocks (any within twice a request)
+    for their saved buffers: the same numbers as torch.nn at every length, one after another."""
+    for T in (30, 20, 36, 17, 30):  # from 16 steps on the saved gates pass 128 KiB: blocks from 30 or 36
+        check_layer(family, Case(f"T{T}", I=16, H=64, T=T, B=8), "cpu")
+
+
 def test_unsupported_calls_name_the_reason():
     cpu = get_backend("cpu")
     spec = rnnfast.RNNSpec("LSTM", 4, 8)

@@ -957,8 +957,8 @@ class RecyclingPool {
     if (bytes < kPoolMinBytes) {
       t = at::empty(sizes, dtype);
     } else {
-      void* ptr = take(bytes);
-      t = at::from_blob(ptr, sizes, [this, bytes](void* p) { give(p, bytes); }, dtype);
+      const Block b = take(bytes);
+      t = at::from_blob(b.p, sizes, [this, b](void*) { give(b); }, dtype);
     }
     return zero ? t.zero_() : poison(t);
   }
@@ -966,43 +966,62 @@ class RecyclingPool {
  private:
   static constexpr size_t kPoolBytes = size_t(256) << 20, kPoolMinBytes = size_t(128) << 10;
 
-  // the block of this size given back last (the likeliest to be in cache), else a fresh one
-  void* take(size_t bytes) {
+  struct Block {
+    size_t bytes;
+    void* p;
+  };
+
+  // A fresh block's size: `bytes` rounded up to a quarter of their power of two (at most a quarter
+  // more), so that calls whose sizes change from batch to batch (sequence lengths) come back to
+  // blocks of a few sizes. Exact sizes mapped a block for each new length, and its pages faulted
+  // afresh (LSTM H256 training over lengths 50-150: 7700 page faults a step, against 1550 from malloc).
+  static size_t block_size(size_t bytes) {
+    const size_t quarter = (size_t(1) << (63 - __builtin_clzll(bytes))) / 4;
+    return (bytes + quarter - 1) / quarter * quarter;
+  }
+
+  // the smallest idle block that holds `bytes` within twice them, of those the one given back last
+  // (the likeliest to be in cache); else a fresh one
+  Block take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    void* p = nullptr;
-    const auto it = std::find_if(idle_.rbegin(), idle_.rend(), [&](const Block& b) { return b.bytes == bytes; });
-    if (it != idle_.rend()) {
-      p = it->p;
-      idle_.erase(std::next(it).base());
-      held_ -= bytes;
+    auto best = idle_.end();
+    for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+      if (it->bytes >= bytes && it->bytes <= 2 * bytes && (best == idle_.end() || it->bytes <= best->bytes)) best = it;
+    }
+    Block b;
+    if (best != idle_.end()) {
+      b = *best;
+      idle_.erase(best);
+      held_ -= b.bytes;
     } else {
-      p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      TORCH_CHECK_WITH(OutOfMemoryError, p != MAP_FAILED, "rnnfast: could not map ", bytes, " bytes: ",
+      b.bytes = block_size(bytes);
+      b.p = mmap(nullptr, b.bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK_WITH(OutOfMemoryError, b.p != MAP_FAILED, "rnnfast: could not map ", b.bytes, " bytes: ",
                        std::strerror(errno));
     }
-    used_ += bytes;
-    report(p, int64_t(bytes));
-    return p;
+    used_ += b.bytes;
+    report(b.p, int64_t(b.bytes));
+    return b;
   }
 
   // allocates nothing: idle_ has room for every block the pool may hold
-  void give(void* p, size_t bytes) {
+  void give(const Block& b) {
     std::lock_guard<std::mutex> lock(mutex_);
-    used_ -= bytes;
-    report(p, -int64_t(bytes));
-    while (held_ + bytes > kPoolBytes && !idle_.empty()) {  // make room: drop the largest
+    used_ -= b.bytes;
+    report(b.p, -int64_t(b.bytes));
+    while (held_ + b.bytes > kPoolBytes && !idle_.empty()) {  // make room: drop the largest
       const auto largest =
-          std::max_element(idle_.begin(), idle_.end(), [](const Block& a, const Block& b) { return a.bytes < b.bytes; });
+          std::max_element(idle_.begin(), idle_.end(), [](const Block& x, const Block& y) { return x.bytes < y.bytes; });
       held_ -= largest->bytes;
       munmap(largest->p, largest->bytes);
       idle_.erase(largest);
     }
-    if (bytes > kPoolBytes) {
-      munmap(p, bytes);
+    if (b.bytes > kPoolBytes) {
+      munmap(b.p, b.bytes);
       return;
     }
-    idle_.push_back({bytes, p});
-    held_ += bytes;
+    idle_.push_back(b);
+    held_ += b.bytes;
   }
 
   // a block handed out (bytes > 0) or given back, as torch's CPU allocator reports its own
@@ -1012,10 +1031,6 @@ class RecyclingPool {
     }
   }
 
-  struct Block {
-    size_t bytes;
-    void* p;
-  };
   std::mutex mutex_;
   std::vector<Block> idle_;  // reserved for the most it can hold: never grows
   size_t held_ = 0, used_ = 0;
