@@ -1822,8 +1822,8 @@ Tensor bf16_product(const Tensor& a, const Tensor& w, bool transposed, const c10
   float* const c_p = c.data_ptr<float>();
 #pragma omp parallel num_threads(std::min<int64_t>(at::get_num_threads(), p.NB))
   {
-    const auto [nb0, nb1] = row_share(p.NB, omp_get_num_threads(), omp_get_thread_num());
-    if (nb1 > nb0) gemm(p, nb0, nb1, a_p, p.K, n, c_p, p.N, add);
+    const Share own(p, omp_get_num_threads(), omp_get_thread_num());
+    if (own.nb1 > own.nb0) gemm(p, own.nb0, own.nb1, a_p, p.K, n, c_p, p.N, add);
   }
   return c;
 }
