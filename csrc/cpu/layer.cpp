@@ -79,19 +79,6 @@ Tensor outer_product(bool low, const Tensor& a, const Tensor& b) {
   return low ? matmul_nt(a.to(at::kBFloat16), b.to(at::kBFloat16)) : matmul_nt(a, b);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, const Tensor& x_,
-                                                                const OptTensor& batch_sizes,
-                                                                const std::vector<int64_t>& bs, const Tensor& h0_,
-                                                                const OptTensor& c0_, const Tensor& w_ih_,
-                                                                const Tensor& w_hh_, const OptTensor& b_ih,
-                                                                const OptTensor& b_hh, const OptTensor& w_hr_,
-                                                                bool reverse, bool save, bool low);
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_bwd(
-    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const std::vector<int64_t>& bs, const Tensor& h0,
-    const OptTensor& c0, const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
-    bool reverse, const Tensor& out, const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out,
-    const Tensor& grad_hn, const Tensor& grad_cn, bool low);
-
 // A packed sequence's rows that its steps run, as one matrix, and back to (T, B, ...) with zeros past each
 // sequence's end: the stepwise loop's products over all steps (input projection, dx, weight gradients)
 // take those rows alone, as torch.nn's do (LSTM proj_size packed training, lengths 1-T: T5 B48 H1024
@@ -108,41 +95,6 @@ struct StepRows {
   }
   Tensor back(const Tensor& rows) const { return compact ? pad_steps(rows, bs, B) : rows.view({T, B, rows.size(1)}); }
 };
-
-// bfloat16 off the fused loops: the weights as they are for bfloat16 products, else widened
-template <typename W>
-W for_products(const W& w) { return kHasAvx512Bf16 ? w : widen(w); }
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
-                                                             const OptTensor& batch_sizes, const Tensor& h0_,
-                                                             const OptTensor& c0_, const Tensor& w_ih_,
-                                                             const Tensor& w_hh_, const OptTensor& b_ih,
-                                                             const OptTensor& b_hh, const OptTensor& w_hr_,
-                                                             bool reverse, bool save) {
-  check_layer_fwd(mode, x_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
-  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
-
-  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
-    const Tensor xf = widen(x);
-    if (!proj && fused_loop_supported(xf, false)) {  // the float32 fused loop packs the weights as they are
-      const auto [out, h, c, ws1, ws2] =
-          fused_layer_fwd(mode, xf, bs, packed, widen(h0_), lstm ? widen(*c0_) : Tensor(), w_ih, w_hh,
-                          given(b_ih), given(b_hh), reverse, save);
-      return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
-    }
-    const auto [out, h, c, ws1, ws2] =
-        stepwise_fwd(mode, xf, batch_sizes, bs, widen(h0_), widen(c0_), for_products(w_ih), for_products(w_hh),
-                     widen(b_ih), widen(b_hh), for_products(w_hr_), reverse, save, kHasAvx512Bf16);
-    return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
-  }
-  if (fused_loop_supported(x, proj)) {
-    return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh, given(b_ih), given(b_hh),
-                           reverse, save);
-  }
-  return stepwise_fwd(mode, x, batch_sizes, bs, h0_, c0_, w_ih, w_hh, b_ih, b_hh, w_hr_, reverse, save, false);
-}
 
 // the stepwise loop: one GEMM call per step (double, proj_size, CPUs without AVX-512; low: bfloat16's
 // products, see weight_product); bs: batch_sizes' steps (step_sizes); it computes what backward needs
@@ -215,53 +167,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, co
   });
   const Tensor none = at::empty({0}, opts);
   return {out, h, c, save ? ws1 : none, save ? ws2 : none};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(
-    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
-    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
-    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
-    bool need_dx, bool need_dh0, bool need_dw) {
-  const Needs needs{need_dx, need_dh0, need_dw};
-  check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
-                  grad_cn);
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
-  if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
-    const Tensor none = at::empty({0}, x_.options()), xf = widen(x_);
-    if (!present(w_hr_) && fused_loop_supported(xf, false)) {  // the float32 fused loop, weights as they are
-      const bool lstm = mode == LSTM;
-      const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] = fused_layer_bwd(
-          mode, xf.contiguous(), bs, present(batch_sizes),
-          widen(h0).contiguous(), lstm ? widen(*c0).contiguous() : Tensor(), w_ih_.contiguous(), w_hh_.contiguous(),
-          has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn),
-          needs);
-      return {narrow_to(dx, x_),          narrow_to(dh0, h0),         lstm ? narrow_to(dc0, *c0) : none, dw_ih, dw_hh,
-              has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
-    }
-    const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-        stepwise_bwd(mode, xf, batch_sizes, bs, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
-                     for_products(w_hr_), has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn),
-                     widen(grad_cn), kHasAvx512Bf16);
-    // absent gradients as the fused loop returns them: empty, in x's dtype
-    auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
-      return there && present(like) ? narrow_to(t, *like) : none;
-    };
-    return {narrow_to(dx, x_),       narrow_to(dh, h0),
-            back(dc, c0),            narrow_to(dw_ih, w_ih_),
-            narrow_to(dw_hh, w_hh_), back(db_ih, w_ih_, has_bias),
-            back(db_hh, w_ih_, has_bias), back(dw_hr, w_hr_)};
-  }
-  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
-  const Tensor x = x_.contiguous(), go = grad_out.contiguous();
-  const Tensor none = at::empty({0}, x.options());
-  if (fused_loop_supported(x, proj)) {
-    const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
-        fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,
-                        reverse, out, ws1, ws2, go, grad_hn, grad_cn, needs);
-    return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
-  }
-  return stepwise_bwd(mode, x_, batch_sizes, bs, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, reverse, out, ws1, ws2,
-                      grad_out, grad_hn, grad_cn, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_bwd(
@@ -343,6 +248,88 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
   Tensor db_hh = has_bias ? (gru ? dgh_rows.sum(0) : db_ih.clone()) : none;
   Tensor dw_hr = proj ? outer_product(low, rows.of(dh_proj).t(), rows.of(hp).t()) : none;
   return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+// bfloat16 off the fused loops: the weights as they are for bfloat16 products, else widened
+template <typename W>
+W for_products(const W& w) { return kHasAvx512Bf16 ? w : widen(w); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
+                                                             const OptTensor& batch_sizes, const Tensor& h0_,
+                                                             const OptTensor& c0_, const Tensor& w_ih_,
+                                                             const Tensor& w_hh_, const OptTensor& b_ih,
+                                                             const OptTensor& b_hh, const OptTensor& w_hr_,
+                                                             bool reverse, bool save) {
+  check_layer_fwd(mode, x_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
+  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
+
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
+    const Tensor xf = widen(x);
+    if (!proj && fused_loop_supported(xf, false)) {  // the float32 fused loop packs the weights as they are
+      const auto [out, h, c, ws1, ws2] =
+          fused_layer_fwd(mode, xf, bs, packed, widen(h0_), lstm ? widen(*c0_) : Tensor(), w_ih, w_hh,
+                          given(b_ih), given(b_hh), reverse, save);
+      return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
+    }
+    const auto [out, h, c, ws1, ws2] =
+        stepwise_fwd(mode, xf, batch_sizes, bs, widen(h0_), widen(c0_), for_products(w_ih), for_products(w_hh),
+                     widen(b_ih), widen(b_hh), for_products(w_hr_), reverse, save, kHasAvx512Bf16);
+    return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
+  }
+  if (fused_loop_supported(x, proj)) {
+    return fused_layer_fwd(mode, x, bs, packed, h0_, lstm ? *c0_ : Tensor(), w_ih, w_hh, given(b_ih), given(b_hh),
+                           reverse, save);
+  }
+  return stepwise_fwd(mode, x, batch_sizes, bs, h0_, c0_, w_ih, w_hh, b_ih, b_hh, w_hr_, reverse, save, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(
+    int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
+    const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
+    bool need_dx, bool need_dh0, bool need_dw) {
+  const Needs needs{need_dx, need_dh0, need_dw};
+  check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
+                  grad_cn);
+  const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
+  if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
+    const Tensor none = at::empty({0}, x_.options()), xf = widen(x_);
+    if (!present(w_hr_) && fused_loop_supported(xf, false)) {  // the float32 fused loop, weights as they are
+      const bool lstm = mode == LSTM;
+      const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] = fused_layer_bwd(
+          mode, xf.contiguous(), bs, present(batch_sizes),
+          widen(h0).contiguous(), lstm ? widen(*c0).contiguous() : Tensor(), w_ih_.contiguous(), w_hh_.contiguous(),
+          has_bias, reverse, widen(out), ws1, ws2, widen(grad_out).contiguous(), widen(grad_hn), widen(grad_cn),
+          needs);
+      return {narrow_to(dx, x_),          narrow_to(dh0, h0),         lstm ? narrow_to(dc0, *c0) : none, dw_ih, dw_hh,
+              has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
+    }
+    const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
+        stepwise_bwd(mode, xf, batch_sizes, bs, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
+                     for_products(w_hr_), has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn),
+                     widen(grad_cn), kHasAvx512Bf16);
+    // absent gradients as the fused loop returns them: empty, in x's dtype
+    auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
+      return there && present(like) ? narrow_to(t, *like) : none;
+    };
+    return {narrow_to(dx, x_),       narrow_to(dh, h0),
+            back(dc, c0),            narrow_to(dw_ih, w_ih_),
+            narrow_to(dw_hh, w_hh_), back(db_ih, w_ih_, has_bias),
+            back(db_hh, w_ih_, has_bias), back(dw_hr, w_hr_)};
+  }
+  const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
+  const Tensor x = x_.contiguous(), go = grad_out.contiguous();
+  const Tensor none = at::empty({0}, x.options());
+  if (fused_loop_supported(x, proj)) {
+    const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] =
+        fused_layer_bwd(mode, x, bs, packed, h0.contiguous(), lstm ? c0->contiguous() : none, w_ih_, w_hh_, has_bias,
+                        reverse, out, ws1, ws2, go, grad_hn, grad_cn, needs);
+    return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
+  }
+  return stepwise_bwd(mode, x_, batch_sizes, bs, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, reverse, out, ws1, ws2,
+                      grad_out, grad_hn, grad_cn, false);
 }
 
 }  // namespace
