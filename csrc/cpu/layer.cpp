@@ -85,13 +85,12 @@ Tensor outer_product(bool low, const Tensor& a, const Tensor& b) {
 // bfloat16 0.82x -> 1.00x torch.nn, float32 0.96x -> 1.22x, T100 B64 H256 1.27x -> 1.70x;
 // bench/results/2026-12-07-cpu-amd-packed-stepwise-ab.md). Unpacked, or every sequence full: every row.
 struct StepRows {
-  const OptTensor& batch_sizes;
   const std::vector<int64_t>& bs;
   int64_t T, B;
-  bool compact = present(batch_sizes) && std::accumulate(bs.begin(), bs.end(), int64_t(0)) < T * B;
+  bool compact = std::accumulate(bs.begin(), bs.end(), int64_t(0)) < T * B;
 
   Tensor of(const Tensor& steps) const {
-    return compact ? pack_padded(steps, *batch_sizes) : steps.reshape({T * B, steps.size(2)});
+    return compact ? pack_steps(steps, bs) : steps.reshape({T * B, steps.size(2)});
   }
   Tensor back(const Tensor& rows) const { return compact ? pad_steps(rows, bs, B) : rows.view({T, B, rows.size(1)}); }
 };
@@ -113,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stepwise_fwd(int64_t mode, co
   const auto [b_in, b_rec] =
       split_biases(mode, present(b_ih) ? *b_ih : Tensor(), given(b_hh));
   // input projection of every step, (T, B, G*H)
-  const StepRows rows{batch_sizes, bs, T, B};
+  const StepRows rows{bs, T, B};
   Tensor gi = rows.back(weight_product(low, rows.of(x), w_ih, false, b_in.defined() ? OptTensor(b_in) : c10::nullopt));
 
   const auto opts = x.options();
@@ -237,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
       }
     }
   });
-  const StepRows rows{batch_sizes, bs, T, B};
+  const StepRows rows{bs, T, B};
   const Tensor dgi_rows = rows.of(dgi), dgh_rows = gru ? rows.of(dgh) : dgi_rows;
   Tensor dx = rows.back(weight_product(low, dgi_rows, w_ih_, true));
   // Sums over all steps, dgi^T x: both operands read transposed in place, and the result comes out in

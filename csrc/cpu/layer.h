@@ -53,6 +53,9 @@ at::Tensor pack_padded(const at::Tensor& padded, const at::Tensor& batch_sizes);
 // pad_packed into (bs.size(), B, ...) by the steps' sizes bs, which the caller has checked against data's rows
 // (step_sizes or packed_steps), B >= bs[0].
 at::Tensor pad_steps(const at::Tensor& data, const std::vector<int64_t>& bs, int64_t B);
+// pack_padded by the steps' sizes bs (bs.size() == padded.size(0), each at most padded.size(1)), which the caller
+// has checked (step_sizes).
+at::Tensor pack_steps(const at::Tensor& padded, const std::vector<int64_t>& bs);
 
 // One layer, one direction over PackedSequence data in inference: (output data, h_n, c_n). The fused
 // loops read the data's rows and write the output's in place, and project only the rows each step

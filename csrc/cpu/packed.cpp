@@ -55,9 +55,12 @@ Tensor pad_steps(const Tensor& data_, const std::vector<int64_t>& bs, int64_t B)
 Tensor pack_padded(const Tensor& padded_, const Tensor& batch_sizes) {
   TORCH_CHECK(padded_.dim() >= 2, "rnnfast pack_padded: padded must be (T, B, ...), got shape ", padded_.sizes());
   TORCH_CHECK(padded_.device().is_cpu(), "rnnfast pack_padded: padded must be a CPU tensor");
+  return pack_steps(padded_, step_sizes(batch_sizes, padded_.size(0), padded_.size(1)));
+}
+
+Tensor pack_steps(const Tensor& padded_, const std::vector<int64_t>& bs) {
   const Tensor padded = padded_.contiguous();
   const int64_t T = padded.size(0), B = padded.size(1), row = T * B == 0 ? 0 : padded.numel() / (T * B);
-  const std::vector<int64_t> bs = step_sizes(batch_sizes, T, B);
   int64_t rows = 0;
   for (int64_t n : bs) rows += n;
   std::vector<int64_t> shape{rows};
