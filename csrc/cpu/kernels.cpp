@@ -98,11 +98,20 @@ const bool kHasAvx512Bf16 = kIsa >= 3;
 const bool kHasAmxBf16 = kIsa >= 4;
 const bool kIsaCapped = std::getenv("RNNFAST_CPU_ISA") != nullptr;
 
+namespace {
+int64_t cache_bytes(int name, int64_t otherwise) {
+  const long b = sysconf(name);
+  return b > 0 ? int64_t(b) : otherwise;
+}
+}  // namespace
+
+int64_t l1d_bytes() {
+  static const int64_t bytes = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, int64_t(32) << 10);
+  return bytes;
+}
+
 int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return b > 0 ? int64_t(b) : int64_t(512) << 10;
-  }();
+  static const int64_t bytes = cache_bytes(_SC_LEVEL2_CACHE_SIZE, int64_t(512) << 10);
   return bytes;
 }
 

@@ -37,8 +37,9 @@ extern const bool kHasAmxBf16;
 // RNNFAST_CPU_ISA is set, at any level: library paths that pick their own instructions (MKL) stay
 // off, so that a capped run tests rnnfast's own kernels.
 extern const bool kIsaCapped;
-// One core's L2 in bytes (512 KB where the system does not say): what the loops' splits and
-// slabs are sized for.
+// One core's L1 data cache and L2 in bytes (32 KB and 512 KB where the system does not say): what
+// the products' K blocks and the loops' splits and slabs are sized for.
+int64_t l1d_bytes();
 int64_t l2_bytes();
 
 // Row kernels: units [0, n) of one batch row of one step, overloaded for float
