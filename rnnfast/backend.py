@@ -253,7 +253,10 @@ class Backend:
 
 class _FirstOrder(torch.autograd.Function):
     """The identity on a fused backward's gradients, tied to the tensors they were computed from;
-    its own derivative raises."""
+    its own derivative raises. Under torch.func.vmap (``jacrev``'s batched cotangents) each sample's
+    identity."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(backend: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -274,7 +277,7 @@ def first_order(backend: str, backward: Callable, with_graph: Optional[Callable]
     ``saved`` is ``ctx.saved_tensors``, unpacked here once (torch.utils.checkpoint refuses a second
     unpacking). It runs without building a graph. When autograd asks for one (create_graph=True,
     torch.func.grad), the gradients come from ``with_graph(ctx, saved, *grads)`` (see
-    :func:`layer_grads_with_graph`) where the backend gives one; else they come back tied to the saved
+    :func:`layer_grads_with_graph`) where the backend gives one and it returns them (not None); else they come back tied to the saved
     tensors through a node whose derivative raises: a second derivative is exact or fails with a clear
     error, never silently wrong."""
 
@@ -282,7 +285,9 @@ def first_order(backend: str, backward: Callable, with_graph: Optional[Callable]
         saved = ctx.saved_tensors
         anchors = [t for t in saved if t is not None and t.requires_grad]
         if with_graph is not None and torch.is_grad_enabled() and anchors:
-            return with_graph(ctx, saved, *grads)
+            result = with_graph(ctx, saved, *grads)
+            if result is not None:
+                return result
         with torch.no_grad():
             result = backward(ctx, saved, *grads)
         present = [g for g in result if isinstance(g, Tensor)]
@@ -304,14 +309,18 @@ def layer_grads_with_graph(
     c0: Optional[Tensor],
     w: LayerWeights,
     grads: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]],
-) -> tuple[Optional[Tensor], ...]:
+) -> Optional[tuple[Optional[Tensor], ...]]:
     """One layer's gradients w.r.t. ``(x, h0, c0, *w)`` as a graph, for a second derivative: reference's
     loop run again on the same inputs and differentiated with create_graph=True, given the gradients of
     ``(out, h_n, c_n)``. torch.nn's layers take second derivatives (gradient penalties, meta-learning);
     a fused backward's kernels have none of their own, so such a backward costs a reference forward and
-    backward, and says so once. None for inputs that need no gradient."""
-    _warn_once(backend, "reference", "double backward: a second derivative runs through the reference loop")
+    backward, and says so once. None for inputs that need no gradient; None in all where an input is a
+    torch.func wrapper whose transform has ended (a function from ``torch.func.vjp`` called after it
+    returned, as ``jacrev`` does): the loop would record no graph to it, and its gradient would be lost."""
     inputs = (x, h0, c0, *w)
+    if any(t is not None and torch._C._functorch.is_dead_tensor_wrapper(t) for t in inputs):
+        return None
+    _warn_once(backend, "reference", "double backward: a second derivative runs through the reference loop")
     dtype = h0.dtype  # autocast's calls mix bfloat16 inputs with float32 states: the loop runs in the states'
 
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -149,7 +149,7 @@ def _layer_bwd(ctx, saved, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
 def _grads_with_graph(mode: int, reverse: bool, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                       c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                       w_hr: Optional[Tensor], g_out: Optional[Tensor], g_hn: Optional[Tensor],
-                      g_cn: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+                      g_cn: Optional[Tensor]) -> Optional[tuple[Optional[Tensor], ...]]:
     """layer_fwd's gradients w.r.t. (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as a graph (layer_grads_with_graph):
     the backward of the operator and of the eager C++ node when autograd asks for a graph."""
     return layer_grads_with_graph("cpu", MODES[mode], reverse, x, batch_sizes, h0, c0 if mode == 0 else None,
@@ -158,8 +158,11 @@ def _grads_with_graph(mode: int, reverse: bool, x: Tensor, batch_sizes: Optional
 
 def _layer_with_graph(ctx, saved, g_out, g_hn, g_cn, _g_ws1, _g_ws2):
     x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _, _, _ = saved
-    dx, dh0, dc0, *dw = _grads_with_graph(ctx.mode, ctx.reverse, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                          g_out, g_hn, g_cn)
+    got = _grads_with_graph(ctx.mode, ctx.reverse, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                            g_out, g_hn, g_cn)
+    if got is None:  # no graph to be had (see layer_grads_with_graph): first_order's fused backward
+        return None
+    dx, dh0, dc0, *dw = got
     return (None, dx, None, dh0, dc0, *dw, None, None)
 
 
@@ -172,6 +175,8 @@ class _Layer(torch.autograd.Function):
     """layer_fwd with the same autograd as registered on the operator, for eager calls that need
     gradients: torch.func transforms (``torch.func.grad``, as torch.nn's layers allow) reject the
     Function torch generates for an operator, which has no ``setup_context``."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(*args):
@@ -231,13 +236,14 @@ def _convert(t: Tensor, batch_sizes: Tensor, to_padded: bool) -> Optional[Tensor
 
 def stack_decodes(spec: RNNSpec, batch_sizes: Optional[Tensor], needs_grad: bool) -> bool:
     """Whether a call can run as one whole-stack decode (the shape bounds aside): unidirectional,
-    unpacked, no dropout to draw, no gradient, not under torch.compile."""
+    unpacked, no dropout to draw, no gradient, eager (not under torch.compile or a torch.func transform,
+    whose wrapped tensors only the operators see through)."""
     return (
         batch_sizes is None
         and not spec.bidirectional
         and not (spec.training and spec.dropout > 0 and spec.num_layers > 1)
         and not needs_grad
-        and not torch.compiler.is_compiling()
+        and _eager()
     )
 
 

@@ -70,7 +70,7 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
     """
     x = input.data if isinstance(input, PackedSequence) else input
     device = x.device.type
-    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
         return input, hx, None, None
     dtype = products = torch.get_autocast_dtype(device)
     packed = isinstance(input, PackedSequence)

@@ -17,7 +17,7 @@ TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -188,15 +188,27 @@ _fwd_op.register_autograd(
     setup_context=_setup_context)
 
 
+def _under_func(tensors: Iterable[Optional[Tensor]]) -> bool:
+    """Whether a call runs under a torch.func transform or on its wrapped tensors (a vjp function called
+    after torch.func.vjp returned holds wrappers of a transform that has ended): only the operators see
+    through them."""
+    return torch._C._are_functorch_transforms_active() or any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 class _Layer(torch.autograd.Function):
-    """The eager twin of rnnfast::triton_layer_fwd, with the same autograd."""
+    """The eager twin of rnnfast::triton_layer_fwd, with the same autograd; under torch.func it calls the
+    operators, and under vmap each sample runs on its own (the operators have no batching rule)."""
 
-    forward = staticmethod(_fwd)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return (_fwd_op if _under_func(args[:8]) else _fwd)(*args)
+
     setup_context = staticmethod(_setup_context)
-
-    # under torch.func the saved tensors are functorch wrappers, which only the operator unwraps
     backward = staticmethod(first_order("triton", lambda ctx, saved, dhs, dcs, _dms, _dgs: _backward(
-        ctx, saved, dhs, dcs, _bwd_op if torch._C._are_functorch_transforms_active() else _bwd)))
+        ctx, saved, dhs, dcs, _bwd_op if _under_func((*saved, dhs, dcs)) else _bwd)))
 
 
 def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeights, batch_sizes: Optional[Tensor],

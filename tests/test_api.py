@@ -158,6 +158,24 @@ def test_deepcopy_pickle_to_double(name):
     assert all(p.dtype == torch.float64 for p in m.parameters())
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_meta_device(name):
+    """On the meta device (shape inference, deferred initialisation) forward and backward give torch.nn's
+    shapes, as torch.nn's layers do: autocast has no meta device to ask about."""
+    cell = name.endswith("Cell")
+    kwargs = {} if cell else {"num_layers": 2, "bidirectional": True}
+    x = torch.randn(*(() if cell else (7,)), 3, 5, device="meta")
+    shapes = []
+    for module in (getattr(nn, name), getattr(rnnfast, name)):
+        m = module(5, 4, **kwargs).to("meta")
+        out = m(x)
+        leaves = torch.utils._pytree.tree_leaves(out)
+        leaves[0].sum().backward()
+        assert all(t.device.type == "meta" for t in leaves)
+        shapes.append(([t.shape for t in leaves], [p.grad.shape for p in m.parameters()]))
+    assert shapes[0] == shapes[1]
+
+
 def test_weights_replaced_by_assignment_are_used():
     lstm = rnnfast.LSTM(3, 4, backend="reference")
     x = torch.randn(2, 1, 3)
@@ -377,6 +395,48 @@ def test_torch_func_grad(backend, name):
     else:
         with pytest.raises(NotImplementedError, match=f"rnnfast {backend} backend: double backward"):
             second(x)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell", "RNNCell"])
+def test_torch_func_vjp_jacrev_vmap(backend, name):
+    """torch.func's other transforms: a vjp function called after ``torch.func.vjp`` returned (its
+    transform over, as ``jacrev`` calls it under vmap) gives torch.nn's vector-Jacobian products, where
+    the fused backward once found no graph and returned zeros; ``jacrev`` matches torch.nn's; ``vmap`` over
+    inputs, and over the stacked weights of an ensemble, gives each sample's own call (torch.nn's layers
+    have no batching rule; its GRU and Elman cells do, and match)."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(3, 4).double().to(device)
+    ours = rnnfast.convert(copy.deepcopy(ref), backend=backend)
+    cell = name.endswith("Cell")
+    x = torch.randn(*(() if cell else (5,)), 2, 3, dtype=torch.float64, device=device)
+
+    def first(module):
+        return lambda inp: torch.utils._pytree.tree_leaves(module(inp))[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fallbacks to reference, vmap's per-sample loop over the extension's ops
+        want_out, want_vjp = torch.func.vjp(first(ref), x)
+        got_out, got_vjp = torch.func.vjp(first(ours), x)
+        cotangent = torch.randn_like(want_out)
+        torch.testing.assert_close(got_out, want_out)
+        torch.testing.assert_close(got_vjp(cotangent), want_vjp(cotangent))
+        torch.testing.assert_close(torch.func.jacrev(first(ours))(x), torch.func.jacrev(first(ref))(x))
+
+        xs = torch.stack([x, 2 * x, -x])
+        torch.testing.assert_close(torch.func.vmap(first(ours))(xs), torch.stack([first(ours)(xi) for xi in xs]))
+        torch.testing.assert_close(torch.func.vmap(first(ours))(xs), torch.stack([first(ref)(xi) for xi in xs]))
+        if name in ("GRUCell", "RNNCell"):
+            torch.testing.assert_close(torch.func.vmap(first(ours))(xs), torch.func.vmap(first(ref))(xs))
+
+        models = [copy.deepcopy(ours) for _ in range(3)]
+        for i, m in enumerate(models):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(1 + 0.1 * i)
+        params, buffers = torch.func.stack_module_state(models)
+        ensemble = torch.func.vmap(lambda p, b: first(lambda inp: torch.func.functional_call(ours, (p, b), (inp,)))(x))
+        torch.testing.assert_close(ensemble(params, buffers), torch.stack([first(m)(x) for m in models]))
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
