@@ -16,9 +16,10 @@ What the quantized modules do and do not do:
   ``batch_first``, packed sequences, unbatched input, bidirectional, ``bias=False``,
   every ``num_layers``; input float32 on the CPU;
 * inference only. Dropout is never applied: a module with ``dropout > 0`` in
-  training mode raises (call ``.eval()``), and so does a call that would need
-  gradients (grad mode on and the input or a state requires grad), since no
-  gradient flows through int8 weights. Train the float model, then quantize;
+  training mode raises (call ``.eval()``). A call whose input or state autograd
+  tracks (an embedding's output, without ``torch.no_grad()``) runs, as torch's
+  int8 layers do, but a backward through it raises, since no gradient flows
+  through int8 weights. Train the float model, then quantize;
 * ``proj_size > 0`` raises ``NotImplementedError`` at quantize time;
 * other modules (``nn.Linear``, embeddings, ...) are left as they are: quantize
   those with torch's own ``quantize_dynamic``, before or after this one.
@@ -51,7 +52,9 @@ _ISA_LEVELS = {"base": 0, "avx2": 1, "vnni": 2}
 
 @functools.cache
 def _ops():
-    """``torch.ops.rnnfast``, with the extension (which registers the ``quant_*`` operators) loaded."""
+    """``torch.ops.rnnfast``, with the extension (which registers the ``quant_*`` operators) loaded. A
+    ``quant_rnn`` call whose input or state autograd tracks runs, and a backward through it raises (its
+    autograd kernel, csrc/cpu/autograd.cpp): no gradient flows through int8 weights."""
     from . import _C  # noqa: F401
 
     return torch.ops.rnnfast
@@ -72,18 +75,12 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def _check_inference(module: nn.Module, *tensors: Optional[Tensor]) -> None:
-    """The quantized modules' one training rule: raise rather than silently not train."""
-    name = type(module).__name__
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"{name} is an int8 inference module and cannot backpropagate (the input or state requires grad): "
-            "run it under torch.no_grad() or torch.inference_mode(), or train the float model and quantize it after"
-        )
+def _check_eval(module: nn.Module) -> None:
+    """A layer whose float twin would apply dropout here raises rather than silently not drop."""
     if module.training and getattr(module, "dropout", 0) > 0 and getattr(module, "num_layers", 1) > 1:
         raise RuntimeError(
-            f"{name} is an int8 inference module: in training mode its float twin would apply dropout; "
-            "call .eval() on it (or on the model)"
+            f"{type(module).__name__} is an int8 inference module: in training mode its float twin would apply "
+            "dropout; call .eval() on it (or on the model)"
         )
 
 
@@ -218,7 +215,7 @@ class _QuantizedLayer(_Quantized):
                                    f"but got {got}")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
-        _check_inference(self, data, h0, c0)
+        _check_eval(self)
         check = data if packed else (x.transpose(0, 1) if self.batch_first else x)
         self.check_input(check, batch_sizes)
         self.check_hidden_size(h0, self.get_expected_hidden_size(check, batch_sizes), "Expected hidden size {}, got {}")
@@ -250,18 +247,12 @@ class _QuantizedLayer(_Quantized):
 
 
     def _common_call(self, input, hx):
-        """:func:`rnnfast.modules.plain_call` on float32 input with nothing that needs gradients or
-        dropout (the full path raises for those), straight to the kernel."""
+        """:func:`rnnfast.modules.plain_call` on float32 input with no dropout to refuse (the full path
+        raises for it), straight to the kernel."""
         dropout = self.training and self.dropout > 0 and self.num_layers > 1
         if getattr(input, "dtype", None) != torch.float32 or dropout:
             return None
-
-        def run(x: Tensor, h0: Tensor, c0: Optional[Tensor]):
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0)):
-                return None
-            return self._run(x, None, h0, c0)
-
-        return _modules.plain_call(self, input, hx, run)
+        return _modules.plain_call(self, input, hx, lambda x, h0, c0: self._run(x, None, h0, c0))
 
 
 class _QuantizedCell(_Quantized):
@@ -303,7 +294,6 @@ class _QuantizedCell(_Quantized):
             states = (zeros, zeros) if lstm else (zeros,)
         elif not batched:
             states = tuple(s.unsqueeze(0) for s in states)
-        _check_inference(self, input, *states)
         _modules.check_cell_sizes(self, x, states)
         _, h, c = self._run(x.unsqueeze(0), None, states[0].unsqueeze(0), states[1].unsqueeze(0) if lstm else None)
         h, c = h[0], c[0] if lstm else None

@@ -396,16 +396,26 @@ def test_bad_inputs_raise_like_torch():
 
 
 def test_training_through_int8_raises():
+    """A call whose input or state autograd tracks runs, as torch's int8 layers' does (an embedding's output
+    without torch.no_grad()), and gives the untracked call's outputs; a backward through it raises."""
     q = rnnfast.quantize_dynamic(_float(nn.LSTM, 4, 8, num_layers=2, dropout=0.2))
     x = torch.randn(3, 2, 4, requires_grad=True)
-    with pytest.raises(RuntimeError, match="cannot backpropagate"):
-        q(x)
+    out, (h_n, c_n) = q(x)
     with torch.no_grad():
-        assert q(x)[0].shape == (3, 2, 8)  # no gradient asked for: fine
+        want, (want_h, want_c) = q(x)
+    torch.testing.assert_close((out, h_n, c_n), (want, want_h, want_c), rtol=0, atol=0)
+    for t in (out, h_n, c_n):
+        with pytest.raises(RuntimeError, match="int8 recurrent modules .* cannot backpropagate"):
+            t.sum().backward(retain_graph=True)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [3, 2])
+    with pytest.raises(RuntimeError, match="cannot backpropagate"):
+        q(packed)[0].data.sum().backward()
+    with torch.no_grad():
         q.train()
         with pytest.raises(RuntimeError, match=r"call \.eval\(\)"):
             q(x)
     cell = rnnfast.quantize_dynamic(_float(nn.LSTMCell, 4, 8))
     h = torch.zeros(2, 8, requires_grad=True)
+    h1, c1 = cell(torch.randn(2, 4), (h, h))
     with pytest.raises(RuntimeError, match="cannot backpropagate"):
-        cell(torch.randn(2, 4), (h, h))
+        (h1 + c1).sum().backward()

@@ -110,6 +110,50 @@ void set_grads_with_graph(pybind11::object fn) {
   delete old;
 }
 
+// rnnfast::quant_rnn (the int8 modules' operator) under autograd: a call whose input or state autograd tracks
+// (an embedding's output without torch.no_grad()) runs, as torch's int8 layers do, its outputs tied to them by a
+// node whose backward raises: no gradient flows through int8 weights, so training through them fails clearly,
+// never silently without gradients. Other calls pass straight on (no node, no Python).
+namespace {
+using QuantRnnSignature = std::tuple<Tensor, Tensor, Tensor>(int64_t, const Tensor&, const OptTensor&, const Tensor&,
+                                                             const OptTensor&, at::TensorList, int64_t, bool, int64_t);
+const c10::TypedOperatorHandle<QuantRnnSignature>& quant_rnn_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("rnnfast::quant_rnn", "").typed<QuantRnnSignature>();
+  return op;
+}
+
+struct QuantNoBackward : public torch::autograd::Function<QuantNoBackward> {
+  static variable_list forward(AutogradContext*, int64_t mode, const Tensor& x, const OptTensor& batch_sizes,
+                               const Tensor& h0, const OptTensor& c0, at::TensorList params, int64_t num_layers,
+                               bool bidirectional, int64_t isa) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, h_n, c_n] = quant_rnn_op().call(mode, x, batch_sizes, h0, c0, params, num_layers, bidirectional, isa);
+    return {out, h_n, c_n};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "rnnfast's int8 recurrent modules (rnnfast.quantize_dynamic) cannot backpropagate: train the "
+                "float model and quantize it after (run inference under torch.no_grad() or torch.inference_mode() to "
+                "leave them out of the graph)");
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> quant_rnn_autograd(int64_t mode, const Tensor& x, const OptTensor& batch_sizes,
+                                                      const Tensor& h0, const OptTensor& c0, at::TensorList params,
+                                                      int64_t num_layers, bool bidirectional, int64_t isa) {
+  if (at::GradMode::is_enabled() && (x.requires_grad() || h0.requires_grad() || requires_grad(c0))) {
+    const variable_list r =
+        QuantNoBackward::apply(mode, x, batch_sizes, h0, c0, params, num_layers, bidirectional, isa);
+    return {r[0], r[1], r[2]};
+  }
+  at::AutoDispatchBelowADInplaceOrView below;
+  return quant_rnn_op().call(mode, x, batch_sizes, h0, c0, params, num_layers, bidirectional, isa);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnfast, Autograd, m) { m.impl("quant_rnn", &quant_rnn_autograd); }
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd_eager(int64_t mode, const Tensor& x,
                                                                    const OptTensor& batch_sizes, const Tensor& h0,
                                                                    const OptTensor& c0, const Tensor& w_ih,
