@@ -57,7 +57,19 @@ def _ops():
     autograd kernel, csrc/cpu/autograd.cpp): no gradient flows through int8 weights."""
     from . import _C  # noqa: F401
 
+    if not torch.compiler.is_compiling():  # (Dynamo traces this body again; the modules' making ran it first)
+        torch.library.register_fake("rnnfast::quant_rnn", _quant_rnn_fake)
+        torch.library.register_fake("rnnfast::int8_no_backward", lambda grad, input: input.new_empty(input.shape))
     return torch.ops.rnnfast
+
+
+def _quant_rnn_fake(mode, x, batch_sizes, h0, c0, params, num_layers, bidirectional, isa):
+    """quant_rnn's outputs' shapes (torch.compile traces the int8 modules through it): out (T, B, D * H),
+    h_n and c_n shaped like h0 (c_n empty but for LSTM)."""
+    torch._check(x.dim() == 3 and h0.dim() == 3, lambda: "rnnfast int8: input and h0 must be 3-D")
+    D = 2 if bidirectional else 1
+    out = x.new_empty(x.shape[0], x.shape[1], D * h0.shape[2])
+    return out, h0.new_empty(h0.shape), h0.new_empty(h0.shape) if mode == MODE_ID["LSTM"] else h0.new_empty(0)
 
 
 def kernel_isa() -> str:
@@ -134,6 +146,10 @@ class _Quantized(nn.Module):
         cap = -1 if _ISA_CAP is None else _ISA_LEVELS[_ISA_CAP]
         return _ops().quant_rnn(MODE_ID[self.mode], x, batch_sizes, h0, c0, self._packed_weights(),
                                 self.num_layers, self.bidirectional, cap)
+
+    def __setstate__(self, state: dict) -> None:  # unpickling skips __init__: load the operators here
+        super().__setstate__(state)
+        _ops()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)

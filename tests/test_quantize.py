@@ -362,6 +362,28 @@ def test_jit_trace_records_int8_calls_and_script_names_it():
         torch.jit.script(q)
 
 
+def test_torch_compile_runs_int8_modules():
+    """torch.compile traces the int8 modules in one graph (the operator's fake kernel) and gives eager's
+    outputs at other lengths; fed by an embedding outside torch.no_grad() the compiled forward runs and its
+    compiled backward raises, as eager's does."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    q = rnnfast.quantize_dynamic(nn.Sequential(Stack(), nn.Identity()).eval())
+    explained = torch._dynamo.explain(q)(torch.randn(5, 2, 4))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled = torch.compile(q, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for T, B in [(5, 2), (7, 2), (3, 1)]:
+            x = torch.randn(T, B, 4)
+            torch.testing.assert_close(compiled(x), q(x), atol=0, rtol=0)
+    tokens = torch.randint(0, 10, (6, 2))
+    model = torch.compile(nn.Sequential(emb, q))
+    out = model(tokens)
+    torch.testing.assert_close(out, q(emb(tokens)), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="int8 recurrent modules .* cannot backpropagate"):
+        torch.utils._pytree.tree_leaves(out)[0].sum().backward()
+
+
 # ---- errors ---------------------------------------------------------------------
 
 def test_unsupported_requests_raise():

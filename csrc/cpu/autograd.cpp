@@ -123,19 +123,39 @@ const c10::TypedOperatorHandle<QuantRnnSignature>& quant_rnn_op() {
   return op;
 }
 
+const c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&)>& int8_no_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rnnfast::int8_no_backward", "")
+                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  return op;
+}
+
+// The node's gradients come from rnnfast::int8_no_backward, which raises when it runs: at once in eager
+// backward, and in a backward compiled by torch.compile (which traces it at compile time) when that runs
+// (it reads an incoming gradient, so that the compiled forward cannot take it).
 struct QuantNoBackward : public torch::autograd::Function<QuantNoBackward> {
-  static variable_list forward(AutogradContext*, int64_t mode, const Tensor& x, const OptTensor& batch_sizes,
+  static variable_list forward(AutogradContext* ctx, int64_t mode, const Tensor& x, const OptTensor& batch_sizes,
                                const Tensor& h0, const OptTensor& c0, at::TensorList params, int64_t num_layers,
                                bool bidirectional, int64_t isa) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, h_n, c_n] = quant_rnn_op().call(mode, x, batch_sizes, h0, c0, params, num_layers, bidirectional, isa);
+    ctx->save_for_backward({x, h0, c0.value_or(Tensor())});
+    ctx->saved_data["params"] = static_cast<int64_t>(params.size());
+    ctx->set_materialize_grads(false);  // an unused output's zeros would let the compiled forward take the op
     return {out, h_n, c_n};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "rnnfast's int8 recurrent modules (rnnfast.quantize_dynamic) cannot backpropagate: train the "
-                "float model and quantize it after (run inference under torch.no_grad() or torch.inference_mode() to "
-                "leave them out of the graph)");
+  static variable_list backward(AutogradContext* ctx, variable_list grads_out) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor given = *std::find_if(grads_out.begin(), grads_out.end(), [](const Tensor& g) { return g.defined(); });
+    auto refused = [&](const Tensor& t) {
+      return t.defined() && t.requires_grad() ? int8_no_backward_op().call(given, t) : Tensor();
+    };
+    // one gradient per forward argument, the params list's counted tensor by tensor: mode, x, batch_sizes,
+    // h0, c0, params..., num_layers, bidirectional, isa
+    variable_list grads{Tensor(), refused(saved[0]), Tensor(), refused(saved[1]), refused(saved[2])};
+    grads.resize(grads.size() + ctx->saved_data["params"].toInt() + 3);
+    return grads;
   }
 };
 

@@ -637,11 +637,17 @@ TORCH_LIBRARY_FRAGMENT(rnnfast, m) {
   m.def(
       "quant_rnn(int mode, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] params, int num_layers, "
       "bool bidirectional, int isa) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_no_backward(Tensor grad, Tensor input) -> Tensor");  // quant_rnn's backward (autograd.cpp): raises
 }
 
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("quant_pack", &quant_pack);
   m.impl("quant_rnn", &quant_rnn);
+  m.impl("int8_no_backward", [](const Tensor&, const Tensor&) -> Tensor {
+    TORCH_CHECK(false, "rnnfast's int8 recurrent modules (rnnfast.quantize_dynamic) cannot backpropagate: train the "
+                "float model and quantize it after (run inference under torch.no_grad() or torch.inference_mode() to "
+                "leave them out of the graph)");
+  });
 }
 
 }  // namespace rnnfast
