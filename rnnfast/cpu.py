@@ -120,7 +120,8 @@ def _setup_context(ctx, inputs, output) -> None:
     mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, _save = inputs
     out, _, _, ws1, ws2 = output
     ctx.mode, ctx.reverse, ctx.has_bias = mode, reverse, b_ih is not None
-    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, out, ws1, ws2)
+    # a copy of the output, which may then change in place (see saved_output in csrc/cpu/autograd.cpp)
+    ctx.save_for_backward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, out.clone(), ws1, ws2)
     # no zeros the size of the saved gates for their (never used) gradients: 26 MB to fill per layer
     # at T100 B64 H256 float32; _layer_bwd makes the zeros it reads (states, an unused output)
     ctx.set_materialize_grads(False)

@@ -217,8 +217,13 @@ def layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w: LayerWeight
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *w))
     fwd = _fwd_op if torch.compiler.is_compiling() else _Layer.apply
     hs, cs, ms, gs = fwd(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, batch_sizes, mode, reverse, save, kernel)
-    return layer_outputs(FwdState(hs, cs if c0 is not None else None, ms if w.w_hr is not None else None,
-                                  gs if save else None), batch_sizes, reverse)
+    out, h_n, c_n = layer_outputs(FwdState(hs, cs if c0 is not None else None, ms if w.w_hr is not None else None,
+                                           gs if save else None), batch_sizes, reverse)
+    if not save:
+        return out, h_n, c_n
+    # views of the saved states: handed back as copies, which may then change in place, as torch.nn's outputs may
+    copy = lambda t: t if t is None or t._base is None else t.clone()  # noqa: E731
+    return copy(out), copy(h_n), copy(c_n)
 
 
 class TritonBackend(Backend):

@@ -439,6 +439,49 @@ def test_torch_func_vjp_jacrev_vmap(backend, name):
         torch.testing.assert_close(ensemble(params, buffers), torch.stack([first(m)(x) for m in models]))
 
 
+@pytest.mark.parametrize("layers", [1, 2], ids=["1-layer", "2-layer"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_outputs_changed_in_place(backend, name, layers):
+    """An output changed in place before backward (``out += residual``, an in-place activation) gives the
+    gradients of the same change made out of place wherever torch.nn's layer allows it (GRU, RNN and the
+    cells' outputs; torch.nn's LSTM saves its output and refuses): never an error torch.nn does not raise,
+    never a wrong gradient."""
+    device = backend_device(backend)
+    cell = name.endswith("Cell")
+    if cell and layers == 2:
+        pytest.skip("cells have one layer")
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(3, 4, **({} if cell else {"num_layers": layers})).double().to(device)
+    ours = rnnfast.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(*(() if cell else (5,)), 2, 3, dtype=torch.float64, device=device)
+
+    def grads(module, which, in_place):
+        inp = x.clone().requires_grad_()
+        outs = list(torch.utils._pytree.tree_leaves(module(inp)))
+        if in_place:
+            outs[which].mul_(2)
+        else:
+            outs[which] = outs[which] * 2
+        sum(o.sum() for o in outs).backward()
+        return [inp.grad] + [p.grad for p in module.parameters()]
+
+    n_outputs = len(torch.utils._pytree.tree_leaves(ref(x)))
+    for which in range(n_outputs):
+        for m in (ref, ours):
+            m.zero_grad()
+        want = grads(ref, which, False)
+        try:
+            torch_allows = grads(copy.deepcopy(ref), which, True) is not None
+        except RuntimeError:
+            torch_allows = False
+        try:
+            got = grads(ours, which, True)
+        except RuntimeError as e:
+            assert not torch_allows, f"output {which}: torch.nn allows the change, rnnfast raised {e}"
+            continue
+        torch.testing.assert_close(got, want, msg=lambda m: f"output {which}: {m}")
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_activation_checkpointing(backend, use_reentrant):
     """torch.utils.checkpoint recomputes the layer in backward and gives torch.nn's gradients; the
