@@ -56,6 +56,13 @@ def _check_state(name: str, state: Tensor, input: Tensor) -> None:
         raise RuntimeError(f"{name} is on {state.device}, but the input is on {input.device}")
 
 
+def check_two_states(hx, op: str) -> None:
+    """An LSTM's ``hx`` holds exactly (h, c): torch's ``op`` (``lstm``, ``lstm_cell``) raises for any other
+    count, after its own checks have read the first two."""
+    if len(hx) != 2:
+        raise RuntimeError(f"{op} expects two hidden states")
+
+
 def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
     """Cast a call's input and states the way torch.nn's op is under autocast: ``(input, hx, dtype,
     products)``.
@@ -175,6 +182,7 @@ class _RNNLayer(_BackendChoice):
                     f"For {kind} input, hx and cx should also be {want_dim}-D "
                     f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
                 )
+            check_two_states(hx, "lstm")
             return h0, c0
         if hx.dim() != want_dim:
             raise RuntimeError(f"For {kind} input, hx should also be {want_dim}-D but got {hx.dim()}-D tensor")
@@ -339,6 +347,8 @@ class _Cell(_BackendChoice):
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if mode == "LSTM" and hx is not None:
+            check_two_states(hx, "lstm_cell")
         states = None if hx is None else ((hx[0], hx[1]) if mode == "LSTM" else (hx,))
         if states is not None:
             for k, s in enumerate(states):

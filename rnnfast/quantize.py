@@ -229,6 +229,8 @@ class _QuantizedLayer(_Quantized):
                 got = f"({h0.dim()}-D, {c0.dim()}-D) tensors" if lstm else f"{h0.dim()}-D tensor"
                 raise RuntimeError(f"For {kind} input, {'hx and cx' if lstm else 'hx'} should also be {want}-D "
                                    f"but got {got}")
+            if lstm:
+                _modules.check_two_states(hx, "lstm")
             if not batched:
                 h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
         _check_eval(self)
@@ -298,6 +300,8 @@ class _QuantizedCell(_Quantized):
         _check_cpu_float(name, input)
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if lstm and hx is not None:
+            _modules.check_two_states(hx, "lstm_cell")
         states = None if hx is None else ((hx[0], hx[1]) if lstm else (hx,))
         for k, s in enumerate(states or ()):
             if s.dim() not in (1, 2):

@@ -44,6 +44,7 @@ LAYER_CASES = {
     "lstm-h0-proj-size": ("LSTM", {"proj_size": 3}, x3, (torch.zeros(1, 2, 7), torch.zeros(1, 2, 7)), R, None),
     "lstm-no-c0": ("LSTM", {}, x3, (torch.zeros(1, 2, 7),), I, None),
     "lstm-tensor-state": ("LSTM", {}, x3, torch.zeros(1, 2, 7), I, None),
+    "lstm-three-states": ("LSTM", {}, x3, (torch.zeros(1, 2, 7),) * 3, R, None),
     "unbatched-input-batched-state": ("GRU", {}, torch.randn(4, 5), torch.zeros(1, 2, 7), R, None),
     "unbatched-input-batched-state-lstm": ("LSTM", {}, torch.randn(4, 5), (torch.zeros(1, 2, 7),) * 2, R, None),
     "batched-input-unbatched-state": ("RNN", {}, x3, torch.zeros(1, 7), R, None),
@@ -80,6 +81,8 @@ CELL_CASES = {
     "lstm-c-batch": ("LSTMCell", torch.randn(2, 5), (torch.zeros(2, 7), torch.zeros(3, 7)), R, None),
     "lstm-c-hidden": ("LSTMCell", torch.randn(2, 5), (torch.zeros(2, 7), torch.zeros(2, 8)), R, None),
     "3d-hidden": ("RNNCell", torch.randn(2, 5), torch.zeros(1, 2, 7), V, None),
+    "lstm-three-states": ("LSTMCell", torch.randn(2, 5), (torch.zeros(2, 7),) * 3, R, None),
+    "lstm-one-state": ("LSTMCell", torch.randn(2, 5), (torch.zeros(2, 7),), R, None),
     # torch.nn: "mat1 and mat2 must have the same dtype" for these three
     "double-input": ("GRUCell", torch.randn(2, 5).double(), None, R, _DTYPE_MISMATCH.format("GRUCell", "float64")),
     "int-input": ("LSTMCell", torch.ones(2, 5, dtype=torch.long), None, R,

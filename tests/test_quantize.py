@@ -408,6 +408,11 @@ def test_bad_inputs_raise_like_torch():
         q(torch.randn(3, 2, 4), (torch.zeros(1, 3, 8), torch.zeros(1, 3, 8)))
     with pytest.raises(RuntimeError, match="should also be 3-D"):
         q(torch.randn(3, 2, 4), (torch.zeros(2, 8), torch.zeros(2, 8)))
+    with pytest.raises(RuntimeError, match="^lstm expects two hidden states$"):
+        q(torch.randn(3, 2, 4), (torch.zeros(1, 2, 8),) * 3)
+    lstm_cell = rnnfast.quantize_dynamic(_float(nn.LSTMCell, 4, 8))
+    with pytest.raises(RuntimeError, match="^lstm_cell expects two hidden states$"):
+        lstm_cell(torch.randn(2, 4), (torch.zeros(2, 8),) * 3)
     cell = rnnfast.quantize_dynamic(_float(nn.GRUCell, 4, 8))
     with pytest.raises(ValueError, match="Expected input to be 1D or 2D"):
         cell(torch.randn(1, 2, 4))
