@@ -144,8 +144,10 @@ class _Quantized(nn.Module):
 
     def _run(self, x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Optional[Tensor]):
         cap = -1 if _ISA_CAP is None else _ISA_LEVELS[_ISA_CAP]
-        return _ops().quant_rnn(MODE_ID[self.mode], x, batch_sizes, h0, c0, self._packed_weights(),
-                                self.num_layers, self.bidirectional, cap)
+        # torch.ops directly: making or unpickling the module loaded the operators (_ops), whose cache wrapper
+        # torch.compile would warn about and trace through
+        return torch.ops.rnnfast.quant_rnn(MODE_ID[self.mode], x, batch_sizes, h0, c0, self._packed_weights(),
+                                           self.num_layers, self.bidirectional, cap)
 
     def __setstate__(self, state: dict) -> None:  # unpickling skips __init__: load the operators here
         super().__setstate__(state)
