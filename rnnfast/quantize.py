@@ -20,6 +20,8 @@ What the quantized modules do and do not do:
   tracks (an embedding's output, without ``torch.no_grad()``) runs, as torch's
   int8 layers do, but a backward through it raises, since no gradient flows
   through int8 weights. Train the float model, then quantize;
+* under CPU autocast a bfloat16 or float16 input (and state) is cast to float32,
+  and the outputs are float32: the modules compute in float32 and int8;
 * ``proj_size > 0`` raises ``NotImplementedError`` at quantize time;
 * other modules (``nn.Linear``, embeddings, ...) are left as they are: quantize
   those with torch's own ``quantize_dynamic``, before or after this one.
@@ -94,6 +96,20 @@ def _check_eval(module: nn.Module) -> None:
             f"{type(module).__name__} is an int8 inference module: in training mode its float twin would apply "
             "dropout; call .eval() on it (or on the model)"
         )
+
+
+def _under_autocast(input, hx):
+    """``(input, hx)`` in float32 where CPU autocast is on: the int8 modules compute in float32 (int8
+    products, float32 gates), as autocast runs its float32 ops, so a bfloat16 or float16 input and state
+    (a layer before them under autocast) is cast to float32, and the outputs are float32."""
+    if not torch.is_autocast_enabled("cpu"):
+        return input, hx
+    cast = lambda t: t.float() if isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t  # noqa: E731
+    if isinstance(input, PackedSequence):
+        input = PackedSequence(cast(input.data), input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    else:
+        input = cast(input)
+    return input, (tuple(cast(s) for s in hx) if isinstance(hx, (tuple, list)) else cast(hx))
 
 
 def _check_cpu_float(name: str, input: Tensor) -> None:
@@ -204,6 +220,7 @@ class _QuantizedLayer(_Quantized):
 
     def forward(self, input, hx=None):
         """Same inputs and outputs as the float layer's ``forward`` (inference only)."""
+        input, hx = _under_autocast(input, hx)
         fast = self._common_call(input, hx)
         if fast is not None:
             return fast
@@ -297,6 +314,7 @@ class _QuantizedCell(_Quantized):
 
     def forward(self, input: Tensor, hx=None):
         """Same inputs and outputs as the float cell's ``forward`` (inference only)."""
+        input, hx = _under_autocast(input, hx)
         lstm = self.mode == "LSTM"
         name = type(self).__name__
         _check_cpu_float(name, input)

@@ -362,6 +362,30 @@ def test_jit_trace_records_int8_calls_and_script_names_it():
         torch.jit.script(q)
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRUCell])
+def test_autocast_input_runs_in_float32(cls):
+    """Under CPU autocast an int8 module takes the bfloat16 output of the layer before it (and bfloat16
+    states) as float32 and returns float32: the same values as a float32 call on that input. Outside
+    autocast a bfloat16 input still raises."""
+    torch.manual_seed(0)
+    q = rnnfast.quantize_dynamic(_float(cls, 4, 8))
+    x = torch.randn(*((3,) if cls is nn.LSTM else ()), 2, 4).bfloat16()
+    h = torch.randn(*((1,) if cls is nn.LSTM else ()), 2, 8).bfloat16()
+    hx = (h, h) if cls is nn.LSTM else h
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = q(x, hx)
+        want = q(x.float(), tuple(s.float() for s in hx) if cls is nn.LSTM else hx.float())
+    assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(got))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    if cls is nn.LSTM:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            packed = pack_padded_sequence(x, [3, 2])
+            torch.testing.assert_close(q(packed)[0].data, q(pack_padded_sequence(x.float(), [3, 2]))[0].data)
+    with pytest.raises(ValueError, match="takes float32 input"):
+        q(x)
+
+
 def test_torch_compile_runs_int8_modules():
     """torch.compile traces the int8 modules in one graph (the operator's fake kernel) and gives eager's
     outputs at other lengths; fed by an embedding outside torch.no_grad() the compiled forward runs and its
