@@ -443,9 +443,9 @@ def test_torch_func_vjp_jacrev_vmap(backend, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_outputs_changed_in_place(backend, name, layers):
     """An output changed in place before backward (``out += residual``, an in-place activation) gives the
-    gradients of the same change made out of place wherever torch.nn's layer allows it (GRU, RNN and the
-    cells' outputs; torch.nn's LSTM saves its output and refuses): never an error torch.nn does not raise,
-    never a wrong gradient."""
+    gradients of the same change made out of place: never an error torch.nn does not raise (its float64
+    layers here allow every such change; its float32 LSTM refuses one to its output), never a wrong
+    gradient."""
     device = backend_device(backend)
     cell = name.endswith("Cell")
     if cell and layers == 2:
