@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -385,16 +385,16 @@ _TARGETS.update({twin: _TARGETS[base] for base, twin in _modules._SWAPS.items()}
 _TWINS = {**_modules._SWAPS, **{twin: base for base, twin in _modules._SWAPS.items()}}
 
 
-def _parse_spec(qconfig_spec) -> tuple[set[type], set[str]]:
+def _parse_spec(qconfig_spec, targets: dict) -> tuple[set[type], set[str]]:
     """The classes and module names a spec selects (a set, list or dict keyed by either, like torch's)."""
     if qconfig_spec is None:
-        return set(_TARGETS), set()
+        return set(targets), set()
     classes, names = set(), set()
     for key in qconfig_spec:
         if isinstance(key, str):
             names.add(key)
-        elif isinstance(key, type) and key in _TARGETS:
-            classes |= {key, _TWINS[key]}
+        elif isinstance(key, type) and key in targets:
+            classes |= {key, _TWINS.get(key, key)}
         else:
             raise ValueError(
                 f"rnnfast.quantize_dynamic quantizes recurrent layers and cells only, not {key!r}: quantize "
@@ -406,6 +406,7 @@ def quantize_dynamic(
     model: nn.Module,
     qconfig_spec: Optional[Union[set, list, dict]] = None,
     dtype: torch.dtype = torch.qint8,
+    mapping: Optional[dict[type, Callable[[nn.Module], nn.Module]]] = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Replace the recurrent layers and cells of ``model`` with int8 inference modules.
@@ -418,6 +419,9 @@ def quantize_dynamic(
             or dict (values ignored) of those classes and/or qualified module names;
             a name selects the recurrent modules at and below it.
         dtype: ``torch.qint8`` (the only one supported).
+        mapping: as in torch, the float classes to swap, each to what makes its
+            replacement from the float module (``None``: the recurrent layers and
+            cells to the int8 modules here).
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns:
@@ -426,22 +430,25 @@ def quantize_dynamic(
     """
     if dtype != torch.qint8:
         raise NotImplementedError(f"rnnfast.quantize_dynamic supports dtype=torch.qint8 only, got {dtype}")
-    classes, names = _parse_spec(qconfig_spec)
+    if mapping is not None and not isinstance(mapping, dict):
+        raise TypeError(f"rnnfast.quantize_dynamic: mapping must be a dict of classes or None, got {mapping!r}")
+    targets = _TARGETS if mapping is None else mapping
+    classes, names = _parse_spec(qconfig_spec, targets)
     if not inplace:
         model = copy.deepcopy(model)
 
     def chosen(module: nn.Module, name: str, inherited: bool) -> bool:
-        return type(module) in _TARGETS and (inherited or type(module) in classes or name in names)
+        return type(module) in targets and (inherited or type(module) in classes or name in names)
 
     def walk(module: nn.Module, prefix: str, inherited: bool) -> None:
         for name, child in module.named_children():
             full = prefix + name
             if chosen(child, full, inherited):
-                setattr(module, name, _TARGETS[type(child)](child))
+                setattr(module, name, targets[type(child)](child))
             else:
                 walk(child, full + ".", inherited or full in names)
 
     if chosen(model, "", "" in names):
-        return _TARGETS[type(model)](model)
+        return targets[type(model)](model)
     walk(model, "", "" in names)
     return model

@@ -314,6 +314,22 @@ def test_quantize_dynamic_replaces_recurrent_modules_only():
     assert isinstance(rnnfast.quantize_dynamic(nn.GRU(4, 8)), rq.QuantizedGRU)  # the root too
 
 
+def test_quantize_dynamic_signature_and_mapping_like_torch():
+    """torch's parameters in torch's order (model, qconfig_spec, dtype, mapping, inplace); a mapping says
+    which classes to swap and what makes each replacement, as torch's does."""
+    import inspect
+
+    ours = list(inspect.signature(rnnfast.quantize_dynamic).parameters)
+    assert ours == list(inspect.signature(torch.ao.quantization.quantize_dynamic).parameters)
+    net = Net()
+    assert rnnfast.quantize_dynamic(net, None, torch.qint8, None, True) is net  # inplace, positionally
+    net = Net()
+    only_cells = rnnfast.quantize_dynamic(net, mapping={nn.GRUCell: rq.QuantizedGRUCell})
+    assert isinstance(only_cells.cell, rq.QuantizedGRUCell) and type(only_cells.rnn) is rnnfast.LSTM
+    with pytest.raises(TypeError, match="mapping must be a dict"):
+        rnnfast.quantize_dynamic(net, None, torch.qint8, True)
+
+
 def test_state_dict_round_trip_and_repr():
     layer = _float(nn.LSTM, 8, 20, num_layers=2, bidirectional=True, batch_first=True)
     q = rnnfast.quantize_dynamic(layer)
