@@ -399,19 +399,21 @@ def flat_outputs(module, case, inputs, dtype):
     return [getattr(out, "data", out)] + (list(h) if isinstance(h, tuple) else [h])
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+@pytest.mark.parametrize("mode, loop", [("LSTM", "fused"), ("GRU", "fused"), ("RNN_TANH", "fused"),
+                                        ("LSTM", "stepwise-proj"), ("GRU", "stepwise-float64")])
 @pytest.mark.parametrize("T, packed, reverse", [(1, False, False), (6, True, True), (700, False, False)],
                          ids=["T1", "T6-packed-reverse", "T700-chunks"])
 @pytest.mark.parametrize("needs", [(False, True, True), (True, False, True), (True, True, False), (False, False, False)],
                          ids=["no-dx", "no-dh0", "no-dw", "none"])
-def test_layer_bwd_leaves_out_what_is_not_asked_for(mode, T, packed, reverse, needs):
+def test_layer_bwd_leaves_out_what_is_not_asked_for(mode, loop, T, packed, reverse, needs):
     """need_dx / need_dh0 / need_dw (autograd's needs_input_grad) False: that gradient comes back zero,
-    every other one as with all asked for."""
+    every other one as with all asked for; on the fused loop and on the stepwise one (proj_size, float64)."""
     import test_ops_errors as ops
 
-    args = ops.fwd_args(mode, packed=packed)
+    args = ops.fwd_args(mode, P=3 if loop == "stepwise-proj" else 0, packed=packed,
+                        dtype=torch.float64 if loop == "stepwise-float64" else torch.float32)
     B = args["h0"].size(0)
-    args["x"] = torch.randn(T, B, args["x"].size(2))
+    args["x"] = torch.randn(T, B, args["x"].size(2), dtype=args["x"].dtype)
     if packed:
         args["batch_sizes"] = torch.tensor([B] * (T - 2) + [2, 1])
     args.update(reverse=reverse, has_bias=True)
@@ -422,8 +424,8 @@ def test_layer_bwd_leaves_out_what_is_not_asked_for(mode, T, packed, reverse, ne
     lean = torch.ops.rnnfast.layer_bwd(*call, *needs)
     left_out = {0} if not needs[0] else set()
     left_out |= {1} if not needs[1] else set()
-    left_out |= {3, 4} if not needs[2] else set()  # dW_ih, dW_hh; the biases' sums cost nothing and stay
-    for k in range(7):
+    left_out |= {3, 4, 7} if not needs[2] else set()  # dW_ih, dW_hh, dW_hr; the biases' sums cost nothing and stay
+    for k in range(7 if loop != "stepwise-proj" else 8):
         if k in left_out:
             assert torch.equal(lean[k], torch.zeros_like(full[k])) and full[k].abs().sum() > 0, k
         else:
@@ -431,12 +433,13 @@ def test_layer_bwd_leaves_out_what_is_not_asked_for(mode, T, packed, reverse, ne
 
 
 @pytest.mark.parametrize("requires", ["x", "h0", "weights", "x-h0"])
-def test_autograd_asks_only_for_what_needs_a_gradient(requires, monkeypatch):
+@pytest.mark.parametrize("proj_size", [0, 4], ids=["fused", "stepwise-proj"])
+def test_autograd_asks_only_for_what_needs_a_gradient(requires, proj_size, monkeypatch):
     """The module's backward passes needs_input_grad on (C++ node, and the registered autograd under
     torch.func), and the gradients that are asked for match torch.nn's."""
-    ref, ours = twins("LSTM", "cpu", 5, 7, num_layers=2)
+    ref, ours = twins("LSTM", "cpu", 5, 7, num_layers=2, proj_size=proj_size)
     x = torch.randn(4, 3, 5)
-    h0, c0 = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    h0, c0 = torch.randn(2, 3, proj_size or 7), torch.randn(2, 3, 7)
     for m in (ref, ours):
         m.requires_grad_("weights" in requires)
     results = []

@@ -70,13 +70,15 @@ bool gemv_step(int64_t rows, int64_t macs) { return rows <= kGemvMaxRows || macs
 // or with low (bfloat16 on AVX512-BF16 CPUs, the loop itself in float32) in bfloat16 over the weights'
 // cached panels, float32 sums (bf16_product): widened weights and float32 GEMMs ran bfloat16 LSTM
 // proj_size at 0.41-0.95x torch.nn's bfloat16 (bench/results/2026-12-07-cpu-amd-bf16-proj-ab.md).
-// The weight gradients' products (of two activations) take ATen's bfloat16 GEMM.
 Tensor weight_product(bool low, const Tensor& a, const Tensor& w, bool transposed,
                       const OptTensor& bias = c10::nullopt) {
   return low ? bf16_product(a, w, transposed, bias) : matmul_nt(a, transposed ? w.t() : w, bias);
 }
+// The weight gradients, a @ b^T over all steps' rows with both read transposed: ATen's GEMM (bfloat16 with
+// low). oneDNN's linear (matmul_nt) took these layouts 1.0-2.7x as long on the AMD EPYC, 11-22x at one input
+// feature (bench/results/2026-12-07-cpu-amd-stepwise-bwd-ab.md).
 Tensor outer_product(bool low, const Tensor& a, const Tensor& b) {
-  return low ? matmul_nt(a.to(at::kBFloat16), b.to(at::kBFloat16)) : matmul_nt(a, b);
+  return low ? at::mm(a.to(at::kBFloat16), b.to(at::kBFloat16).t()) : at::mm(a, b.t());
 }
 
 // A packed sequence's rows that its steps run, as one matrix, and back to (T, B, ...) with zeros past each
@@ -172,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
     int64_t mode, const Tensor& x_, const OptTensor& batch_sizes, const std::vector<int64_t>& bs, const Tensor& h0,
     const OptTensor& c0, const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool reverse, const Tensor& out, const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out,
-    const Tensor& grad_hn, const Tensor& grad_cn, bool low) {
+    const Tensor& grad_hn, const Tensor& grad_cn, bool low, const Needs& needs) {
   const int64_t T = x_.size(0), B = x_.size(1), G = gate_count(mode);
   const int64_t H = w_hh_.size(0) / G, P = h0.size(1);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM, gru = mode == GRU;
@@ -188,7 +190,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
   const Tensor h_prev = previous_states(out, h0.contiguous(), bs, reverse);
   const Tensor hp = proj ? ws2[1] : Tensor();
   const Tensor c_prev = lstm ? previous_states(cs, c0->contiguous(), bs, reverse) : Tensor();
-  Tensor dh_proj = proj ? make({T, B, P}) : Tensor();  // gradient w.r.t. the projected output, for dW_hr
+  // gradient w.r.t. the projected output, for dW_hr
+  Tensor dh_proj = proj && needs.dw ? make({T, B, P}) : Tensor();
   const bool small = !low && gemv_step(B, B * G * H * P), small_proj = !low && proj && gemv_step(B, B * H * P);
   // the transposed weights as contiguous copies for the GEMV kernel; GEMM calls read them in place (a
   // transposed copy of a (2048, 128) matrix took ~0.75 ms here)
@@ -206,7 +209,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
       Tensor dh_act = dh.narrow(0, 0, n);
       dh_act.add_(go[t].narrow(0, 0, n));
       if (proj) {
-        dh_proj[t].narrow(0, 0, n).copy_(dh_act);
+        if (needs.dw) dh_proj[t].narrow(0, 0, n).copy_(dh_act);
         if (small_proj) {
           gemv_rows<scalar_t, scalar_t>(dh_act.data_ptr<scalar_t>(), n, P, w_hr_t.data_ptr<scalar_t>(), H, nullptr,
                                     dhp.data_ptr<scalar_t>());
@@ -222,6 +225,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
                         dgi_r(t, b), dgh_r(t, b), H, H);
         }
       });
+      if (s == 0 && !needs.dh0) break;  // dh0 = dgh W_hh: not asked for
       if (small) {
         gemv_rows<scalar_t, scalar_t>(dgh_r(t, 0), n, G * H, w_hh_t.data_ptr<scalar_t>(), P, nullptr,
                         dh_rec.data_ptr<scalar_t>());
@@ -236,15 +240,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
       }
     }
   });
+  if (!needs.dh0) dh.zero_();
+  // what is not asked for comes back zero, as from the fused loop: no GEMM over all steps for it (an LSTM
+  // proj_size's first layer on data: dx; frozen weights: the weight gradients)
   const StepRows rows{bs, T, B};
   const Tensor dgi_rows = rows.of(dgi), dgh_rows = gru ? rows.of(dgh) : dgi_rows;
-  Tensor dx = rows.back(weight_product(low, dgi_rows, w_ih_, true));
+  Tensor dx = needs.dx ? rows.back(weight_product(low, dgi_rows, w_ih_, true)) : at::zeros_like(x);
+  Tensor db_ih = has_bias ? dgi_rows.sum(0) : none;
+  Tensor db_hh = has_bias ? (gru ? dgh_rows.sum(0) : db_ih.clone()) : none;
+  if (!needs.dw) {
+    auto zero = [&](const Tensor& w) { return at::zeros(w.sizes(), opts); };
+    return {dx, dh, dc, zero(w_ih_), zero(w_hh_), db_ih, db_hh, proj ? zero(*w_hr_) : none};
+  }
   // Sums over all steps, dgi^T x: both operands read transposed in place, and the result comes out in
   // the weight's own layout
   Tensor dw_ih = outer_product(low, dgi_rows.t(), rows.of(x).t());
   Tensor dw_hh = outer_product(low, dgh_rows.t(), rows.of(h_prev).t());
-  Tensor db_ih = has_bias ? dgi_rows.sum(0) : none;
-  Tensor db_hh = has_bias ? (gru ? dgh_rows.sum(0) : db_ih.clone()) : none;
   Tensor dw_hr = proj ? outer_product(low, rows.of(dh_proj).t(), rows.of(hp).t()) : none;
   return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
@@ -308,7 +319,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
         stepwise_bwd(mode, xf, batch_sizes, bs, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
                      for_products(w_hr_), has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn),
-                     widen(grad_cn), kHasAvx512Bf16);
+                     widen(grad_cn), kHasAvx512Bf16, needs);
     // absent gradients as the fused loop returns them: empty, in x's dtype
     auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
       return there && present(like) ? narrow_to(t, *like) : none;
@@ -328,7 +339,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, none};
   }
   return stepwise_bwd(mode, x_, batch_sizes, bs, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, reverse, out, ws1, ws2,
-                      grad_out, grad_hn, grad_cn, false);
+                      grad_out, grad_hn, grad_cn, false, needs);
 }
 
 }  // namespace
