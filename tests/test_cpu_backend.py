@@ -50,6 +50,31 @@ def decode_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("family, kwargs", [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("LSTM", dict(proj_size=4))],
+                         ids=["lstm", "gru", "rnn", "lstm-proj"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 60.0], ids=["small", "unit", "saturated"])
+def test_float64_activations_match_torch(family, kwargs, scale):
+    """float64 gates (exp_d's sigmoid and tanh) against torch.nn's libm ones, from inputs near zero to
+    saturated ones: outputs, states and gradients within 1e-12; infinite and NaN inputs as torch.nn's."""
+    ref, ours = twins(family, "cpu", 6, 9, dtype=torch.float64, **kwargs)
+    x = (torch.randn(7, 5, 6, dtype=torch.float64) * scale).requires_grad_()
+    results = []
+    for m in (ref, ours):
+        m.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        out, state = m(xi)
+        (out.sum() + sum(s.sum() for s in (state if isinstance(state, tuple) else (state,)))).backward()
+        results.append([out, *(state if isinstance(state, tuple) else (state,)), xi.grad,
+                        *(p.grad for p in m.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+    bad = x.detach().clone()
+    bad[2, 1, 3], bad[4, 3, 0] = float("inf"), float("nan")
+    with torch.no_grad():
+        for a, b in zip(ref(bad)[0], ours(bad)[0]):
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
     "family, kwargs",

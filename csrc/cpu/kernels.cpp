@@ -257,6 +257,29 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void dot_rows_avx512(const 
   }
 }
 
+// float64: Q rows at a time share each load of v, 8 lanes each (the tail masked), each row's lanes
+// then reduced. The generic loop (one chain a row, baseline vectors) held float64 cells' decode steps
+// at 0.6x torch.nn's (bench/results/2026-12-07-cpu-amd-float64-ab.md).
+template <int Q>
+__attribute__((target("avx512f"))) inline void row_sums8(const double* w, int64_t ldw, const double* v, int64_t n,
+                                                         double* res, int64_t res_stride) {
+  __m512d acc[Q];
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_pd();
+  for (int64_t k = 0; k < n; k += 8) {
+    const __mmask8 live = n - k >= 8 ? __mmask8(0xFF) : __mmask8((1u << (n - k)) - 1);
+    const __m512d x = _mm512_maskz_loadu_pd(live, v + k);
+    for (int q = 0; q < Q; ++q) acc[q] = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(live, w + q * ldw + k), x, acc[q]);
+  }
+  for (int q = 0; q < Q; ++q) res[q * res_stride] = _mm512_reduce_add_pd(acc[q]);
+}
+
+__attribute__((target("avx512f"))) void dot_rows_avx512(const double* w, int64_t ldw, int64_t rows, const double* v,
+                                                        int64_t n, double* res, int64_t res_stride) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) row_sums8<8>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
+  for (; r < rows; ++r) row_sums8<1>(w + r * ldw, ldw, v, n, res + r * res_stride, res_stride);
+}
+
 // Q rows of bfloat16 dot products, each vdpbf16ps summing 32 products into 16 float32 lanes.
 template <int Q>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows_bf16(const at::BFloat16* w, int64_t ldw,
@@ -354,6 +377,7 @@ void dot_rows(const float* w, int64_t ldw, int64_t rows, const float* v, int64_t
 
 void dot_rows(const double* w, int64_t ldw, int64_t rows, const double* v, int64_t n, double* res,
               int64_t res_stride) {
+  if (kHasAvx512) return dot_rows_avx512(w, ldw, rows, v, n, res, res_stride);
   dot_rows_generic(w, ldw, rows, v, n, res, res_stride);
 }
 
