@@ -24,8 +24,11 @@ from .backend import (GATES, MODE_ID, MODES, Backend, LayerWeights, RNNSpec, fir
                       run_stack)
 
 # bfloat16 runs the fused loops, forward and backward, with AVX512-BF16 products on CPUs that
-# have them, else the float32 loops on widened copies; what the forward saves is float32 either way
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# have them, else the float32 loops on widened copies; float16 the float32 loops on widened copies
+# (CPUs have no float16 loop here; torch.nn's float16 CPU layers ran 5-10x slower than its float32).
+# What the forward saves is float32 for both.
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+WIDENED = (torch.bfloat16, torch.float16)
 # The decode path (a GEMV per row over cached packed weights) beats the fused loop on
 # one or two rows (T * B); the stepwise loop's GEMM calls (float64, CPUs without
 # AVX-512) only from about T = 16 or B = 8 on.
@@ -54,7 +57,10 @@ def _narrow(dtype: torch.dtype, mode: str, I: int, H: int, P: int, limit: int) -
 
 
 def _takes_decode(dtype: torch.dtype, T: int, B: int) -> bool:
-    """Whether T steps of B rows in dtype run faster on the decode path than in the loops."""
+    """Whether T steps of B rows in dtype run faster on the decode path than in the loops (float16: it
+    has no float16 GEMV)."""
+    if dtype == torch.float16:
+        return False
     if dtype == torch.bfloat16:  # its GEMV needs AVX512-BF16 or AVX2 (widening) to beat the loops
         return (_BF16_LOOP or _FUSED_LOOP) and T * B <= DECODE_MAX_ROWS
     if dtype == torch.float32 and _FUSED_LOOP:
@@ -86,7 +92,7 @@ def _layer_fwd_fake(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
     H = w_hh.shape[0] // GATES[MODES[mode]]
     empty = h0.new_empty(0)
     out = h0.new_empty(T, B, h0.shape[1])  # outputs and states in h0's dtype (float32 beside bfloat16 under autocast)
-    saved = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # what backward needs
+    saved = torch.float32 if x.dtype in WIDENED else x.dtype  # what backward needs
     none = x.new_empty(0, dtype=saved)
     if not save:
         return out, h0.new_empty(h0.shape), c0.new_empty(c0.shape) if mode == 0 else empty, none, none
@@ -257,7 +263,7 @@ def _needs_grad(x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: Iterable[O
 
 
 class CPUBackend(Backend):
-    """Fused C++ kernels for CPU tensors in float32, float64 and bfloat16; every layer option."""
+    """Fused C++ kernels for CPU tensors in float32, float64, bfloat16 and float16; every layer option."""
 
     name = "cpu"
 
@@ -277,7 +283,7 @@ class CPUBackend(Backend):
         if x.device.type != "cpu":
             return f"the input is on {x.device}, the cpu backend runs on CPU tensors only"
         if x.dtype not in DTYPES:
-            return f"dtype {x.dtype} is not supported (float32, float64 and bfloat16 are)"
+            return f"dtype {x.dtype} is not supported (float32, float64, bfloat16 and float16 are)"
         return None
 
     def pad_packed(self, data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Optional[Tensor]]:

@@ -122,13 +122,6 @@ def test_autocast_dtypes_match_torch_cells(family, backend):
         assert _dtypes(got) == _dtypes(want), f"{family} {name}: {_dtypes(got)} != torch's {_dtypes(want)}"
 
 
-def test_float16_still_falls_back_on_cpu():
-    ours = rnnfast.LSTM(5, 6, backend="cpu").half()
-    with pytest.warns(BackendFallbackWarning, match="float16"):
-        out, _ = ours(torch.randn(4, 3, 5, dtype=torch.float16))
-    assert out.dtype == torch.float16
-
-
 # bfloat16 numerics: every option, as a bfloat16 module and under autocast
 LAYER_CASES = [
     Case("base", I=13, H=37, T=6, B=5),
@@ -164,10 +157,10 @@ SLACK = 4e-3
 
 def _numerics_here(backend: str) -> None:
     if backend == "reference":
-        pytest.skip("reference computes bfloat16 in bfloat16 throughout (the readable spec, not a fast path); "
-                    "its dtypes are tested above")
+        pytest.skip("reference computes bfloat16 and float16 in those dtypes throughout (the readable spec, not "
+                    "a fast path); its dtypes are tested above")
     if backend != "cpu":
-        pytest.skip(f"{backend}: bfloat16 on GPUs is tested in test_triton_backend.py")
+        pytest.skip(f"{backend}: bfloat16 and float16 on GPUs are tested in test_triton_backend.py")
 
 
 def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -175,8 +168,9 @@ def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
 
 
-def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None:
-    """rnnfast's error against float32 torch.nn is at most 1.5x torch.nn's own in the same setting."""
+def _compare_lowp(family: str, case: Case, backend: str, autocast: bool, dtype: torch.dtype = BF16) -> None:
+    """rnnfast's error against float32 torch.nn is at most 1.5x torch.nn's own in the same setting: a
+    module in ``dtype``, or under bfloat16 autocast."""
     kwargs = dict(case.kwargs, batch_first=case.batch_first)
     ref, ours = _twins(family, backend, case.I, case.H, **kwargs)
     D = 2 if kwargs.get("bidirectional") else 1
@@ -184,15 +178,15 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
     inputs = make_inputs(case, sizes, kwargs.get("num_layers", 1) * D)
     want, want_g = run_layer(ref, case, inputs, torch.float32, "cpu")
     if not autocast:  # a bfloat16 module's own values: its weights, input and states rounded, in float32 (see below)
-        rounded = {k: [t.to(BF16).double() for t in v] if k == "states" else v.to(BF16).double() if k == "x" else v
+        rounded = {k: [t.to(dtype).double() for t in v] if k == "states" else v.to(dtype).double() if k == "x" else v
                    for k, v in inputs.items()}
-        exact, exact_g = run_layer(copy.deepcopy(ref).to(BF16).float(), case, rounded, torch.float32, "cpu")
+        exact, exact_g = run_layer(copy.deepcopy(ref).to(dtype).float(), case, rounded, torch.float32, "cpu")
 
     def low(module):
         if autocast:
             with torch.autocast("cpu", dtype=BF16):
                 return run_layer(copy.deepcopy(module), case, inputs, torch.float32, "cpu")
-        return run_layer(copy.deepcopy(module).to(BF16), case, inputs, BF16, "cpu")
+        return run_layer(copy.deepcopy(module).to(dtype), case, inputs, dtype, "cpu")
 
     # torch.nn's bfloat16 module where its autocast LSTM cannot run (see _onednn_lstm_missing), what it
     # runs elsewhere: its gradients are then bfloat16 where autocast's follow the float32 leaves
@@ -221,6 +215,14 @@ def _compare_lowp(family: str, case: Case, backend: str, autocast: bool) -> None
 def test_bf16_layers_no_worse_than_torch(family, case, autocast, backend):
     _numerics_here(backend)
     _compare_lowp(family, case, backend, autocast)
+
+
+@pytest.mark.parametrize("family, case", PARAMS)
+def test_float16_layers_no_worse_than_torch(family, case, backend):
+    """float16 modules: the cpu backend runs the float32 loops on widened copies (no float16 loop, no
+    fallback) and rounds the results; no worse than torch.nn's own float16 against float32."""
+    _numerics_here(backend)
+    _compare_lowp(family, case, backend, False, torch.float16)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -268,9 +270,9 @@ def test_bf16_gradients_exact_on_small_integers(packed, autocast, T, B, I, H, ba
 
 
 @pytest.mark.parametrize("family", list(CELLS))
-@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-module", "autocast"])
+@pytest.mark.parametrize("low", ["bf16-module", "autocast", "float16-module"])
 @pytest.mark.parametrize("I, H, B", [(13, 37, 5), (5, 17, 1)], ids=["B5", "B1-odd"])
-def test_bf16_cells_no_worse_than_torch(family, autocast, I, H, B, backend):
+def test_lowp_cells_no_worse_than_torch(family, low, I, H, B, backend):
     _numerics_here(backend)
     ref, ours = _twins(family, backend, I, H)
     lstm = family == "LSTMCell"
@@ -291,8 +293,11 @@ def test_bf16_cells_no_worse_than_torch(family, autocast, I, H, B, backend):
         return outs + [x.grad, *(s.grad for s in states), *(p.grad for p in module.parameters())]
 
     want = run(ref, torch.float32, False)
-    low = (torch.float32, True) if autocast else (BF16, False)
-    theirs, got = run(ref, *low), run(ours, *low)
+    low = {"bf16-module": (BF16, False), "autocast": (torch.float32, True), "float16-module": (torch.float16, False)}[low]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        got = run(ours, *low)
+    theirs = run(ref, *low)
     for k, (g_, t, w) in enumerate(zip(got, theirs, want)):
         assert g_.dtype == t.dtype
         ours_err, torch_err = _max_err(g_, w), _max_err(t, w)

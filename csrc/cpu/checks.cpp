@@ -24,12 +24,12 @@ struct Dims {
   at::ScalarType state = dtype;  // h0's, once checked
 };
 
-// t is a defined CPU tensor of the operator's dtype (or float32 beside a bfloat16 input: autocast's
-// float32 weights and states, float32 saved values) with exactly the sizes given.
+// t is a defined CPU tensor of the operator's dtype (or float32 beside a bfloat16 or float16 input:
+// autocast's float32 weights and states, float32 saved values) with exactly the sizes given.
 void expect(const Dims& d, const Tensor& t, const char* name, at::IntArrayRef sizes) {
   TORCH_CHECK(t.defined(), d.op, ": ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), d.op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  const bool widened = d.dtype == at::kBFloat16 && t.scalar_type() == at::kFloat;
+  const bool widened = (d.dtype == at::kBFloat16 || d.dtype == at::kHalf) && t.scalar_type() == at::kFloat;
   TORCH_CHECK(t.scalar_type() == d.dtype || widened, d.op, ": ", name, " has dtype ", t.scalar_type(),
               " but the input has dtype ", d.dtype);
   TORCH_CHECK(t.sizes() == sizes, d.op, ": ", name, " has shape ", t.sizes(), ", expected ", sizes);
@@ -51,8 +51,8 @@ void expect_state(const Dims& d, const Tensor& t, const char* name, at::IntArray
 
 void check_input_dtype(const char* op, const Tensor& x) {
   const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, op,
-              ": input must be float32, float64 or bfloat16, got ", t);
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+              ": input must be float32, float64, bfloat16 or float16, got ", t);
 }
 
 // Checks the arguments both layer operators share and returns the sizes they imply.

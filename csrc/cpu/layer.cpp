@@ -4,7 +4,8 @@
 // float32 without proj_size on AVX-512 CPUs, and bfloat16 without proj_size on AVX512-BF16
 // CPUs, run the fused loops of recurrent.cpp. The outputs and states take h0's dtype: bfloat16
 // input with float32 states (autocast's GRU, packed LSTM, LSTMCell, GRUCell) runs its products
-// in bfloat16 and returns float32. Everything else (float64, proj_size, narrower CPUs;
+// in bfloat16 and returns float32. float16, and bfloat16 on CPUs without AVX512-BF16, run the
+// float32 loops on widened copies (widen, below). Everything else (float64, proj_size, narrower CPUs;
 // bfloat16 there runs in float32, its products in bfloat16 on AVX512-BF16 CPUs) runs the stepwise loop here:
 // one GEMM projects the input of every step; each step adds one GEMM call for the
 // recurrent term and one fused pointwise pass. Its backward walks the steps in
@@ -50,12 +51,13 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
   return prev;
 }
 
-// bfloat16 where the fused bfloat16 loops do not run (no AVX512-BF16, proj_size): the float32
-// loops on widened copies, results rounded back to the dtypes of the tensors they belong to; the
-// float32 fused loop packs bfloat16 weights itself (once, into its cache; widened copies would be
-// new tensors each call, packed again each call), and so do the stepwise loop's bfloat16 products
-// (weight_product) on AVX512-BF16 CPUs. What the forward saves is float32 either way.
-Tensor widen(const Tensor& t) { return t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+// bfloat16 where the fused bfloat16 loops do not run (no AVX512-BF16, proj_size), and float16 always:
+// the float32 loops on widened copies, results rounded back to the dtypes of the tensors they belong
+// to; the float32 fused loop packs bfloat16 and float16 weights itself (once, into its cache; widened
+// copies would be new tensors each call, packed again each call), and so do the stepwise loop's
+// bfloat16 products (weight_product) on AVX512-BF16 CPUs. What the forward saves is float32 either way.
+bool widened_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+Tensor widen(const Tensor& t) { return t.defined() && widened_dtype(t.scalar_type()) ? t.to(at::kFloat) : t; }
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
 Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); }
 
@@ -260,9 +262,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stepw
   return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
 
-// bfloat16 off the fused loops: the weights as they are for bfloat16 products, else widened
+// Off the fused loops the stepwise loop's weight products run in bfloat16 for bfloat16 input on
+// AVX512-BF16 CPUs (bf16), the weights as they are; else in float32, the weights widened.
+bool bf16_products(const Tensor& x) { return x.scalar_type() == at::kBFloat16 && kHasAvx512Bf16; }
 template <typename W>
-W for_products(const W& w) { return kHasAvx512Bf16 ? w : widen(w); }
+W for_products(const W& w, bool bf16) { return bf16 ? w : widen(w); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
                                                              const OptTensor& batch_sizes, const Tensor& h0_,
@@ -275,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
   const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  if (x.scalar_type() == at::kBFloat16 && !fused_loop_supported(x, proj)) {
+  if (widened_dtype(x.scalar_type()) && !fused_loop_supported(x, proj)) {
     const Tensor xf = widen(x);
     if (!proj && fused_loop_supported(xf, false)) {  // the float32 fused loop packs the weights as they are
       const auto [out, h, c, ws1, ws2] =
@@ -283,9 +287,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const
                           given(b_ih), given(b_hh), reverse, save);
       return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
     }
+    const bool bf16 = bf16_products(x);
     const auto [out, h, c, ws1, ws2] =
-        stepwise_fwd(mode, xf, batch_sizes, bs, widen(h0_), widen(c0_), for_products(w_ih), for_products(w_hh),
-                     widen(b_ih), widen(b_hh), for_products(w_hr_), reverse, save, kHasAvx512Bf16);
+        stepwise_fwd(mode, xf, batch_sizes, bs, widen(h0_), widen(c0_), for_products(w_ih, bf16),
+                     for_products(w_hh, bf16), widen(b_ih), widen(b_hh), for_products(w_hr_, bf16), reverse, save,
+                     bf16);
     return {narrow_to(out, h0_), narrow_to(h, h0_), narrow_to(c, h0_), ws1, ws2};
   }
   if (fused_loop_supported(x, proj)) {
@@ -304,8 +310,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
   check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
                   grad_cn);
   const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
-  if (x_.scalar_type() == at::kBFloat16 && !fused_loop_supported(x_, present(w_hr_))) {
+  if (widened_dtype(x_.scalar_type()) && !fused_loop_supported(x_, present(w_hr_))) {
     const Tensor none = at::empty({0}, x_.options()), xf = widen(x_);
+    const bool bf16 = bf16_products(x_);
     if (!present(w_hr_) && fused_loop_supported(xf, false)) {  // the float32 fused loop, weights as they are
       const bool lstm = mode == LSTM;
       const auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh] = fused_layer_bwd(
@@ -317,9 +324,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
               has_bias ? db_ih : none, has_bias ? db_hh : none, none};  // absent ones empty in x's dtype
     }
     const auto [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =
-        stepwise_bwd(mode, xf, batch_sizes, bs, widen(h0), widen(c0), for_products(w_ih_), for_products(w_hh_),
-                     for_products(w_hr_), has_bias, reverse, widen(out), ws1, ws2, widen(grad_out), widen(grad_hn),
-                     widen(grad_cn), kHasAvx512Bf16, needs);
+        stepwise_bwd(mode, xf, batch_sizes, bs, widen(h0), widen(c0), for_products(w_ih_, bf16),
+                     for_products(w_hh_, bf16), for_products(w_hr_, bf16), has_bias, reverse, widen(out), ws1, ws2,
+                     widen(grad_out), widen(grad_hn), widen(grad_cn), bf16, needs);
     // absent gradients as the fused loop returns them: empty, in x's dtype
     auto back = [&](const Tensor& t, const OptTensor& like, bool there = true) {
       return there && present(like) ? narrow_to(t, *like) : none;
