@@ -97,7 +97,7 @@ def test_inductor_keeps_the_cpu_operators():
 
 
 # the operator calls that layers make: every mode, projection, two directions, packed input,
-# float64, bfloat16 modules and autocast, with and without gradients, cells
+# float64, bfloat16 and float16 modules and autocast, with and without gradients, cells
 FAKE_CASES = {
     "lstm": lambda: nn.LSTM(5, 7, num_layers=2),
     "lstm-proj-bi": lambda: nn.LSTM(5, 7, proj_size=3, bidirectional=True),
@@ -111,7 +111,7 @@ FAKE_CASES = {
 @pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "autocast"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16", "autocast"])
 @pytest.mark.parametrize("name", FAKE_CASES)
 def test_fake_kernels_match_the_operators(name, dtype, packed, grad, monkeypatch):
     """The fake kernels that torch.compile traces with give every output of the real operators'
@@ -123,7 +123,7 @@ def test_fake_kernels_match_the_operators(name, dtype, packed, grad, monkeypatch
         monkeypatch.setattr(rnnfast.cpu, "_eager", lambda: False)
     torch.manual_seed(0)
     model = rnnfast.convert(FAKE_CASES[name](), backend="cpu")
-    if dtype in ("float64", "bfloat16"):
+    if dtype in ("float64", "bfloat16", "float16"):
         model = model.to(getattr(torch, dtype))
     # T = 20, and B = 9 for cells: past the decode path (not an operator) for float64 too
     x = torch.randn((9, 5) if cell else (20, 3, 5), dtype=next(model.parameters()).dtype)

@@ -479,7 +479,7 @@ def test_autograd_asks_only_for_what_needs_a_gradient(requires, proj_size, monke
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths, tail", [([5, 3, 3, 1], (7,)), ([1], (2, 3)), ([4, 4], ())])
 def test_pad_and_pack_match_torch(lengths, tail, dtype):
     """The extension's packed-data conversions (eager CPU inference) give torch's results."""
@@ -792,7 +792,8 @@ def test_recycled_blocks_serve_other_lengths(family):
 def test_unsupported_calls_name_the_reason():
     cpu = get_backend("cpu")
     spec = rnnfast.RNNSpec("LSTM", 4, 8)
-    assert "float16" in cpu.unsupported_reason(spec, torch.empty(0, dtype=torch.float16), False)
+    assert "complex64" in cpu.unsupported_reason(spec, torch.empty(0, dtype=torch.complex64), False)
+    assert cpu.unsupported_reason(spec, torch.empty(0, dtype=torch.float16), False) is None
     assert "meta" in cpu.unsupported_reason(spec, torch.empty(0, device="meta"), False)
     assert cpu.unsupported_reason(spec, torch.empty(0, dtype=torch.float64), True) is None
 
