@@ -5,8 +5,8 @@ configurations of every constructor option the grid leaves fixed (bidirectional,
 batch_first, bias, nonlinearity, packed input, odd sizes) and of the call (initial states given or
 not: hx None lets the first step skip its recurrent product), a fifth of them as cells stepped in a
 Python loop, builds torch.nn and rnnfast (backend
-``--backend``) on the same weights, in ``--precision`` (float32; bfloat16: both modules, inputs and
-states cast to bfloat16; autocast: float32 modules called under ``torch.autocast("cpu",
+``--backend``) on the same weights, in ``--precision`` (float32; bfloat16, float16, float64: both
+modules, inputs and states cast to it; autocast: float32 modules called under ``torch.autocast("cpu",
 dtype=torch.bfloat16)``), and times both side by side: interleaved rounds of calibrated
 batches, the speed-up being the median of the per-round ratios (``measure.paired_speedup``). The
 table lists the slowest first. Examples::
@@ -14,6 +14,7 @@ table lists the slowest first. Examples::
     python -m bench.sweep                          # 60 configurations, seed 0 (~5 min on 2 cores)
     python -m bench.sweep --seed 3 --count 200 --modes fwd
     python -m bench.sweep --precision autocast     # bfloat16 products, against torch.nn's under autocast
+    python -m bench.sweep --precision float16 --max-cost 1e9   # torch.nn's float16 CPU layers are slow
     python -m bench.sweep --out bench/results      # a committed run
     python -m bench.sweep --rerun runs/bench/2026-12-06-cpu-sweep.json --below 1.0   # its slow ones again
 """
@@ -40,7 +41,7 @@ from .measure import keep_freed_memory, paired_speedup, time_batch
 
 @dataclass(frozen=True)
 class Config(Case):
-    """A grid case (``mode`` ``fwd``: eval, no autograd, or ``fwdbwd``; ``dtype`` float32 or bfloat16) with
+    """A grid case (``mode`` ``fwd``: eval, no autograd, or ``fwdbwd``; ``dtype`` a torch dtype's name) with
     the options the grid leaves at torch.nn's defaults."""
 
     bidirectional: bool = False
@@ -58,7 +59,8 @@ class Config(Case):
                  ("data-input", self.mode == "fwdbwd" and not self.input_grad), ("hx", self.states))
         flags += [n for n, on in named if on]
         flags += [f"{k}={v}" for k, v in sorted(self.options.items())]
-        flags += {"float32": [], "bfloat16": ["bf16"], "autocast": ["autocast"]}[self.precision]
+        flags += {"float32": [], "bfloat16": ["bf16"], "float16": ["fp16"], "float64": ["f64"],
+                  "autocast": ["autocast"]}[self.precision]
         return f"{self.family} {self.mode} T{self.T} B{self.B} I{self.I} H{self.H}" + "".join(f" {f}" for f in flags)
 
     @property
@@ -98,7 +100,7 @@ def drawn(seed: int, count: int, modes: list[str], max_cost: float, precision: s
     """``count`` random configurations of at most ``max_cost`` multiply-adds a call, in ``precision``;
     whether each gives initial states comes from a stream of its own, so that a seed draws the shapes it
     always drew (in every precision)."""
-    low = {"dtype": "float32" if precision == "float32" else "bfloat16", "autocast": precision == "autocast"}
+    low = {"dtype": "bfloat16" if precision == "autocast" else precision, "autocast": precision == "autocast"}
     rng, states, cells = random.Random(seed), random.Random(f"{seed}-states"), random.Random(f"{seed}-cells")
     configs: list[Config] = []
     while len(configs) < count:
@@ -135,8 +137,7 @@ def steps(cfg: Config, backend: str) -> tuple[Callable[[], Any], Callable[[], An
     ref = getattr(nn, cfg.family)(cfg.I, cfg.H, **kwargs)
     fast = getattr(rnnfast, cfg.family)(cfg.I, cfg.H, backend=backend, **kwargs)
     fast.load_state_dict(ref.state_dict())
-    cast = cfg.dtype == "bfloat16" and not cfg.autocast
-    dtype = torch.bfloat16 if cast else torch.float32
+    dtype = torch.float32 if cfg.autocast else getattr(torch, cfg.dtype)
     ref, fast = ref.to(dtype), fast.to(dtype)
     x, call_plain, loss = (cell_call if cell else layer_call)(cfg, dtype)
 
@@ -224,6 +225,7 @@ def measure(cfg: Config, backend: str, rounds: int, min_seconds: float) -> dict:
 
 
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16 (modules, inputs and states cast)",
+              "float16": "float16 (modules, inputs and states cast)", "float64": "float64 (modules, inputs and states cast)",
               "autocast": "bfloat16 by autocast (float32 modules under torch.autocast)"}
 
 

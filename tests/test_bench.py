@@ -248,19 +248,22 @@ def test_sweep_gives_states_to_both_modules(cfg):
         (r["family"], *(r[k] for k in shape)) for r in committed[:6]]
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "autocast"])
-def test_sweep_draws_low_precision(precision):
+@pytest.mark.parametrize("precision, flag, dtype", [("bfloat16", "bf16", torch.bfloat16),
+                                                   ("autocast", "autocast", torch.bfloat16),
+                                                   ("float16", "fp16", torch.float16),
+                                                   ("float64", "f64", torch.float64)])
+def test_sweep_draws_other_precisions(precision, flag, dtype):
     """``--precision``: a seed draws the shapes it draws in float32, labelled with the precision; torch.nn
-    and rnnfast run the configuration in it (cast modules and inputs, or float32 modules under autocast),
-    returning the same dtypes and outputs within bfloat16's error."""
+    and rnnfast run the configuration in it (cast modules and inputs, or float32 modules under bfloat16
+    autocast), returning the same dtypes and outputs within bfloat16's error."""
     import bench.sweep as sweep
 
     plain, low = sweep.drawn(2, 5, ["fwd", "fwdbwd"], 1e8), sweep.drawn(2, 5, ["fwd", "fwdbwd"], 1e8, precision)
-    assert [c.label + f" {'autocast' if precision == 'autocast' else 'bf16'}" for c in plain] == [c.label for c in low]
-    assert all(c.dtype == "bfloat16" and c.autocast == (precision == "autocast") for c in low)
+    assert [c.label + f" {flag}" for c in plain] == [c.label for c in low]
+    assert all(c.dtype == str(dtype).removeprefix("torch.") and c.autocast == (precision == "autocast") for c in low)
     # (RNN: autocast casts it whole on CPU, as it does padded LSTMs, whose oneDNN kernel some CPUs lack in bfloat16)
     config = replace(low[0], family="RNN", mode="fwd", T=3, B=2, I=4, H=5, layers=1, packed=False, options={})
     ref, fast = sweep.steps(config, "cpu")
     (a, _), (b, _) = ref(), fast()
-    assert a.dtype == b.dtype == torch.bfloat16
+    assert a.dtype == b.dtype == dtype
     torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2)
