@@ -198,7 +198,9 @@ class _RNNLayer(_BackendChoice):
             return plain
         is_lstm = self.mode == "LSTM"
         # torch's CPU LSTM with projections (padded or packed) keeps its cell state in c0's dtype under autocast
-        c_dtype = (hx[1] if is_lstm and hx is not None else getattr(input, "data", input)).dtype
+        # (a PackedSequence's data: a tensor's .data raises under torch.func transforms)
+        c_dtype = (hx[1] if is_lstm and hx is not None else input.data if isinstance(input, PackedSequence)
+                   else input).dtype
         input, hx, autocast_dtype, products = _autocast(self.mode, False, input, hx, self.proj_size > 0)
         packed = isinstance(input, PackedSequence)
         batched = True

@@ -402,8 +402,8 @@ def test_torch_func_vjp_jacrev_vmap(backend, name):
     """torch.func's other transforms: a vjp function called after ``torch.func.vjp`` returned (its
     transform over, as ``jacrev`` calls it under vmap) gives torch.nn's vector-Jacobian products, where
     the fused backward once found no graph and returned zeros; ``jacrev`` matches torch.nn's; ``vmap`` over
-    inputs, and over the stacked weights of an ensemble, gives each sample's own call (torch.nn's layers
-    have no batching rule; its GRU and Elman cells do, and match)."""
+    inputs (batched or unbatched sequences), and over the stacked weights of an ensemble, gives each sample's
+    own call (torch.nn's layers have no batching rule; its GRU and Elman cells do, and match)."""
     device = backend_device(backend)
     torch.manual_seed(0)
     ref = getattr(nn, name)(3, 4).double().to(device)
@@ -428,6 +428,9 @@ def test_torch_func_vjp_jacrev_vmap(backend, name):
         torch.testing.assert_close(torch.func.vmap(first(ours))(xs), torch.stack([first(ref)(xi) for xi in xs]))
         if name in ("GRUCell", "RNNCell"):
             torch.testing.assert_close(torch.func.vmap(first(ours))(xs), torch.func.vmap(first(ref))(xs))
+        if not cell:  # unbatched sequences, (T, input_size) each
+            xu = xs[:, :, 0]
+            torch.testing.assert_close(torch.func.vmap(first(ours))(xu), torch.stack([first(ref)(xi) for xi in xu]))
 
         models = [copy.deepcopy(ours) for _ in range(3)]
         for i, m in enumerate(models):
