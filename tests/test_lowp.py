@@ -1,6 +1,7 @@
 """bfloat16 and autocast on every backend usable here: the output dtypes torch.nn gives under
 ``torch.autocast``, and bfloat16 numerics (outputs and gradients) no worse than torch.nn's own
-bfloat16 against the same float32 reference, for bfloat16 modules and under autocast."""
+bfloat16 against the same float32 reference, for bfloat16 modules and under autocast; float16
+modules' numerics the same way."""
 
 from __future__ import annotations
 
