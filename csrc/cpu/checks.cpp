@@ -29,7 +29,7 @@ struct Dims {
 void expect(const Dims& d, const Tensor& t, const char* name, at::IntArrayRef sizes) {
   TORCH_CHECK(t.defined(), d.op, ": ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), d.op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  const bool widened = (d.dtype == at::kBFloat16 || d.dtype == at::kHalf) && t.scalar_type() == at::kFloat;
+  const bool widened = widened_dtype(d.dtype) && t.scalar_type() == at::kFloat;
   TORCH_CHECK(t.scalar_type() == d.dtype || widened, d.op, ": ", name, " has dtype ", t.scalar_type(),
               " but the input has dtype ", d.dtype);
   TORCH_CHECK(t.sizes() == sizes, d.op, ": ", name, " has shape ", t.sizes(), ", expected ", sizes);

@@ -20,6 +20,10 @@ inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() &
 // It contiguous, or an undefined tensor where it is absent.
 inline at::Tensor given(const c10::optional<at::Tensor>& t) { return present(t) ? t->contiguous() : at::Tensor(); }
 
+// bfloat16 and float16: the dtypes the loops may take widened to float32, so that float32 tensors (autocast's
+// weights and states, the saved values) may come beside an input in them.
+inline bool widened_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
 void check_layer_fwd(int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes,
                      const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                      const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,

@@ -56,7 +56,6 @@ Tensor previous_states(const Tensor& all, const Tensor& init, const std::vector<
 // to; the float32 fused loop packs bfloat16 and float16 weights itself (once, into its cache; widened
 // copies would be new tensors each call, packed again each call), and so do the stepwise loop's
 // bfloat16 products (weight_product) on AVX512-BF16 CPUs. What the forward saves is float32 either way.
-bool widened_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 Tensor widen(const Tensor& t) { return t.defined() && widened_dtype(t.scalar_type()) ? t.to(at::kFloat) : t; }
 OptTensor widen(const OptTensor& t) { return present(t) ? OptTensor(widen(*t)) : t; }
 Tensor narrow_to(const Tensor& t, const Tensor& like) { return t.to(like.scalar_type()); }
