@@ -384,6 +384,18 @@ void for_blocks(const Panels<E>& p, int64_t nb0, int64_t nb1, bool add, F&& f) {
   }
 }
 
+// The sums that the next row tile adds to at its end (rows rows of c, at col of a panel's L registers),
+// fetched while this tile runs its block of K, thousands of cycles: from L3 or memory they stall that end
+// where the sums outgrow L2 (the weight gradients', 2 MB a thread at H512). In one process, switched call
+// by call: 1.005x as fast in the median of 22 shapes (0.98-1.04x), LSTM H384 training 1.02x, bfloat16 H512
+// under autocast 1.03x (bench/results/2026-12-07-cpu-amd-prefetch-sums-ab.md).
+template <int L>
+inline void prefetch_sums(const float* c, int64_t ldc, const int64_t* col, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int v = 0; v < L; ++v) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + col[v]), _MM_HINT_T0);
+  }
+}
+
 // Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias); c float32, or
 // bfloat16 for bfloat16 operands (rounded sums: K one block, add false).
 template <int V, int R, bool TA, typename E, typename C = float>
@@ -405,7 +417,12 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
     with_count<V>(live, [&](auto regs) {
       constexpr int L = decltype(regs)::value;
       int64_t r = 0;
-      for (; r + R <= n; r += R) tile<R, L, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+      for (; r + R <= n; r += R) {
+        if constexpr (std::is_same_v<C, float>) {
+          if (add_k) prefetch_sums<L>(c + (r + R) * ldc, ldc, col, std::min<int64_t>(R, n - r - R));
+        }
+        tile<R, L, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
+      }
       with_count<R - 1>(n - r, [&](auto rows) {
         tile<decltype(rows)::value, L, TA>(ak + r * rs, lda, kb, b, p.ldb, bias, c + r * ldc, ldc, col, mask, add_k);
       });
