@@ -160,13 +160,22 @@ def test_unknown_backend_from_environment(monkeypatch):
         rnnfast.LSTM(3, 4)(torch.randn(2, 1, 3))
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_propagate_like_torch(backend, value):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_nonfinite_propagate_like_torch(backend, family, value):
+    """A NaN or infinite input gives torch.nn's outputs and torch.nn's gradients, NaN where its are NaN
+    and infinite where its are: an infinite pre-activation saturates a gate to exactly 0 or 1, whose zero
+    slope times the infinite input is NaN in the weight gradient."""
     device = backend_device(backend)
-    ref, ours = twins("LSTM", backend, 5, 7, num_layers=2, device=device)
+    ref, ours = twins(family, backend, 5, 7, num_layers=2, device=device)
     x = torch.randn(4, 2, 5, device=device)
     x[1, 0, 2] = value
-    want, (wh, wc) = ref(x)
-    got, (gh, gc) = ours(x)
-    for a, b in ((got, want), (gh, wh), (gc, wc)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, equal_nan=True)
+    results = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        out, state = m(xi)
+        states = state if isinstance(state, tuple) else (state,)
+        out.sum().backward()
+        results.append([out, *states, xi.grad, *(p.grad for p in m.parameters())])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)

@@ -9,9 +9,12 @@
 // f = y - n in [-1/2, 1/2] and p a degree-6 minimax fit (1.6e-8 relative). sigmoid and tanh
 // below take exp(-x) as 2^(-x log2 e): where that product rounds (large |x|) the sigmoid's
 // slope sigma (1 - sigma) is tiny, so the result's absolute error stays ~1e-7. y is clamped
-// to the normal range (NaN passes both comparisons and propagates through p).
+// below to the normal range and above to 128, whose n gives the exponent field of infinity: from
+// y 127.5 on 2^y is +inf, so sigmoid(-inf) and of any x below about -88.4 is 0, as torch's is (not
+// 2^-127: a gate's slope would then be nonzero, and an infinite input's weight gradient inf where
+// torch.nn's is NaN). NaN passes both comparisons and propagates through p.
 RNNFAST_INLINE float exp2_f(float y) {
-  y = y > 127.f ? 127.f : y;
+  y = y > 128.f ? 128.f : y;
   y = y < -126.f ? -126.f : y;
   const float n = (y + 12582912.f) - 12582912.f;  // round to nearest
   const float f = y - n;
@@ -45,9 +48,11 @@ struct Act<float> {
 // bench/results/2026-12-07-cpu-amd-float64-ab.md): x = n ln2 + r with ln2
 // in two parts (n ln2_hi exact), |r| <= ln2 / 2, e^r by its Taylor series to r^13 (truncation below
 // 1e-17 relative), times 2^n through the exponent bits of x log2 e + 1.5 * 2^52, whose low bits hold n.
-// x is clamped to the normal range; NaN passes the clamps and propagates through r.
+// x is clamped below to the normal range and above to 710, whose n (1024) gives infinity's exponent field:
+// +inf from x 709.44 on, so the sigmoid of a large negative x is 0, as exp2_f's. NaN passes the clamps
+// and propagates through r.
 RNNFAST_INLINE double exp_d(double x) {
-  x = x > 709.0 ? 709.0 : x;
+  x = x > 710.0 ? 710.0 : x;
   x = x < -708.0 ? -708.0 : x;
   const double shifted = x * 1.4426950408889634 + 6755399441055744.0;  // round to nearest in the low bits
   const double n = shifted - 6755399441055744.0;
