@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_sequence
 import rnnfast
 
 from conftest import backend_device
-from parity import twins
+from parity import flat, twins
 
 
 def _same_error(name, backend, error, match, *args, **kwargs):
@@ -160,22 +160,49 @@ def test_unknown_backend_from_environment(monkeypatch):
         rnnfast.LSTM(3, 4)(torch.randn(2, 1, 3))
 
 
+@pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
-def test_nonfinite_propagate_like_torch(backend, family, value):
-    """A NaN or infinite input gives torch.nn's outputs and torch.nn's gradients, NaN where its are NaN
-    and infinite where its are: an infinite pre-activation saturates a gate to exactly 0 or 1, whose zero
-    slope times the infinite input is NaN in the weight gradient."""
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_nonfinite_propagate_like_torch(backend, family, value, where):
+    """A NaN or infinite input or weight gives torch.nn's outputs and torch.nn's gradients, NaN where its
+    are NaN and infinite where its are: an infinite pre-activation saturates a gate to exactly 0 or 1, whose
+    zero slope times the infinite input is NaN in the weight gradient; with a zero initial state (hx None)
+    the first step's recurrent product and its share of dW_hh are 0 x NaN = NaN where W_hh or a gate
+    gradient is not finite, as torch.nn computes them."""
     device = backend_device(backend)
-    ref, ours = twins(family, backend, 5, 7, num_layers=2, device=device)
-    x = torch.randn(4, 2, 5, device=device)
-    x[1, 0, 2] = value
+    cell = family.endswith("Cell")
+    ref, ours = twins(family, backend, 5, 7, **({} if cell else {"num_layers": 2}), device=device)
+    x = torch.randn(*((3,) if cell else (4, 2)), 5, device=device)
+    if where == "input":
+        x[(1, 0) if cell else (1, 0, 2)] = value
+    else:
+        with torch.no_grad():
+            for m in (ref, ours):
+                getattr(m, where if cell else where + "_l0")[2, 3] = value
     results = []
     for m in (ref, ours):
         xi = x.clone().requires_grad_()
-        out, state = m(xi)
-        states = state if isinstance(state, tuple) else (state,)
+        res = m(xi)
+        if isinstance(res, torch.Tensor):  # GRUCell, RNNCell
+            out, states = res, ()
+        else:  # LSTMCell's (h, c); a layer's (output, h_n) or (output, (h_n, c_n))
+            out, states = res[0], res[1:] if cell else res[1] if isinstance(res[1], tuple) else (res[1],)
         out.sum().backward()
         results.append([out, *states, xi.grad, *(p.grad for p in m.parameters())])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
+def test_nonfinite_weight_one_row_like_torch(backend, family, value):
+    """Inference on one row (the cpu backend's decode path) with a non-finite W_hh and a zero state: the
+    first step's product 0 x NaN is NaN, as torch.nn's."""
+    device = backend_device(backend)
+    ref, ours = twins(family, backend, 5, 7, num_layers=2, device=device)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.weight_hh_l1[2, 3] = value
+        x = torch.randn(1, 1, 5, device=device)
+        for want, got in zip(flat(ref(x)), flat(ours(x))):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)

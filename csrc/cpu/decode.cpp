@@ -21,7 +21,23 @@ struct Packed {
   std::vector<Tensor> w;     // per layer: (G*H, I_l + P), rows [W_ih | W_hh], in the call's dtype
   std::vector<Tensor> bias;  // per layer: (2, G*H), the input and recurrent sides (split_biases), zeros if none
   std::vector<Tensor> w_hr;  // per layer with proj_size: (P, H), in the call's dtype
+  std::vector<char> finite;  // per layer: W_hh has no NaN or infinity (a zero state's product is then zero)
 };
+
+// Whether columns [c0, end) of a contiguous matrix (the W_hh side of [W_ih | W_hh]) are all finite.
+bool finite_columns(const Tensor& w, int64_t c0) {
+  const int64_t rows = w.size(0), ld = w.size(1);
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      return all_finite(w.data_ptr<float>() + c0, rows, ld - c0, ld);
+    case at::kDouble:
+      return all_finite(w.data_ptr<double>() + c0, rows, ld - c0, ld);
+    case at::kBFloat16:
+      return all_finite(w.data_ptr<at::BFloat16>() + c0, rows, ld - c0, ld);
+    default:
+      return at::isfinite(w.narrow(1, c0, ld - c0)).all().item<bool>();
+  }
+}
 
 // The weights in dtype (bfloat16 rounded once from float32 weights under autocast); the biases
 // in the dtype the sums run in.
@@ -34,6 +50,7 @@ Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers
     const Tensor& w_ih = weights[l * per];
     const Tensor& w_hh = weights[l * per + 1];
     p.w.push_back(at::cat({w_ih, w_hh}, 1).to(dtype).contiguous());
+    p.finite.push_back(finite_columns(p.w.back(), w_ih.size(1)));
     const auto [b_in, b_rec] =
         has_bias ? split_biases(mode, weights[l * per + 2], weights[l * per + 3]) : std::pair<Tensor, Tensor>();
     const Tensor zeros = at::zeros({w_ih.size(0)}, w_ih.options());
@@ -105,7 +122,8 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
     E* hl = h_lo.data_ptr<E>() + l * B * P;
     A* c = lstm ? c_n.data_ptr<A>() + l * B * H : nullptr;
     for (int64_t t = 0; t < T; ++t) {
-      project<E, A>(p.w[l], p.bias[l], in + t * B * in_size, in_size, hl, P, B, gi, gh, t == 0 && all_zero(hl, B * P));
+      project<E, A>(p.w[l], p.bias[l], in + t * B * in_size, in_size, hl, P, B, gi, gh,
+                    t == 0 && p.finite[l] && all_zero(hl, B * P));
       for (int64_t b = 0; b < B; ++b) {
         gate_forward<A>(mode, gi + b * G * H, gh + b * G * H, h + b * H, lstm ? c + b * H : nullptr, nullptr,
                         lstm ? gi + b * G * H : ws + b * 4 * H, h_new + b * H, H, H);

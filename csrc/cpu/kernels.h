@@ -109,8 +109,9 @@ void gemv_rows(const E* a, int64_t n, int64_t K, const E* w, int64_t N, const A*
 }
 
 // Whether n values are all zero (-0 too): the initial state a module makes when hx is None. The
-// products with it then are their biases alone (forward) and nothing (the weight gradients);
-// torch.nn runs them. Stops at the first block of values with a nonzero one.
+// products with it then are their biases alone (forward) and nothing (the weight gradients) where
+// the other operand is finite (Panels::finite, all_finite); torch.nn runs them. Stops at the first
+// block of values with a nonzero one.
 template <typename E>
 bool all_zero(const E* v, int64_t n) {
   // each value's bits but its sign, OR-ed over blocks (a loop the compiler vectorizes: std::all_of's
@@ -126,6 +127,28 @@ bool all_zero(const E* v, int64_t n) {
       any |= static_cast<Bits>(b << 1);
     }
     if (any != 0) return false;
+  }
+  return true;
+}
+
+// Whether rows [0, n) of m values each (row stride ld; float, double or bfloat16) are all finite: only
+// then are their products with zeros zero (0 x NaN and 0 x inf are NaN, in torch.nn's sums too). Exponent
+// bits all ones, OR-ed per row (a loop the compiler vectorizes).
+template <typename E>
+bool all_finite(const E* v, int64_t n, int64_t m, int64_t ld) {
+  static_assert(std::is_same_v<E, float> || std::is_same_v<E, double> || std::is_same_v<E, c10::BFloat16>);
+  using Bits = std::conditional_t<sizeof(E) == 8, uint64_t, std::conditional_t<sizeof(E) == 4, uint32_t, uint16_t>>;
+  constexpr Bits kExponent = sizeof(E) == 8   ? Bits(0x7ff0000000000000ull)
+                             : sizeof(E) == 4 ? Bits(0x7f800000u)
+                                              : Bits(0x7f80u);
+  for (int64_t r = 0; r < n; ++r) {
+    Bits bad = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      Bits b;
+      std::memcpy(&b, v + r * ld + j, sizeof(Bits));
+      bad |= static_cast<Bits>((b & kExponent) == kExponent);
+    }
+    if (bad != 0) return false;
   }
   return true;
 }

@@ -74,6 +74,8 @@ struct Panels {
   const float* bias_data = nullptr;
   int64_t U, V, N, K, NB, ldb, pstride;
   bool tiled = false;  // in AMX tiles: only gemm_amx reads them
+  // the forward's W_hh panels: no NaN or infinity in W_hh (set by forward_loop; true elsewhere)
+  bool finite = true;
   // float32 weights of one gate of at most 8 units as (N, K) rows: the B side of gemm's dot products
   // (dot_pairs); else undefined
   Tensor rows;
@@ -1168,8 +1170,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   if (B == 0) return {out, h0.clone(), c.to(h0.scalar_type()), ws1, ws2};
   const Tensor cs = lstm && save ? ws2[0] : Tensor();
   const int64_t U = G == 1 ? 64 : 16;
-  const Panels<E> p = panels<E>().get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode,
-                                      [&] { return pack<E>(w_hh, split_biases(mode, b_ih, b_hh).second, G, U); });
+  // a zero state's product is the bias alone only where W_hh is finite (0 x NaN is NaN, as torch.nn's
+  // first step gives it)
+  const Panels<E> p = panels<E>().get({w_hh, gru ? b_hh : Tensor()}, kForward * 4 + mode, [&] {
+    Panels<E> packed_w = pack<E>(w_hh, split_biases(mode, b_ih, b_hh).second, G, U);
+    packed_w.finite = all_finite(packed_w.data, 1, packed_w.w.numel(), 0);  // (zero padding is finite)
+    return packed_w;
+  });
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
   const int64_t RB = block_rows(p, B), TC = chunk_steps(T, B, kForwardChunkRows);
@@ -1180,7 +1187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   // ping-pong: walked step k reads hbuf[k % 2] and writes every row and unit of the other
   Tensor hbuf = workspace(kStates, {2, B, H});
   hbuf[0].copy_(h0);
-  const bool h0_zero = all_zero(hbuf.data_ptr<float>(), B * H);  // the first step's product: its bias
+  const bool h0_zero = p.finite && all_zero(hbuf.data_ptr<float>(), B * H);  // the first step's product: its bias
   Tensor hlo = low ? workspace(kStatesLow, {2, B, H}, x.scalar_type()) : hbuf;  // what the product reads
   if (low) hlo[0].copy_(h0);
   const int64_t ldg = padded_row(GH, sizeof(float));  // rows of pre-activations
@@ -1669,11 +1676,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       // chunk), else the tiles over a transposed (the gate gradients) in blocks of rows that keep both
       // operands in L2, the first block of the first chunk writing, the others adding
       const Share cols(direct(b_gi, rows, GH, GH), nt, tid);
-      // dW_hh's rows [h0r, h1r): not those of the step whose h_prev is a zero h0 (the first forward)
+      // dW_hh's rows [h0r, h1r): not those of the step whose h_prev is a zero h0 (the first forward), unless
+      // one of its gate gradients in this thread's columns is NaN or infinite (times zero: NaN, as torch.nn's)
+      // (float32 only: bfloat16 keeps its zero rows, h0_zero false, its gate gradients in pairs of rows)
+      const auto finite_rows = [&](int64_t r0, int64_t n) {
+        return all_finite(b_gh + r0 * ld_g + cols.u0, n, cols.cnt, ld_g);
+      };
       int64_t h0r = 0, h1r = rows;
-      if (h0_zero && (reverse ? T - 1 : 0) == t0) {
+      if (h0_zero && (reverse ? T - 1 : 0) == t0 && finite_rows(0, bs[t0])) {
         h0r = bs[t0];
-      } else if (h0_zero && (reverse ? T - 1 : 0) == t1 - 1) {
+      } else if (h0_zero && (reverse ? T - 1 : 0) == t1 - 1 && finite_rows(rows - bs[t1 - 1], bs[t1 - 1])) {
         h1r = rows - bs[t1 - 1];
       }
       const int64_t h_rows = h1r - h0r;
