@@ -182,13 +182,9 @@ def test_nonfinite_propagate_like_torch(backend, family, value, where):
     results = []
     for m in (ref, ours):
         xi = x.clone().requires_grad_()
-        res = m(xi)
-        if isinstance(res, torch.Tensor):  # GRUCell, RNNCell
-            out, states = res, ()
-        else:  # LSTMCell's (h, c); a layer's (output, h_n) or (output, (h_n, c_n))
-            out, states = res[0], res[1:] if cell else res[1] if isinstance(res[1], tuple) else (res[1],)
-        out.sum().backward()
-        results.append([out, *states, xi.grad, *(p.grad for p in m.parameters())])
+        outs = flat(m(xi))  # the output (a cell's h) first, then the states
+        outs[0].sum().backward()
+        results.append([*outs, xi.grad, *(p.grad for p in m.parameters())])
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
 
