@@ -21,23 +21,8 @@ struct Packed {
   std::vector<Tensor> w;     // per layer: (G*H, I_l + P), rows [W_ih | W_hh], in the call's dtype
   std::vector<Tensor> bias;  // per layer: (2, G*H), the input and recurrent sides (split_biases), zeros if none
   std::vector<Tensor> w_hr;  // per layer with proj_size: (P, H), in the call's dtype
-  std::vector<char> finite;  // per layer: W_hh has no NaN or infinity (a zero state's product is then zero)
+  std::vector<char> finite;  // per layer: W_hh has no NaN or infinity (set by decode_loop, which knows the type)
 };
-
-// Whether columns [c0, end) of a contiguous matrix (the W_hh side of [W_ih | W_hh]) are all finite.
-bool finite_columns(const Tensor& w, int64_t c0) {
-  const int64_t rows = w.size(0), ld = w.size(1);
-  switch (w.scalar_type()) {
-    case at::kFloat:
-      return all_finite(w.data_ptr<float>() + c0, rows, ld - c0, ld);
-    case at::kDouble:
-      return all_finite(w.data_ptr<double>() + c0, rows, ld - c0, ld);
-    case at::kBFloat16:
-      return all_finite(w.data_ptr<at::BFloat16>() + c0, rows, ld - c0, ld);
-    default:
-      return at::isfinite(w.narrow(1, c0, ld - c0)).all().item<bool>();
-  }
-}
 
 // The weights in dtype (bfloat16 rounded once from float32 weights under autocast); the biases
 // in the dtype the sums run in.
@@ -50,7 +35,6 @@ Packed pack(int64_t mode, const std::vector<Tensor>& weights, int64_t num_layers
     const Tensor& w_ih = weights[l * per];
     const Tensor& w_hh = weights[l * per + 1];
     p.w.push_back(at::cat({w_ih, w_hh}, 1).to(dtype).contiguous());
-    p.finite.push_back(finite_columns(p.w.back(), w_ih.size(1)));
     const auto [b_in, b_rec] =
         has_bias ? split_biases(mode, weights[l * per + 2], weights[l * per + 3]) : std::pair<Tensor, Tensor>();
     const Tensor zeros = at::zeros({w_ih.size(0)}, w_ih.options());
@@ -94,8 +78,14 @@ std::tuple<Tensor, Tensor, c10::optional<Tensor>> decode_loop(int64_t mode, cons
   TORCH_CHECK(!lstm || c0.has_value(), "rnnfast decode: LSTM needs c0");
   const int64_t T = x.size(0), B = x.size(1), P = h0.size(2), H = lstm ? c0->size(2) : P, G = gate_count(mode);
   const bool proj = P != H;
-  const Packed p =
-      cache.get(weights, low ? 1 : 0, [&] { return pack(mode, weights, num_layers, has_bias, proj, et, at_); });
+  // a zero state's product is the bias alone only where W_hh (each w's last P columns) is finite: 0 x NaN is NaN
+  const Packed p = cache.get(weights, low ? 1 : 0, [&] {
+    Packed packed = pack(mode, weights, num_layers, has_bias, proj, et, at_);
+    for (const Tensor& w : packed.w) {
+      packed.finite.push_back(all_finite(w.data_ptr<E>() + w.size(1) - P, w.size(0), P, w.size(1)));
+    }
+    return packed;
+  });
   TORCH_CHECK(p.w[0].size(1) == x.size(2) + P, "rnnfast decode: input size does not match the weights");
   Tensor h_n = h0.to(at_).contiguous().clone();
   Tensor c_n = lstm ? c0->to(at_).contiguous().clone() : Tensor();
