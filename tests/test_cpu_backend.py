@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import rnnfast
 from rnnfast.backend import BackendFallbackWarning, get_backend
 
-from parity import TORCH_CLASSES, Case, check_layer, make_inputs, num_threads, run_layer, twins
+from parity import TORCH_CLASSES, Case, check_layer, flat, make_inputs, num_threads, run_layer, twins
 
 pytestmark = pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 
@@ -62,10 +62,9 @@ def test_float64_activations_match_torch(family, kwargs, scale):
     for m in (ref, ours):
         m.zero_grad()
         xi = x.detach().clone().requires_grad_()
-        out, state = m(xi)
-        (out.sum() + sum(s.sum() for s in (state if isinstance(state, tuple) else (state,)))).backward()
-        results.append([out, *(state if isinstance(state, tuple) else (state,)), xi.grad,
-                        *(p.grad for p in m.parameters())])
+        outs = flat(m(xi))  # the output, then the states
+        sum(o.sum() for o in outs).backward()
+        results.append([*outs, xi.grad, *(p.grad for p in m.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
     bad = x.detach().clone()
