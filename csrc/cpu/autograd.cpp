@@ -41,15 +41,20 @@ const c10::TypedOperatorHandle<LayerBwdSignature>& layer_bwd_op() {
 
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 
-// What backward reads of a layer's output (its states): a copy, so that the output handed back may change in
-// place (`out += residual`, an in-place activation), as torch.nn's outputs may (its float32 LSTM refuses, its
-// float64 one allows). LSTM T100 B64 H256 training ran as fast with the copy as without (alternating processes).
+// What backward reads of a layer's output (its states) where the user gets it: a copy, so that the output handed
+// back may change in place (`out += residual`, an in-place activation), as torch.nn's outputs may (its float32
+// LSTM refuses, its float64 one allows). LSTM T100 B64 H256 training ran as fast with the copy as without
+// (alternating processes). An output no user sees (a cell's step, a stack's lower layers) is read as it is: its
+// copy took ~2.6 us of an RNNCell B128 H64 training step's ~35, and a lower layer's output in memory
+// (bench/results/2026-12-07-cpu-amd-no-output-copy-ab.md).
 Tensor saved_output(const Tensor& out) { return out.clone(); }
 
 struct Layer : public torch::autograd::Function<Layer> {
+  // out_seen: the caller hands the output on to the user (else backward reads it as it is, see saved_output)
   static variable_list forward(AutogradContext* ctx, int64_t mode, const Tensor& x, const OptTensor& batch_sizes,
                                const Tensor& h0, const OptTensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse) {
+                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, bool reverse,
+                               bool out_seen) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, h_n, c_n, ws1, ws2] =
         layer_fwd_op().call(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, true);
@@ -62,8 +67,8 @@ struct Layer : public torch::autograd::Function<Layer> {
     ctx->saved_data["need_dw"] = w_ih.requires_grad() || w_hh.requires_grad() || requires_grad(b_ih) ||
                                  requires_grad(b_hh) || requires_grad(w_hr);
     ctx->save_for_backward({x, batch_sizes.value_or(Tensor()), h0, c0.value_or(Tensor()), w_ih, w_hh,
-                            w_hr.value_or(Tensor()), saved_output(out), ws1, ws2, b_ih.value_or(Tensor()),
-                            b_hh.value_or(Tensor())});
+                            w_hr.value_or(Tensor()), out_seen ? saved_output(out) : out, ws1, ws2,
+                            b_ih.value_or(Tensor()), b_hh.value_or(Tensor())});
     // no zeros the size of the saved gates for their (never used) gradients
     ctx->set_materialize_grads(false);
     return {out, h_n, c_n, ws1, ws2};
@@ -86,9 +91,10 @@ struct Layer : public torch::autograd::Function<Layer> {
                             saved[9], given(grads[0], out), given(grads[1], h0), g_cn, ctx->saved_data["need_dx"].toBool(),
                             ctx->saved_data["need_dh0"].toBool(), ctx->saved_data["need_dw"].toBool());
     const Tensor none;
-    // one gradient per argument of forward: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
+    // one gradient per argument of forward: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+    // out_seen
     return {none,  dx,    none, dh0, lstm ? dc0 : none, dw_ih, dw_hh, has_bias ? db_ih : none,
-            has_bias ? db_hh : none, w_hr.defined() ? dw_hr : none, none};
+            has_bias ? db_hh : none, w_hr.defined() ? dw_hr : none, none, none};
   }
 
   // The gradients as a graph, from grads_with_graph: one per argument of forward, as backward's.
@@ -103,8 +109,8 @@ struct Layer : public torch::autograd::Function<Layer> {
                                               arg(saved[6]), arg(grads[0]), arg(grads[1]), arg(grads[2]));
     auto grad = [&](size_t k) { return got[k].is_none() ? Tensor() : got[k].cast<Tensor>(); };
     const Tensor none;
-    // forward's arguments: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse
-    return {none, grad(0), none, grad(1), grad(2), grad(3), grad(4), grad(5), grad(6), grad(7), none};
+    // forward's arguments: mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, out_seen
+    return {none, grad(0), none, grad(1), grad(2), grad(3), grad(4), grad(5), grad(6), grad(7), none, none};
   }
 };
 
@@ -185,12 +191,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd_eager(int64_t mode,
                                                                    const OptTensor& c0, const Tensor& w_ih,
                                                                    const Tensor& w_hh, const OptTensor& b_ih,
                                                                    const OptTensor& b_hh, const OptTensor& w_hr,
-                                                                   bool reverse, bool save) {
+                                                                   bool reverse, bool save, bool out_seen) {
   if (!save) {
     at::AutoDispatchBelowADInplaceOrView below;
     return layer_fwd_op().call(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, false);
   }
-  const variable_list r = Layer::apply(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+  const variable_list r = Layer::apply(mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, out_seen);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
@@ -238,7 +244,8 @@ std::tuple<Tensor, Tensor, Tensor> stack_eager(int64_t mode, const Tensor& x, co
                                        std::any_of(w, w + per, needs_grad));
       auto [out, h_n, c_n, ws1, ws2] =
           layer_fwd_eager(mode, layer_in, c10::nullopt, h, opt(c), w[0], w[1], has_bias ? opt(w[2]) : OptTensor(),
-                          has_bias ? opt(w[3]) : OptTensor(), proj ? opt(w[per - 1]) : OptTensor(), d == 1, save);
+                          has_bias ? opt(w[3]) : OptTensor(), proj ? opt(w[per - 1]) : OptTensor(), d == 1, save,
+                          D == 1 && i == num_layers - 1);  // (what else comes out only feeds cat or the next layer)
       outs.push_back(std::move(out));
       hs.push_back(std::move(h_n));
       if (lstm) cs.push_back(std::move(c_n));

@@ -181,7 +181,8 @@ std::tuple<Tensor, Tensor> cell_eager(int64_t mode, const Tensor& x, const Tenso
     return {h_n.select(0, 0), c_n.has_value() ? c_n->select(0, 0) : Tensor()};
   }
   const auto [out, h_n, c_n, ws1, ws2] =
-      layer_fwd_eager(mode, x.unsqueeze(0), c10::nullopt, h, c, w_ih, w_hh, b_ih, b_hh, c10::nullopt, false, save);
+      layer_fwd_eager(mode, x.unsqueeze(0), c10::nullopt, h, c, w_ih, w_hh, b_ih, b_hh, c10::nullopt, false, save,
+                      /*out_seen=*/false);
   return {h_n, mode == LSTM ? c_n : Tensor()};
 }
 
@@ -211,6 +212,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A stack of layers and directions on unpadded input in one eager call: (output, h_n, c_n).");
   m.def("set_grads_with_graph", &rnnfast::set_grads_with_graph,
         "The Python function whose gradients layer_fwd_eager's backward returns when asked for a graph.");
+  namespace py = pybind11;
   m.def("layer_fwd_eager", &rnnfast::layer_fwd_eager,
-        "layer_fwd for eager calls: with save, its backward a C++ autograd node; without, the operator alone.");
+        "layer_fwd for eager calls: with save, its backward a C++ autograd node; without, the operator alone.",
+        py::arg("mode"), py::arg("x"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("reverse"), py::arg("save"),
+        py::arg("out_seen") = true);
 }

@@ -27,12 +27,13 @@ using LayerBwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 
 // layer_fwd for eager calls: with save, its outputs tied to a C++ autograd node that runs layer_bwd
 // (as the Python registration does; compiled autograd takes the node as it is); without, the
-// operator below autograd.
+// operator below autograd. out_seen false: the caller keeps the output from the user (a cell's
+// step, a stack's lower layers), so that backward may read it with no copy.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_eager(
     int64_t mode, const at::Tensor& x, const c10::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
-    const c10::optional<at::Tensor>& w_hr, bool reverse, bool save);
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool save, bool out_seen);
 
 // A stack of layers (and directions) in one eager call on unpadded input: (output, h_n, c_n), c_n
 // undefined but for LSTM; dropout (> 0 in training) between layers, as rnnfast.backend.run_stack.

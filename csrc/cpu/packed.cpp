@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_packed(int64_t mode, const Tensor& data
     return {out, h_n, c_n};
   }
   const auto [out, h_n, c_n, ws1, ws2] = layer_fwd_eager(mode, pad_packed(data, batch_sizes), batch_sizes, h0, c0,
-                                                         w_ih, w_hh, b_ih, b_hh, w_hr, reverse, false);
+                                                         w_ih, w_hh, b_ih, b_hh, w_hr, reverse, false, true);
   return {pack_padded(out, batch_sizes), h_n, c_n};
 }
 
