@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .backend import RNNSpec, check_backend_name, load_backends, resolve
+from .backend import Backend, RNNSpec, check_backend_name, load_backends, resolve
 from .export import capturing, check_onnx_exportable, torch_twin
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert"]
@@ -68,12 +68,15 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
     products)``.
 
     ``dtype`` is what the call's states and outputs are in (``None`` when autocast is off or leaves
-    it alone); the input and weights follow it, or ``products``, through :meth:`Backend.autocast`.
-    CPU autocast casts the LSTM op on padded input or with projections (``proj``), RNN and RNNCell
-    to its dtype; GRU, packed LSTM, LSTMCell and GRUCell run only their products in it and their
-    state update in the state's dtype, so they return the promotion of the two (float32 for float32
-    states): ``products`` is then autocast's dtype where it differs from ``dtype``, else ``None``.
-    CUDA autocast casts every recurrent op.
+    it alone); the input and weights follow it, or ``products``, through :func:`_cast_weights`.
+    CPU autocast casts oneDNN's LSTM layer (padded input without projections, where aten takes it:
+    :func:`_onednn_lstm`) whole, and torch's RNN and RNNCell compute in the products' dtype; the
+    other ops (GRU, packed or projected LSTM, LSTMCell, GRUCell) run only their products in it and
+    their state update in the promotion of the two (float32 for float32 states): ``products`` is then
+    autocast's dtype where it differs from ``dtype``, else ``None``. With projections the output is
+    the projection's product, in autocast's dtype (see the layers' forward). CUDA autocast casts every
+    recurrent op. Autocast leaves float64 alone: a float64 state (or weight) beside another input
+    raises, as torch.nn's products of mixed dtypes do.
     """
     x = input.data if isinstance(input, PackedSequence) else input
     device = x.device.type
@@ -81,12 +84,42 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
         return input, hx, None, None
     dtype = products = torch.get_autocast_dtype(device)
     packed = isinstance(input, PackedSequence)
-    if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell and (proj or not packed))):
-        state = x if hx is None else (hx[1] if mode == "LSTM" else hx)  # what the update reads
-        dtype = torch.promote_types(dtype, state.dtype)
-    cast = lambda t: t.to(dtype) if t.dtype != torch.float64 else t  # noqa: E731
+    states = () if hx is None else (tuple(hx) if mode == "LSTM" else (hx,))
+    _refuse_float64(states, dtype)
+    if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell
+                                                            and (proj or (not packed and _onednn_lstm(x))))):
+        dtype = torch.promote_types(dtype, (states[-1] if states else x).dtype)  # what the update reads
+    cast = lambda t: t.to(dtype)  # noqa: E731
     hx = None if hx is None else (tuple(cast(s) for s in hx) if mode == "LSTM" else cast(hx))
     return input.to(dtype) if packed else cast(input), hx, dtype, products if products != dtype else None
+
+
+def _onednn_lstm(x: Tensor) -> bool:
+    """Whether aten's CPU LSTM runs oneDNN's layer (the op CPU autocast casts whole) on this input:
+    float32 and bfloat16 with oneDNN on (bfloat16 as on the CPUs where oneDNN has it, on every CPU),
+    float16 only without autograd and with oneDNN's float16."""
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return x.dtype in (torch.float32, torch.bfloat16)
+
+
+def _refuse_float64(tensors, dtype: torch.dtype) -> None:
+    """Autocast casts a call's input to ``dtype`` but leaves float64 tensors alone: torch.nn's products
+    then mix dtypes and raise, here with the reason."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype: autocast casts the input to {dtype} and leaves "
+                           "float64 states and weights alone (cast the module and input to float64, or neither)")
+
+
+def _cast_weights(backend: Backend, x: Tensor, weights: list[Optional[Tensor]], dtype: torch.dtype,
+                  products: Optional[torch.dtype]) -> tuple[Tensor, list[Optional[Tensor]]]:
+    """A call's input and weights (None for those absent) as ``backend`` runs them under autocast."""
+    present = [w for w in weights if w is not None]
+    _refuse_float64(present, products or dtype)
+    x, present = backend.autocast(x, present, dtype, products)
+    return x, present + [None] * (len(weights) - len(present))
 
 
 def _policy_applied(autocast_dtype: Optional[torch.dtype], device: str):
@@ -197,8 +230,8 @@ class _RNNLayer(_BackendChoice):
         if plain is not None:
             return plain
         is_lstm = self.mode == "LSTM"
-        # torch's CPU LSTM with projections (padded or packed) keeps its cell state in c0's dtype under autocast
-        # (a PackedSequence's data: a tensor's .data raises under torch.func transforms)
+        # torch's CPU LSTM with projections (padded or packed) updates its cell state in the promotion of autocast's
+        # dtype and c0's under autocast (a PackedSequence's data: a tensor's .data raises under torch.func transforms)
         c_dtype = (hx[1] if is_lstm and hx is not None else input.data if isinstance(input, PackedSequence)
                    else input).dtype
         input, hx, autocast_dtype, products = _autocast(self.mode, False, input, hx, self.proj_size > 0)
@@ -242,14 +275,14 @@ class _RNNLayer(_BackendChoice):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         weights = self._weights()
         if autocast_dtype is not None:
-            x, weights = backend.autocast(x, weights, autocast_dtype, products)
+            x, weights = _cast_weights(backend, x, weights, autocast_dtype, products)
         with _policy_applied(autocast_dtype, x.device.type):
             if packed:
                 out, h_n, c_n = backend.rnn_packed(spec, x, batch_sizes, h0, c0, weights)
             else:
                 out, h_n, c_n = backend.rnn(spec, x, None, h0, c0, weights)
         if autocast_dtype is not None and self.proj_size > 0 and x.device.type == "cpu":
-            c_n = c_n.to(c_dtype)
+            c_n = c_n.to(torch.promote_types(autocast_dtype, c_dtype))
 
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
@@ -367,12 +400,7 @@ class _Cell(_BackendChoice):
         weights = self._weights()
         self._check_step(input, states, weights[0].dtype, autocast_dtype is not None)
 
-        backend = resolve(self._backend, spec, input, False)
-        if autocast_dtype is not None:
-            input, present = backend.autocast(input, [w for w in weights if w is not None], autocast_dtype, products)
-            weights = present + [None] * (4 - len(present))
-        with _policy_applied(autocast_dtype, input.device.type):
-            h, c = backend.cell(mode, input, states[0], states[1] if mode == "LSTM" else None, *weights)
+        h, c = self._step(spec, input, states, weights, autocast_dtype, products)
         if not batched:
             h = h.squeeze(0)
             c = None if c is None else c.squeeze(0)
@@ -381,32 +409,49 @@ class _Cell(_BackendChoice):
     def _plain_step(self, input, hx):
         """The common call straight to the backend, or None for anything else (the full forward then
         checks it and raises as torch.nn does): a 2-D CPU tensor of the cell's input size, hx None, a
-        tensor, or for LSTMCell a tuple of two, each (B, hidden) on the CPU in the input's dtype, the
-        weights in that dtype, no autocast. A cell's step is short: the full forward's casts and
-        checks cost about as much Python as a B8 H256 step's products take."""
-        if (type(input) is not Tensor or input.ndim != 2 or not input.is_cpu or input.shape[1] != self.input_size
-                or torch.is_autocast_enabled("cpu")):
+        tensor, or for LSTMCell a tuple of two, each (B, hidden) on the CPU in the input's dtype once
+        autocast has cast them, the weights in that dtype or autocast on. A cell's step is short: the
+        full forward's casts and checks cost about as much Python as a B8 H256 step's products take."""
+        if type(input) is not Tensor or input.ndim != 2 or not input.is_cpu or input.shape[1] != self.input_size:
             return None
         spec = self._spec()
         mode = spec.mode
         lstm = mode == "LSTM"
+        if hx is not None:
+            if lstm and (type(hx) is not tuple or len(hx) != 2 or type(hx[0]) is not Tensor
+                         or type(hx[1]) is not Tensor):
+                return None
+            if not lstm and type(hx) is not Tensor:
+                return None
+        autocast_dtype = products = None
+        if torch.is_autocast_enabled("cpu"):
+            input, hx, autocast_dtype, products = _autocast(mode, True, input, hx)
         shape = (input.shape[0], self.hidden_size)
         if hx is None:
             zeros = input.new_zeros(shape)
             states = (zeros, zeros) if lstm else (zeros,)
-        elif lstm and (type(hx) is not tuple or len(hx) != 2):
-            return None
         else:
             states = hx if lstm else (hx,)
         for s in states:
-            if type(s) is not Tensor or s.shape != shape or s.dtype != input.dtype or not s.is_cpu:
+            if s.shape != shape or s.dtype != input.dtype or not s.is_cpu:
                 return None
         weights = self._weights()
-        if weights[0].dtype != input.dtype:  # torch.nn's error (not the full forward: no second read)
+        if autocast_dtype is None and weights[0].dtype != input.dtype:  # torch.nn's error (no second weights read)
             self._check_step(input, states, weights[0].dtype, False)
-        h, c = resolve(self._backend, spec, input, False).cell(mode, input, states[0], states[-1] if lstm else None,
-                                                              *weights)
+        h, c = self._step(spec, input, states, weights, autocast_dtype, products)
         return (h, c) if lstm else h
+
+    def _step(self, spec: RNNSpec, input: Tensor, states: tuple[Tensor, ...], weights: list[Optional[Tensor]],
+              autocast_dtype: Optional[torch.dtype],
+              products: Optional[torch.dtype]) -> tuple[Tensor, Optional[Tensor]]:
+        """One checked step on the resolved backend, its input and weights cast as :func:`_autocast` says."""
+        backend = resolve(self._backend, spec, input, False)
+        c = states[-1] if spec.mode == "LSTM" else None
+        if autocast_dtype is None:  # a step is short: no context to enter
+            return backend.cell(spec.mode, input, states[0], c, *weights)
+        input, weights = _cast_weights(backend, input, weights, autocast_dtype, products)
+        with _policy_applied(autocast_dtype, input.device.type):
+            return backend.cell(spec.mode, input, states[0], c, *weights)
 
     def _check_step(self, input: Tensor, states: tuple[Tensor, ...], weight_dtype: torch.dtype,
                     autocast: bool) -> None:

@@ -5,7 +5,9 @@ modules' numerics the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import rnnfast
 from rnnfast.backend import BackendFallbackWarning
 
-from conftest import RecordOps, backend_device, torch_autocast_lstm_fails
+from conftest import ONEDNN_NO_BF16_LSTM, RecordOps, backend_device, torch_autocast_lstm_fails
 from parity import TORCH_CLASSES, Case, make_inputs, run_layer
 
 BF16 = torch.bfloat16
@@ -121,6 +123,54 @@ def test_autocast_dtypes_match_torch_cells(family, backend):
             warnings.simplefilter("ignore", BackendFallbackWarning)  # a fallback must give the same dtypes
             want, got = ref(*args), ours(*args)
         assert _dtypes(got) == _dtypes(want), f"{family} {name}: {_dtypes(got)} != torch's {_dtypes(want)}"
+
+
+def _outcome(call):
+    """A call's output dtypes and shapes, or the type of what it raised."""
+    try:
+        out = call()
+    except Exception as err:  # noqa: BLE001 (compared with torch.nn's)
+        return type(err).__name__, str(err)
+    flat = [o.data if hasattr(o, "batch_sizes") else o for o in (out if isinstance(out, tuple) else (out,))]
+    flat = [t for o in flat for t in (o if isinstance(o, tuple) else (o,))]
+    return [(t.dtype, tuple(t.shape)) for t in flat], None
+
+
+ODD = (torch.float32, BF16, torch.float16, torch.float64)
+
+
+@pytest.mark.parametrize("family, kwargs, packed", [
+    ("LSTM", {}, False), ("LSTM", {}, True), ("LSTM", dict(proj_size=2), False), ("GRU", {}, False),
+    ("GRU", {}, True), ("RNN", {}, False), ("LSTMCell", {}, False), ("GRUCell", {}, False), ("RNNCell", {}, False)])
+@pytest.mark.parametrize("mode", ["grad", "no-grad", "onednn-off"])
+def test_autocast_mixed_dtypes_like_torch(family, kwargs, packed, mode, backend):
+    """Under CPU autocast, every mix of module, input and state dtypes (float16 input, float64 module or
+    states) gives torch.nn's output dtypes, or raises where torch.nn raises, with the same type."""
+    if backend_device(backend) != "cpu":
+        pytest.skip("CPU autocast's rules")
+    cell = family.endswith("Cell")
+    lstm = family.startswith("LSTM")
+    P = kwargs.get("proj_size", 4)
+    context = {"grad": contextlib.nullcontext, "no-grad": torch.no_grad,
+               "onednn-off": lambda: torch.backends.mkldnn.flags(enabled=False)}[mode]
+    for module_dtype, input_dtype, state_dtype in itertools.product(ODD[:2] + ODD[3:], ODD, (None,) + ODD):
+        ref, ours = (m.to(module_dtype) for m in _twins(family, backend, 3, 4, **kwargs))
+        x = torch.randn(2, 3) if cell else torch.randn(5, 2, 3)
+        x = x.to(input_dtype)
+        if packed:
+            x = pack_padded_sequence(x, [5, 3])
+        lead = () if cell else (1,)
+        hx = None if state_dtype is None else (
+            (torch.randn(*lead, 2, P).to(state_dtype), torch.randn(*lead, 2, 4).to(state_dtype)) if lstm
+            else torch.randn(*lead, 2, 4).to(state_dtype))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # fallbacks (same dtypes) and torch's oneDNN notes
+            with torch.autocast("cpu", dtype=BF16), context():
+                want, why = _outcome(lambda: ref(x, hx))
+                if why is not None and ONEDNN_NO_BF16_LSTM in why:
+                    continue  # torch.nn's oneDNN has no bfloat16 LSTM on this CPU (see _onednn_lstm_missing)
+                got, _ = _outcome(lambda: ours(x, hx))
+        assert got == want, f"{family}: {module_dtype} module, {input_dtype} input, {state_dtype} states: {got}, {want}"
 
 
 # bfloat16 numerics: every option, as a bfloat16 module and under autocast
