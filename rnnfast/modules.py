@@ -205,13 +205,16 @@ class _RNNLayer(_BackendChoice):
         c0 = torch.zeros(self.num_layers * D, batch, self.hidden_size, dtype=input.dtype, device=input.device)
         return h0, c0
 
-    def _split_state(self, hx, want_dim: int, batched: bool) -> tuple[Tensor, Optional[Tensor]]:
-        """Unpack ``hx`` into ``(h0, c0)`` and check its rank the way torch does."""
+    def _split_state(self, hx, want_dim: int, batched: bool,
+                     packed: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Unpack ``hx`` into ``(h0, c0)`` and check its rank the way torch does (on a PackedSequence,
+        torch.nn's LSTM leaves it to aten, whose indexing raises IndexError for fewer dimensions)."""
         kind = "batched 3-D" if batched else "unbatched 2-D"
         if self.mode == "LSTM":
             h0, c0 = hx[0], hx[1]
             if h0.dim() != want_dim or c0.dim() != want_dim:
-                raise RuntimeError(
+                error = IndexError if packed and min(h0.dim(), c0.dim()) < want_dim else RuntimeError
+                raise error(
                     f"For {kind} input, hx and cx should also be {want_dim}-D "
                     f"but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
                 )
@@ -220,6 +223,18 @@ class _RNNLayer(_BackendChoice):
         if hx.dim() != want_dim:
             raise RuntimeError(f"For {kind} input, hx should also be {want_dim}-D but got {hx.dim()}-D tensor")
         return hx, None
+
+    def _packed_lstm_dtypes(self, data: Tensor, c0: Tensor) -> Tensor:
+        """torch.nn's LSTM leaves a PackedSequence's checks to aten: input of another dtype than the weights
+        raises aten's RuntimeError, and a c0 of a narrower float type is widened by the first update (as
+        here, up front)."""
+        weight_dtype = self._flat_weights[0].dtype
+        if data.dtype != weight_dtype:
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {data.dtype} (a PackedSequence's "
+                               f"data) and {weight_dtype} (the weights)")
+        if c0.dtype != data.dtype and c0.is_floating_point() and torch.promote_types(c0.dtype, data.dtype) == data.dtype:
+            return c0.to(data.dtype)
+        return c0
 
     def forward(self, input, hx=None):
         """Same inputs and outputs as the torch.nn layer's ``forward``."""
@@ -240,8 +255,11 @@ class _RNNLayer(_BackendChoice):
         sorted_indices = unsorted_indices = batch_sizes = None
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            h0, c0 = self._zero_state(data, int(batch_sizes[0])) if hx is None else self._split_state(hx, 3, True)
+            h0, c0 = (self._zero_state(data, int(batch_sizes[0])) if hx is None
+                      else self._split_state(hx, 3, True, packed=True))
             check_input = data
+            if is_lstm and autocast_dtype is None:
+                c0 = self._packed_lstm_dtypes(data, c0)
         else:
             if input.dim() not in (2, 3):
                 kind = "RNN" if self.mode.startswith("RNN") else self.mode

@@ -62,6 +62,17 @@ LAYER_CASES = {
                             r"^input.size\(-1\) must be equal to input_size. Expected 5, got 6$"),
     "packed-h0-batch": ("GRU", {}, pack_sequence([torch.randn(3, 5), torch.randn(2, 5)]), torch.zeros(1, 3, 7), R,
                         None),
+    "packed-double-input-gru": ("GRU", {}, pack_sequence([torch.randn(3, 5).double()]), None, V, None),
+    # torch.nn's packed LSTM leaves its checks to aten: "mat1 and mat2 must have the same dtype, but got Double and
+    # Float"; "Dimension out of range (expected to be in range of [-2, 1], but got 2)"
+    "packed-double-input-lstm": ("LSTM", {}, pack_sequence([torch.randn(3, 5).double()]), None, R,
+                                 r"^mat1 and mat2 must have the same dtype, but got torch.float64 \(a PackedSequence's "
+                                 r"data\) and torch.float32 \(the weights\)$"),
+    "packed-unbatched-state-lstm": ("LSTM", {}, pack_sequence([torch.randn(3, 5)]), (torch.zeros(1, 7),) * 2, I,
+                                    r"^For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 2-D\)"),
+    "packed-h0-dtype-lstm": ("LSTM", {}, pack_sequence([torch.randn(3, 5)]),
+                             (torch.zeros(1, 1, 7, dtype=torch.bfloat16), torch.zeros(1, 1, 7)), R,
+                             r"^hx\[0\] has dtype torch.bfloat16, but the input has dtype torch.float32$"),
 }
 
 
@@ -69,6 +80,35 @@ LAYER_CASES = {
 def test_layer_bad_input(backend, name):
     cls, kwargs, x, hx, error, match = LAYER_CASES[name]
     _same_error(cls, backend, error, match, x, hx, **kwargs)
+
+
+def test_packed_lstm_four_d_state_raises(backend):
+    """torch.nn's packed LSTM crashes the process on 4-D states (aten reads past them); rnnfast raises."""
+    device = backend_device(backend)
+    _, ours = twins("LSTM", backend, 5, 7, device=device)
+    states = tuple(torch.zeros(1, 1, 1, 7, device=device) for _ in range(2))
+    with pytest.raises(RuntimeError, match="hx and cx should also be 3-D"):
+        ours(pack_sequence([torch.randn(3, 5, device=device)]), states)
+
+
+@pytest.mark.parametrize("c_dtype", [torch.bfloat16, torch.float16])
+def test_packed_lstm_narrower_c0_like_torch(backend, c_dtype):
+    """torch.nn's packed LSTM takes a c0 of a narrower float type than its float32 weights (the first update
+    promotes it) and returns float32 states; rnnfast the same, values and gradients."""
+    device = backend_device(backend)
+    ref, ours = twins("LSTM", backend, 5, 7, device=device)
+    x = pack_sequence([torch.randn(4, 5, device=device), torch.randn(2, 5, device=device)])
+    h0 = torch.randn(1, 2, 7, device=device)
+    c0 = torch.randn(1, 2, 7, device=device).to(c_dtype)
+    results = []
+    for m in (ref, ours):
+        c = c0.clone().requires_grad_()
+        out, (h_n, c_n) = m(x, (h0, c))
+        (out.data.sum() + c_n.sum()).backward()
+        results.append((out.data, h_n, c_n, c.grad))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 _DTYPE_MISMATCH = r"^{}: input dtype \(torch.{}\) does not match weight dtype \(torch.float32\)$"
