@@ -75,8 +75,8 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
     their state update in the promotion of the two (float32 for float32 states): ``products`` is then
     autocast's dtype where it differs from ``dtype``, else ``None``. With projections the output is
     the projection's product, in autocast's dtype (see the layers' forward). CUDA autocast casts every
-    recurrent op. Autocast leaves float64 alone: a float64 state (or weight) beside another input
-    raises, as torch.nn's products of mixed dtypes do.
+    recurrent op. Autocast leaves float64, integer and complex tensors alone: such a state, weight or
+    input beside another raises, as torch.nn's products of mixed dtypes do.
     """
     x = input.data if isinstance(input, PackedSequence) else input
     device = x.device.type
@@ -85,7 +85,7 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
     dtype = products = torch.get_autocast_dtype(device)
     packed = isinstance(input, PackedSequence)
     states = () if hx is None else (tuple(hx) if mode == "LSTM" else (hx,))
-    _refuse_float64(states, dtype)
+    _refuse_uncast((x, *states), dtype)
     if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell
                                                             and (proj or (not packed and _onednn_lstm(x))))):
         dtype = torch.promote_types(dtype, (states[-1] if states else x).dtype)  # what the update reads
@@ -105,19 +105,21 @@ def _onednn_lstm(x: Tensor) -> bool:
     return x.dtype in (torch.float32, torch.bfloat16)
 
 
-def _refuse_float64(tensors, dtype: torch.dtype) -> None:
-    """Autocast casts a call's input to ``dtype`` but leaves float64 tensors alone: torch.nn's products
-    then mix dtypes and raise, here with the reason."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype: autocast casts the input to {dtype} and leaves "
-                           "float64 states and weights alone (cast the module and input to float64, or neither)")
+def _refuse_uncast(tensors, dtype: torch.dtype) -> None:
+    """Autocast casts a call's float32, float16 and bfloat16 tensors to ``dtype`` and leaves the others
+    alone (float64, integer, bool, complex): torch.nn's products then mix dtypes and raise, here with the
+    reason."""
+    for t in tensors:
+        if t is not None and (t.dtype == torch.float64 or not t.is_floating_point()):
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype: autocast casts the call's float32, float16 "
+                               f"and bfloat16 tensors to {dtype} and leaves a {t.dtype} input, state or weight alone")
 
 
 def _cast_weights(backend: Backend, x: Tensor, weights: list[Optional[Tensor]], dtype: torch.dtype,
                   products: Optional[torch.dtype]) -> tuple[Tensor, list[Optional[Tensor]]]:
     """A call's input and weights (None for those absent) as ``backend`` runs them under autocast."""
     present = [w for w in weights if w is not None]
-    _refuse_float64(present, products or dtype)
+    _refuse_uncast(present, products or dtype)
     x, present = backend.autocast(x, present, dtype, products)
     return x, present + [None] * (len(weights) - len(present))
 
@@ -232,7 +234,8 @@ class _RNNLayer(_BackendChoice):
         if data.dtype != weight_dtype:
             raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {data.dtype} (a PackedSequence's "
                                f"data) and {weight_dtype} (the weights)")
-        if c0.dtype != data.dtype and c0.is_floating_point() and torch.promote_types(c0.dtype, data.dtype) == data.dtype:
+        narrower = c0.is_floating_point() and torch.promote_types(c0.dtype, data.dtype) == data.dtype
+        if c0.dtype != data.dtype and narrower:
             return c0.to(data.dtype)
         return c0
 
@@ -396,18 +399,24 @@ class _Cell(_BackendChoice):
             return plain
         spec = self._spec()
         mode = spec.mode
-        input, hx, autocast_dtype, products = _autocast(mode, True, input, hx)
         name = type(self).__name__
+        # torch.nn's checks in its order: ranks (every state an LSTMCell's hx holds), then its op's binding
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if mode == "LSTM" and hx is not None:
-            check_two_states(hx, "lstm_cell")
-        states = None if hx is None else ((hx[0], hx[1]) if mode == "LSTM" else (hx,))
-        if states is not None:
-            for k, s in enumerate(states):
+        if hx is not None:
+            for k, s in enumerate(hx if mode == "LSTM" else (hx,)):
                 if s.dim() not in (1, 2):
                     what = f"hx[{k}]" if mode == "LSTM" else "hidden"
                     raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
+            if mode == "LSTM" and input.dim() == 2:  # unbatched, torch.nn takes hx[0] and hx[1] of any sequence
+                if not isinstance(hx, (tuple, list)):
+                    raise TypeError(f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+                                    f"not {type(hx).__name__}")
+                check_two_states(hx, "lstm_cell")
+            elif mode == "LSTM" and len(hx) < 2:
+                raise IndexError(f"LSTMCell: an unbatched call's hx holds (h, c), got {len(hx)} state")
+        input, hx, autocast_dtype, products = _autocast(mode, True, input, hx)
+        states = None if hx is None else ((hx[0], hx[1]) if mode == "LSTM" else (hx,))
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)

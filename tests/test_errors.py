@@ -129,6 +129,12 @@ CELL_CASES = {
                   _DTYPE_MISMATCH.format("LSTMCell", "int64")),
     "hidden-dtype": ("RNNCell", torch.randn(2, 5), torch.zeros(2, 7, dtype=torch.float64), R,
                      r"^hidden0 has dtype torch.float64, but the input has dtype torch.float32$"),
+    "lstm-tensor-hx": ("LSTMCell", torch.randn(2, 5), torch.zeros(2, 7), TypeError, None),
+    "lstm-bad-third-state": ("LSTMCell", torch.randn(2, 5), (torch.zeros(2, 7),) * 2 + (torch.zeros(1, 1, 7),), V,
+                             None),
+    # torch.nn: "tuple index out of range" (its forward takes hx[1])
+    "lstm-unbatched-one-state": ("LSTMCell", torch.randn(5), (torch.zeros(7),), I,
+                                 r"^LSTMCell: an unbatched call's hx holds \(h, c\), got 1 state$"),
 }
 
 

@@ -174,6 +174,31 @@ def test_autocast_mixed_dtypes_like_torch(family, kwargs, packed, mode, backend)
         assert got == want, f"{family}: {module_dtype} module, {input_dtype} input, {state_dtype} states: {got}, {want}"
 
 
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("where", ["input", "state"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_autocast_leaves_non_float_alone_like_torch(family, where, dtype, backend):
+    """Autocast casts only floating tensors: an integer, bool or complex input or state raises in torch.nn's
+    products under autocast (its dtype check is off there); rnnfast raises the same type."""
+    if backend_device(backend) != "cpu":
+        pytest.skip("CPU autocast's rules")
+    cell = family.endswith("Cell")
+    ref, ours = _twins(family, backend, 3, 4)
+    x = torch.randn(2, 3) if cell else torch.randn(5, 2, 3)
+    h = torch.randn(*(() if cell else (1,)), 2, 4)
+    if where == "input":
+        x = x.to(dtype)
+    else:
+        h = h.to(dtype)
+    hx = (h, h) if family.startswith("LSTM") else h
+    with torch.autocast("cpu", dtype=BF16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(Exception) as want:
+            ref(x, hx)
+        with pytest.raises(want.type):
+            ours(x, hx)
+
+
 # bfloat16 numerics: every option, as a bfloat16 module and under autocast
 LAYER_CASES = [
     Case("base", I=13, H=37, T=6, B=5),
