@@ -226,6 +226,23 @@ class _RNNLayer(_BackendChoice):
             raise RuntimeError(f"For {kind} input, hx should also be {want_dim}-D but got {hx.dim()}-D tensor")
         return hx, None
 
+    def _packed_hx(self, hx, permuted: bool):
+        """A PackedSequence call's ``hx`` as torch.nn's forward hands it on, raising what it raises: unsorted
+        sequences permute it (an LSTM's first two states; indexing dimension 1), and an LSTM's sorted ones go
+        to aten's ``lstm`` binding as they are (a tuple of two tensors)."""
+        if self.mode != "LSTM":
+            if permuted and isinstance(hx, Tensor) and hx.dim() < 2:
+                raise IndexError(f"Dimension out of range (expected to be in range of [-1, 0], but got 1): "
+                                 f"hx has {hx.dim()} dimension")
+            return hx
+        if permuted:
+            return hx[0], hx[1]
+        if not isinstance(hx, (tuple, list)) or not all(isinstance(s, Tensor) for s in hx):
+            raise TypeError(f"lstm(): argument 'hx' must be a tuple of Tensors, not {type(hx).__name__}"
+                            + ("" if not isinstance(hx, (tuple, list)) else " of other types"))
+        check_two_states(hx, "lstm")
+        return hx
+
     def _packed_lstm_dtypes(self, data: Tensor, c0: Tensor) -> Tensor:
         """torch.nn's LSTM leaves a PackedSequence's checks to aten: input of another dtype than the weights
         raises aten's RuntimeError, and a c0 of a narrower float type is widened by the first update (as
@@ -248,10 +265,7 @@ class _RNNLayer(_BackendChoice):
         if plain is not None:
             return plain
         is_lstm = self.mode == "LSTM"
-        # torch's CPU LSTM with projections (padded or packed) updates its cell state in the promotion of autocast's
-        # dtype and c0's under autocast (a PackedSequence's data: a tensor's .data raises under torch.func transforms)
-        c_dtype = (hx[1] if is_lstm and hx is not None else input.data if isinstance(input, PackedSequence)
-                   else input).dtype
+        given = input, hx
         input, hx, autocast_dtype, products = _autocast(self.mode, False, input, hx, self.proj_size > 0)
         packed = isinstance(input, PackedSequence)
         batched = True
@@ -259,7 +273,7 @@ class _RNNLayer(_BackendChoice):
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             h0, c0 = (self._zero_state(data, int(batch_sizes[0])) if hx is None
-                      else self._split_state(hx, 3, True, packed=True))
+                      else self._split_state(self._packed_hx(hx, sorted_indices is not None), 3, True, packed=True))
             check_input = data
             if is_lstm and autocast_dtype is None:
                 c0 = self._packed_lstm_dtypes(data, c0)
@@ -303,7 +317,11 @@ class _RNNLayer(_BackendChoice):
             else:
                 out, h_n, c_n = backend.rnn(spec, x, None, h0, c0, weights)
         if autocast_dtype is not None and self.proj_size > 0 and x.device.type == "cpu":
-            c_n = c_n.to(torch.promote_types(autocast_dtype, c_dtype))
+            # torch's CPU LSTM with projections (padded or packed) updates its cell state in the promotion of
+            # autocast's dtype and c0's (a PackedSequence's data: a tensor's .data raises under torch.func)
+            c0_given = given[1][1] if given[1] is not None else given[0]
+            c0_given = c0_given.data if isinstance(c0_given, PackedSequence) else c0_given
+            c_n = c_n.to(torch.promote_types(autocast_dtype, c0_given.dtype))
 
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
