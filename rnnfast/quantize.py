@@ -116,7 +116,7 @@ def _check_cpu_float(name: str, input: Tensor) -> None:
     if input.device.type != "cpu":
         raise RuntimeError(f"{name} runs on the CPU only, but the input is on {input.device}")
     if input.dtype != torch.float32:
-        raise ValueError(f"{name} takes float32 input, got {input.dtype}: convert it with input.float()")
+        raise RuntimeError(f"{name} takes float32 input, got {input.dtype}: convert it with input.float()")
 
 
 class _Quantized(nn.Module):
