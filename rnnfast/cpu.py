@@ -276,7 +276,7 @@ class CPUBackend(Backend):
         come back float32 (layer_fwd's mixed call); without AVX512-BF16 such calls stay float32."""
         low = products if products is not None and _BF16_LOOP else dtype
         if low == torch.bfloat16 and all(w.dtype == torch.float32 for w in weights):
-            return x.to(low), weights
+            return (x if x.dtype == low else x.to(low)), weights
         return super().autocast(x, weights, dtype, None)
 
     def unsupported_reason(self, spec: RNNSpec, x: Tensor, packed: bool) -> Optional[str]:
