@@ -56,6 +56,18 @@ def _check_state(name: str, state: Tensor, input: Tensor) -> None:
         raise RuntimeError(f"{name} is on {state.device}, but the input is on {input.device}")
 
 
+def _check_batch_sizes(batch_sizes: Tensor, zero_state: bool) -> None:
+    """A PackedSequence's batch_sizes as torch.nn takes them: 1-D int64 (what pack_padded_sequence makes).
+    torch.nn sizes its zero state by batch_sizes[0] (TypeError for a float or a row), and aten's op takes
+    int64 alone (RuntimeError)."""
+    if batch_sizes.dtype == torch.int64 and batch_sizes.dim() == 1:
+        return
+    odd_size = batch_sizes.dim() != 1 or batch_sizes.is_floating_point() or batch_sizes.is_complex()
+    raise (TypeError if zero_state and odd_size else RuntimeError)(
+        f"a PackedSequence's batch_sizes must be a 1-D int64 tensor (as pack_padded_sequence makes), got a "
+        f"{batch_sizes.dim()}-D {batch_sizes.dtype} tensor")
+
+
 def check_two_states(hx, op: str) -> None:
     """An LSTM's ``hx`` holds exactly (h, c): torch's ``op`` (``lstm``, ``lstm_cell``) raises for any other
     count, after its own checks have read the first two."""
@@ -289,6 +301,7 @@ class _RNNLayer(_BackendChoice):
         sorted_indices = unsorted_indices = batch_sizes = None
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_batch_sizes(batch_sizes, hx is None)
             h0, c0 = (self._zero_state(data, int(batch_sizes[0])) if hx is None
                       else self._split_state(self._packed_hx(hx, sorted_indices is not None), 3, True, packed=True))
             check_input = data

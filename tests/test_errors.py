@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import rnnfast
 
@@ -77,6 +77,11 @@ LAYER_CASES = {
                                  r"^lstm\(\): argument 'hx' must be a tuple of Tensors, not tuple of other types$"),
     "unsorted-1d-hx-gru": ("GRU", {}, pack_sequence([torch.randn(2, 5), torch.randn(3, 5)], enforce_sorted=False),
                            torch.zeros(7), I, r"^Dimension out of range .* hx has 1 dimension$"),
+    # torch.nn: "expected scalar type Long but found Int"; "zeros(): argument 'size' failed to unpack ..."
+    "packed-int32-batch-sizes": ("GRU", {}, PackedSequence(torch.randn(3, 5), torch.ones(3, dtype=torch.int32)), None,
+                                 R, r"^a PackedSequence's batch_sizes must be a 1-D int64 tensor"),
+    "packed-float-batch-sizes": ("LSTM", {}, PackedSequence(torch.randn(3, 5), torch.tensor([1.0, 1.0, 1.0])), None,
+                                 TypeError, r"^a PackedSequence's batch_sizes must be a 1-D int64 tensor"),
     "packed-h0-dtype-lstm": ("LSTM", {}, pack_sequence([torch.randn(3, 5)]),
                              (torch.zeros(1, 1, 7, dtype=torch.bfloat16), torch.zeros(1, 1, 7)), R,
                              r"^hx\[0\] has dtype torch.bfloat16, but the input has dtype torch.float32$"),
