@@ -81,8 +81,8 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
 
     ``dtype`` is what the call's states and outputs are in (``None`` when autocast is off or leaves
     it alone); the input and weights follow it, or ``products``, through :func:`_cast_weights`.
-    CPU autocast casts oneDNN's LSTM layer (padded input without projections, where aten takes it:
-    :func:`_onednn_lstm`) whole, and torch's RNN and RNNCell compute in the products' dtype; the
+    CPU autocast casts oneDNN's LSTM layer (padded input, or packed of equal lengths, without projections,
+    where aten takes it: :func:`_onednn_lstm`) whole, and torch's RNN and RNNCell compute in the products' dtype; the
     other ops (GRU, packed or projected LSTM, LSTMCell, GRUCell) run only their products in it and
     their state update in the promotion of the two (float32 for float32 states): ``products`` is then
     autocast's dtype where it differs from ``dtype``, else ``None``. With projections the output is
@@ -98,22 +98,35 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
     packed = isinstance(input, PackedSequence)
     states = () if hx is None else (tuple(hx) if mode == "LSTM" else (hx,))
     _refuse_uncast((x, *states), dtype)
-    if device == "cpu" and not (mode.startswith("RNN") or (mode == "LSTM" and not cell
-                                                            and (proj or (not packed and _onednn_lstm(x))))):
+    whole = mode.startswith("RNN") or (mode == "LSTM" and not cell and (
+        proj or ((not packed or _equal_lengths(input.batch_sizes)) and _onednn_lstm(x))))
+    if device == "cpu" and not whole:
         dtype = torch.promote_types(dtype, (states[-1] if states else x).dtype)  # what the update reads
     cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731 (a no-op .to costs 1 us)
     hx = None if hx is None else (tuple(cast(s) for s in hx) if mode == "LSTM" else cast(hx))
     return input.to(dtype) if packed else cast(input), hx, dtype, products if products != dtype else None
 
 
+def _equal_lengths(batch_sizes: Tensor) -> bool:
+    """Whether a PackedSequence's sequences all have one length: aten's LSTM then runs it as padded input
+    (on oneDNN, where it takes the input)."""
+    return (batch_sizes.dtype == torch.int64 and batch_sizes.dim() == 1 and batch_sizes.numel() > 0
+            and int(batch_sizes[-1]) == int(batch_sizes[0]))
+
+
+# whether torch has oneDNN, and oneDNN float16 on this CPU: read once (torch.compile traces neither call)
+_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN_FP16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
 def _onednn_lstm(x: Tensor) -> bool:
     """Whether aten's CPU LSTM runs oneDNN's layer (the op CPU autocast casts whole) on this input:
     float32 and bfloat16 with oneDNN on (bfloat16 as on the CPUs where oneDNN has it, on every CPU),
     float16 only without autograd and with oneDNN's float16."""
-    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+    if not _ONEDNN or not torch.backends.mkldnn.enabled:
         return False
     if x.dtype == torch.float16:
-        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        return not torch.is_grad_enabled() and _ONEDNN_FP16
     return x.dtype in (torch.float32, torch.bfloat16)
 
 
@@ -272,18 +285,21 @@ class _RNNLayer(_BackendChoice):
         check_two_states(hx, "lstm")
         return hx
 
-    def _packed_lstm_dtypes(self, data: Tensor, c0: Tensor) -> Tensor:
+    def _packed_lstm_dtypes(self, data: Tensor, batch_sizes: Tensor, c0: Tensor) -> Tensor:
         """torch.nn's LSTM leaves a PackedSequence's checks to aten: input of another dtype than the weights
         raises aten's RuntimeError, and a c0 of a narrower float type is widened by the first update (as
-        here, up front)."""
+        here, up front), but where aten runs sequences of equal lengths on oneDNN, which refuses it."""
         weight_dtype = self._flat_weights[0].dtype
         if data.dtype != weight_dtype:
             raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {data.dtype} (a PackedSequence's "
                                f"data) and {weight_dtype} (the weights)")
         narrower = c0.is_floating_point() and torch.promote_types(c0.dtype, data.dtype) == data.dtype
-        if c0.dtype != data.dtype and narrower:
-            return c0.to(data.dtype)
-        return c0
+        if c0.dtype == data.dtype or not narrower:
+            return c0
+        if _equal_lengths(batch_sizes) and _onednn_lstm(data):
+            raise RuntimeError(f"hx[1] has dtype {c0.dtype}, but the input has dtype {data.dtype}: torch.nn runs "
+                               "sequences of equal lengths on oneDNN, which takes no c0 of another dtype")
+        return c0.to(data.dtype)
 
     def forward(self, input, hx=None):
         """Same inputs and outputs as the torch.nn layer's ``forward``."""
@@ -306,7 +322,7 @@ class _RNNLayer(_BackendChoice):
                       else self._split_state(self._packed_hx(hx, sorted_indices is not None), 3, True, packed=True))
             check_input = data
             if is_lstm and autocast_dtype is None:
-                c0 = self._packed_lstm_dtypes(data, c0)
+                c0 = self._packed_lstm_dtypes(data, batch_sizes, c0)
         else:
             if input.dim() not in (2, 3):
                 kind = "RNN" if self.mode.startswith("RNN") else self.mode

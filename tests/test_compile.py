@@ -178,17 +178,32 @@ class StatesModel(nn.Module):
         return y, self.cell(y[-1], h[-1])
 
 
+class StackedStates(nn.Module):
+    """An LSTM whose (h_n, c_n) come back as one tensor, as run reads a model's states: under CPU autocast
+    its padded input is cast whole, outputs and states in bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 10, num_layers=2)
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(x)
+        return y, torch.stack((h, c))
+
+
 @pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 @torch._dynamo.config.patch(allow_rnn=True)
-def test_compile_under_cpu_autocast():
-    """The fake kernels give the dtypes the C++ ones do for bfloat16 input beside float32 states, and
-    compile matches eager."""
+@pytest.mark.parametrize("make, dtype", [(StatesModel, torch.float32), (StackedStates, torch.bfloat16)],
+                         ids=["float32-states", "lstm-cast-whole"])
+def test_compile_under_cpu_autocast(make, dtype):
+    """The fake kernels give the dtypes the C++ ones do for bfloat16 input beside float32 states, the
+    autocast rules trace in one graph (oneDNN's availability read at import), and compile matches eager."""
     torch.manual_seed(0)
-    model = rnnfast.convert(StatesModel(), backend="cpu")
+    model = rnnfast.convert(make(), backend="cpu")
     x = torch.randn(7, 3, 6, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = run(compiled, model, x), run(model, model, x)
-    assert [t.dtype for t in got[:2]] == [t.dtype for t in want[:2]] == [torch.float32] * 2
+    assert [t.dtype for t in got[:2]] == [t.dtype for t in want[:2]] == [dtype] * 2
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -106,9 +106,15 @@ def test_packed_lstm_four_d_state_raises(backend):
 @pytest.mark.parametrize("c_dtype", [torch.bfloat16, torch.float16])
 def test_packed_lstm_narrower_c0_like_torch(backend, c_dtype):
     """torch.nn's packed LSTM takes a c0 of a narrower float type than its float32 weights (the first update
-    promotes it) and returns float32 states; rnnfast the same, values and gradients."""
+    promotes it) and returns float32 states; rnnfast the same, values and gradients. Of equal lengths, which
+    aten runs on oneDNN, both raise RuntimeError."""
     device = backend_device(backend)
     ref, ours = twins("LSTM", backend, 5, 7, device=device)
+    c = torch.zeros(1, 2, 7, device=device, dtype=c_dtype)
+    equal = pack_sequence([torch.randn(4, 5, device=device), torch.randn(4, 5, device=device)])
+    for m in (ref, ours):
+        with pytest.raises(RuntimeError):
+            m(equal, (torch.zeros(1, 2, 7, device=device), c))
     x = pack_sequence([torch.randn(4, 5, device=device), torch.randn(2, 5, device=device)])
     h0 = torch.randn(1, 2, 7, device=device)
     c0 = torch.randn(1, 2, 7, device=device).to(c_dtype)

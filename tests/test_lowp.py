@@ -140,8 +140,9 @@ ODD = (torch.float32, BF16, torch.float16, torch.float64)
 
 
 @pytest.mark.parametrize("family, kwargs, packed", [
-    ("LSTM", {}, False), ("LSTM", {}, True), ("LSTM", dict(proj_size=2), False), ("GRU", {}, False),
-    ("GRU", {}, True), ("RNN", {}, False), ("LSTMCell", {}, False), ("GRUCell", {}, False), ("RNNCell", {}, False)])
+    ("LSTM", {}, False), ("LSTM", {}, True), ("LSTM", {}, "equal-lengths"), ("LSTM", dict(proj_size=2), False),
+    ("GRU", {}, False), ("GRU", {}, True), ("RNN", {}, False), ("LSTMCell", {}, False), ("GRUCell", {}, False),
+    ("RNNCell", {}, False)])
 @pytest.mark.parametrize("mode", ["grad", "no-grad", "onednn-off", "float16-autocast"])
 def test_autocast_mixed_dtypes_like_torch(family, kwargs, packed, mode, backend):
     """Under CPU autocast, every mix of module, input and state dtypes (float16 input, float64 module or
@@ -158,8 +159,8 @@ def test_autocast_mixed_dtypes_like_torch(family, kwargs, packed, mode, backend)
         ref, ours = (m.to(module_dtype) for m in _twins(family, backend, 3, 4, **kwargs))
         x = torch.randn(2, 3) if cell else torch.randn(5, 2, 3)
         x = x.to(input_dtype)
-        if packed:
-            x = pack_padded_sequence(x, [5, 3])
+        if packed:  # aten runs an LSTM's sequences of equal lengths as padded input
+            x = pack_padded_sequence(x, [5, 5] if packed == "equal-lengths" else [5, 3])
         lead = () if cell else (1,)
         hx = None if state_dtype is None else (
             (torch.randn(*lead, 2, P).to(state_dtype), torch.randn(*lead, 2, 4).to(state_dtype)) if lstm
