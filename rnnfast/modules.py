@@ -81,14 +81,14 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
 
     ``dtype`` is what the call's states and outputs are in (``None`` when autocast is off or leaves
     it alone); the input and weights follow it, or ``products``, through :func:`_cast_weights`.
-    CPU autocast casts oneDNN's LSTM layer (padded input, or packed of equal lengths, without projections,
-    where aten takes it: :func:`_onednn_lstm`) whole, and torch's RNN and RNNCell compute in the products' dtype; the
-    other ops (GRU, packed or projected LSTM, LSTMCell, GRUCell) run only their products in it and
-    their state update in the promotion of the two (float32 for float32 states): ``products`` is then
-    autocast's dtype where it differs from ``dtype``, else ``None``. With projections the output is
-    the projection's product, in autocast's dtype (see the layers' forward). CUDA autocast casts every
-    recurrent op. Autocast leaves float64, integer and complex tensors alone: such a state, weight or
-    input beside another raises, as torch.nn's products of mixed dtypes do.
+    CPU autocast casts oneDNN's LSTM layer (padded input, or packed of equal lengths, without
+    projections, where aten takes it: :func:`_onednn_lstm`) whole, and torch's RNN and RNNCell compute in
+    the products' dtype; the other ops (GRU, other packed or projected LSTM, LSTMCell, GRUCell) run only
+    their products in it and their state update in the promotion of the two (float32 for float32
+    states): ``products`` is then autocast's dtype where it differs from ``dtype``, else ``None``. With
+    projections the output is the projection's product, in autocast's dtype (see the layers' forward).
+    CUDA autocast casts every recurrent op. Autocast leaves float64, integer and complex tensors alone:
+    such a state, weight or input beside another raises, as torch.nn's products of mixed dtypes do.
     """
     x = input.data if isinstance(input, PackedSequence) else input
     device = x.device.type
