@@ -114,9 +114,17 @@ def _equal_lengths(batch_sizes: Tensor) -> bool:
             and int(batch_sizes[-1]) == int(batch_sizes[0]))
 
 
+def _onednn_fp16() -> bool:
+    """Whether oneDNN has float16 on this CPU (False where torch's build has no such query)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 # whether torch has oneDNN, and oneDNN float16 on this CPU: read once (torch.compile traces neither call)
 _ONEDNN = torch.backends.mkldnn.is_available()
-_ONEDNN_FP16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+_ONEDNN_FP16 = _ONEDNN and _onednn_fp16()
 
 
 def _onednn_lstm(x: Tensor) -> bool:
