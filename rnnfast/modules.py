@@ -108,10 +108,9 @@ def _autocast(mode: str, cell: bool, input, hx, proj: bool = False):
 
 
 def _equal_lengths(batch_sizes: Tensor) -> bool:
-    """Whether a PackedSequence's sequences all have one length: aten's LSTM then runs it as padded input
-    (on oneDNN, where it takes the input)."""
-    return (batch_sizes.dtype == torch.int64 and batch_sizes.dim() == 1 and batch_sizes.numel() > 0
-            and int(batch_sizes[-1]) == int(batch_sizes[0]))
+    """Whether a PackedSequence's sequences (batch_sizes as :func:`_check_batch_sizes` takes them) all have
+    one length: aten's LSTM then runs it as padded input (on oneDNN, where it takes the input)."""
+    return batch_sizes.numel() > 0 and int(batch_sizes[-1]) == int(batch_sizes[0])
 
 
 def _onednn_fp16() -> bool:
@@ -287,10 +286,12 @@ class _RNNLayer(_BackendChoice):
             return hx
         if permuted:
             return hx[0], hx[1]
-        if not isinstance(hx, (tuple, list)) or not all(isinstance(s, Tensor) for s in hx):
-            raise TypeError(f"lstm(): argument 'hx' must be a tuple of Tensors, not {type(hx).__name__}"
-                            + ("" if not isinstance(hx, (tuple, list)) else " of other types"))
+        sequence = isinstance(hx, (tuple, list))
+        if not sequence or not all(isinstance(s, Tensor) for s in hx):
+            what = type(hx).__name__ + (" of other types" if sequence else "")
+            raise TypeError(f"lstm(): argument 'hx' must be a tuple of Tensors, not {what}")
         check_two_states(hx, "lstm")
+        return hx
         return hx
 
     def _packed_lstm_dtypes(self, data: Tensor, batch_sizes: Tensor, c0: Tensor) -> Tensor:
@@ -319,13 +320,14 @@ class _RNNLayer(_BackendChoice):
             return plain
         is_lstm = self.mode == "LSTM"
         given = input, hx
+        if isinstance(input, PackedSequence):
+            _check_batch_sizes(input.batch_sizes, hx is None)
         input, hx, autocast_dtype, products = _autocast(self.mode, False, input, hx, self.proj_size > 0)
         packed = isinstance(input, PackedSequence)
         batched = True
         sorted_indices = unsorted_indices = batch_sizes = None
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            _check_batch_sizes(batch_sizes, hx is None)
             h0, c0 = (self._zero_state(data, int(batch_sizes[0])) if hx is None
                       else self._split_state(self._packed_hx(hx, sorted_indices is not None), 3, True, packed=True))
             check_input = data

@@ -28,12 +28,17 @@ BF16 = torch.bfloat16
 CELLS = {"LSTMCell": torch.nn.LSTMCell, "GRUCell": torch.nn.GRUCell, "RNNCell": torch.nn.RNNCell}
 
 
-def _dtypes(obj) -> list[torch.dtype]:
+def _leaves(obj) -> list[torch.Tensor]:
+    """A call's output tensors in order, a packed sequence's data for the sequence."""
     if isinstance(obj, torch.Tensor):
-        return [obj.dtype]
+        return [obj]
     if hasattr(obj, "batch_sizes"):
-        return [obj.data.dtype]
-    return [d for o in obj for d in _dtypes(o)]
+        return [obj.data]
+    return [t for o in obj for t in _leaves(o)]
+
+
+def _dtypes(obj) -> list[torch.dtype]:
+    return [t.dtype for t in _leaves(obj)]
 
 
 def _bf16(obj):
@@ -131,9 +136,7 @@ def _outcome(call):
         out = call()
     except Exception as err:  # noqa: BLE001 (compared with torch.nn's)
         return type(err).__name__, str(err)
-    flat = [o.data if hasattr(o, "batch_sizes") else o for o in (out if isinstance(out, tuple) else (out,))]
-    flat = [t for o in flat for t in (o if isinstance(o, tuple) else (o,))]
-    return [(t.dtype, tuple(t.shape)) for t in flat], None
+    return [(t.dtype, tuple(t.shape)) for t in _leaves(out)], None
 
 
 ODD = (torch.float32, BF16, torch.float16, torch.float64)
