@@ -26,7 +26,7 @@ def extensions() -> list:
     # -fno-trapping-math lets GCC vectorise the branch-free gate math; vector
     # widths are chosen at run time in csrc/cpu/kernels.cpp, not with -march
     extra = os.environ.get("RNNFAST_EXTRA_CFLAGS", "").split()
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", *extra]
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", "-Wno-psabi", *extra]
     exts = [
         cpp_extension.CppExtension(
             "rnnfast._C",

@@ -221,7 +221,7 @@ def cell_update(MODE: tl.constexpr, b_a0, b_a1, b_a2, b_a3, b_h, b_c):
         b_y = tanh(b_a0)
         return b_y, b_c, b_y, b_y, b_y, b_y
     else:
-        b_y = tl.maximum(b_a0, 0.0)
+        b_y = tl.where(b_a0 < 0.0, 0.0, b_a0)  # NaN passes, as torch's relu lets it (tl.maximum drops it on GPUs)
         return b_y, b_c, b_y, b_y, b_y, b_y
 
 
@@ -253,7 +253,7 @@ def cell_grads(MODE: tl.constexpr, b_dm, b_dc, b_s0, b_s1, b_s2, b_s3, b_c, b_cp
         b_d = b_dm * (1.0 - b_s0 * b_s0)
         return b_d, b_d, b_d, b_d, b_d
     else:
-        b_d = tl.where(b_s0 > 0, b_dm, 0.)
+        b_d = tl.where(b_s0 <= 0, 0., b_dm)  # a NaN output passes the gradient, as torch's relu backward
         return b_d, b_d, b_d, b_d, b_d
 
 

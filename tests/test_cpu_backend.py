@@ -648,16 +648,16 @@ def test_two_threads_no_slower_than_one_on_a_small_training_step():
     assert two < 2.5 * one, f"2 threads {two * 1e3:.2f} ms, 1 thread {one * 1e3:.2f} ms"
 
 
-@pytest.mark.parametrize("T, B", [(9, 24), (1, 130)], ids=["T9B24", "T1B130"])
+@pytest.mark.parametrize("T, B", [(9, 24), (1, 132)], ids=["T9B24", "T1B132"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])
 def test_rows_and_units_splits_agree(family, dtype, T, B):
     """On 2 threads, a batch of 24 splits each step by rows (Split: 12 rows a thread, enough on AMX
-    tiles too), a single step from 64 rows a thread (kOneStepRows), and one of 2 rows by units (hidden
+    tiles too), a single step from 64 rows a thread (kOneStepRows), and one of 4 rows by units (hidden
     48: LSTM and GRU have 3 panels of 48 rows of K, enough for two threads, threads_for); every row's
-    arithmetic is the same either way, so the outputs, states and input gradients of the big batch
-    equal those of its 2-row slices exactly (the weight gradients sum the rows in another order, and
-    in bfloat16 each slice's is rounded apart)."""
+    arithmetic is the same either way (LSTM and Elman steps fused from 4 rows a thread on both), so the
+    outputs, states and input gradients of the big batch equal those of its 4-row slices exactly (the
+    weight gradients sum the rows in another order, and in bfloat16 each slice's is rounded apart)."""
     with num_threads(2):
         _, ours = twins(family, "cpu", 5, 48, num_layers=2, bidirectional=True, dtype=dtype)
         g = torch.Generator().manual_seed(0)
@@ -674,7 +674,7 @@ def test_rows_and_units_splits_agree(family, dtype, T, B):
             return [y, *(hn if family == "LSTM" else (hn,))], xs.grad, [p.grad.clone() for p in ours.parameters()]
 
         outs, dx, dw = run(slice(None))
-        slices = [run(slice(b, b + 2)) for b in range(0, B, 2)]
+        slices = [run(slice(b, b + 4)) for b in range(0, B, 4)]
         for i, out in enumerate(outs):
             assert torch.equal(out, torch.cat([s[0][i] for s in slices], dim=1))
         assert torch.equal(dx, torch.cat([s[1] for s in slices], dim=1))
@@ -833,9 +833,10 @@ def test_broken_extension_falls_back_with_a_clear_message():
 @pytest.mark.parametrize("family, H", [("LSTM", 130), ("GRU", 150), ("RNN", 260)])
 def test_large_steps(family, H, dtype):
     """Steps of over 2**22 multiply-adds: several panels a thread in the fused loop (float32),
-    the threaded GEMM rather than the GEMV kernel in the stepwise loop (float64)."""
+    the threaded GEMM rather than the GEMV kernel in the stepwise loop (float64). float32 against
+    float64 torch.nn (check_layer's exact): W_hh's gradient sums 384 rows' products of magnitude 10-20."""
     case = Case("big", dict(bidirectional=True), I=8, H=H, T=3, B=64, packed="unsorted")
-    check_layer(family, case, "cpu", dtype=dtype)
+    check_layer(family, case, "cpu", dtype=dtype, exact=dtype == torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

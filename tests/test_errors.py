@@ -224,19 +224,26 @@ def test_unknown_backend_from_environment(monkeypatch):
         rnnfast.LSTM(3, 4)(torch.randn(2, 1, 3))
 
 
+@pytest.mark.parametrize("batch", [2, 8])
 @pytest.mark.parametrize("where", ["input", "weight_ih", "weight_hh"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
-def test_nonfinite_propagate_like_torch(backend, family, value, where):
+@pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN", "RNN-relu", "LSTMCell", "GRUCell", "RNNCell", "RNNCell-relu"])
+def test_nonfinite_propagate_like_torch(backend, family, value, where, batch):
     """A NaN or infinite input or weight gives torch.nn's outputs and torch.nn's gradients, NaN where its
     are NaN and infinite where its are: an infinite pre-activation saturates a gate to exactly 0 or 1, whose
     zero slope times the infinite input is NaN in the weight gradient; with a zero initial state (hx None)
     the first step's recurrent product and its share of dW_hh are 0 x NaN = NaN where W_hh or a gate
-    gradient is not finite, as torch.nn computes them."""
+    gradient is not finite, as torch.nn computes them; a NaN passes ReLU, as torch's relu lets it. Batches
+    of 2 and 8 rows: the cpu backend's fused loop projects the inputs by chunks at the one and in each step's
+    tiles at the other."""
     device = backend_device(backend)
+    family, _, nonlinearity = family.partition("-")
     cell = family.endswith("Cell")
-    ref, ours = twins(family, backend, 5, 7, **({} if cell else {"num_layers": 2}), device=device)
-    x = torch.randn(*((3,) if cell else (4, 2)), 5, device=device)
+    kwargs = {} if cell else {"num_layers": 2}
+    if nonlinearity:
+        kwargs["nonlinearity"] = nonlinearity
+    ref, ours = twins(family, backend, 5, 7, **kwargs, device=device)
+    x = torch.randn(*((3 * batch // 2,) if cell else (4, batch)), 5, device=device)
     if where == "input":
         x[(1, 0) if cell else (1, 0, 2)] = value
     else:

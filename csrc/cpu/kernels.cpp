@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "activations.h"
 #include "bf16_emulation.h"
 
 #include <algorithm>

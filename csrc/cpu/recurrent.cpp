@@ -8,8 +8,11 @@
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
-// at one barrier for the others. Steps go in chunks of rows (chunk_steps): the forward
-// projects a chunk's inputs for its own units before running its steps; the backward
+// at one barrier for the others (or each thread owns rows; see Split). LSTM and Elman
+// forwards on AVX-512 fuse each step (step_product): one tile sums a block of rows' input
+// projection and recurrent product in registers and applies the cell update there. Else steps
+// go in chunks of rows (chunk_steps): the forward projects a chunk's inputs for its own units
+// before running its steps; the backward
 // forms a chunk's dx, dW_ih and dW_hh right after its steps, while the gate gradients
 // are in cache. No per-step library calls, allocations or thread start-ups, and
 // no buffer that grows with T besides what torch.nn also returns or saves.
@@ -34,6 +37,7 @@
 #include <mutex>
 #include <cstring>
 
+#include "activations.h"
 #include "cache.h"
 #include "checks.h"
 #include "dispatch.h"
@@ -159,6 +163,8 @@ Panels<BF16> direct_tiled(const BF16* data, int64_t K, int64_t N) {
 }
 
 #define RNNFAST_TILE_INLINE inline __attribute__((always_inline, target("avx512f")))
+#define RNNFAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define RNNFAST_BF16_INLINE inline __attribute__((always_inline)) RNNFAST_BF16_TARGET
 
 // The accumulators of a tile start from the bias (or zero) and end in c, added to it with add.
 template <int R, int V>
@@ -186,15 +192,21 @@ RNNFAST_TILE_INLINE void tile_store(__m512 (&acc)[R][V], float* c, int64_t ldc, 
   }
 }
 
+// The live lanes of a register into float32 or, each rounded once, into bfloat16.
+RNNFAST_TILE_INLINE void store_lanes(float* dst, __mmask16 live, __m512 y) { _mm512_mask_storeu_ps(dst, live, y); }
+RNNFAST_BF16_INLINE void store_lanes(BF16* dst, __mmask16 live, __m512 y) {
+  _mm256_mask_storeu_epi16(dst, live, (__m256i)_mm512_cvtneps_pbh(y));
+}
+
 // The same into bfloat16 c, each sum rounded once (a product's whole sums: add false).
 template <int R, int V>
-inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile_store(
-    __m512 (&acc)[R][V], BF16* c, int64_t ldc, const int64_t* col, const __mmask16* mask, bool) {
+RNNFAST_BF16_INLINE void tile_store(__m512 (&acc)[R][V], BF16* c, int64_t ldc, const int64_t* col,
+                                    const __mmask16* mask, bool) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      if (mask[v] != 0) _mm256_mask_storeu_epi16(c + r * ldc + col[v], mask[v], (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
+      if (mask[v] != 0) store_lanes(c + r * ldc + col[v], mask[v], acc[r][v]);
     }
   }
 }
@@ -226,19 +238,27 @@ RNNFAST_TILE_INLINE void tile_steps(__m512 (&acc)[R][V], const float* a, int64_t
   }
 }
 
-// c[r, col[v] + l] (+)= sum_k a[r, k] * b[k, 16 v + l] (+ bias) for R rows; a[r, k] sits at
-// a[r * lda + k], or a[r + k * lda] with TA (a transposed). 24 accumulators in registers.
+// acc[r][v] += sum_k a[r, k] * b[k, 16 v + l] for R rows; a[r, k] sits at a[r * lda + k], or
+// a[r + k * lda] with TA (a transposed).
+template <int R, int V, bool TA>
+RNNFAST_TILE_INLINE void tile_sums(__m512 (&acc)[R][V], const float* a, int64_t lda, int64_t K, const float* b,
+                                   int64_t ldb, const __mmask16* mask) {
+  if (whole_columns<V>(mask)) {
+    tile_steps<R, V, TA, true>(acc, a, lda, K, b, ldb, mask);
+  } else {
+    tile_steps<R, V, TA, false>(acc, a, lda, K, b, ldb, mask);
+  }
+}
+
+// c[r, col[v] + l] (+)= sum_k a[r, k] * b[k, 16 v + l] (+ bias) for R rows, a as in tile_sums. 24
+// accumulators in registers.
 template <int R, int V, bool TA>
 __attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb,
                                              const float* bias, float* c, int64_t ldc, const int64_t* col,
                                              const __mmask16* mask, bool add) {
   __m512 acc[R][V];
   tile_start<R, V>(acc, bias);
-  if (whole_columns<V>(mask)) {
-    tile_steps<R, V, TA, true>(acc, a, lda, K, b, ldb, mask);
-  } else {
-    tile_steps<R, V, TA, false>(acc, a, lda, K, b, ldb, mask);
-  }
+  tile_sums<R, V, TA>(acc, a, lda, K, b, ldb, mask);
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
@@ -246,10 +266,8 @@ __attribute__((target("avx512f"))) void tile(const float* a, int64_t lda, int64_
 // odd K) a's last value and a zero, so that no row of a is read past its end; Masked: the panel
 // loads take the columns' masks (see whole_columns).
 template <int R, int V, bool Whole, bool Masked>
-inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void pair_step(__m512 (&acc)[R][V],
-                                                                                  const uint16_t* a, int64_t lda,
-                                                                                  const uint16_t* b,
-                                                                                  const __mmask16* mask) {
+RNNFAST_BF16_INLINE void pair_step(__m512 (&acc)[R][V], const uint16_t* a, int64_t lda, const uint16_t* b,
+                                   const __mmask16* mask) {
   __m512i w[V];
 #pragma GCC unroll 4
   for (int v = 0; v < V; ++v) {
@@ -265,18 +283,13 @@ inline __attribute__((always_inline, target("avx512f,avx512bf16"))) void pair_st
   }
 }
 
-// The same tile over bfloat16 a and panels: each vdpbf16ps adds the products of a pair of
-// rows, a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators. With TA, a is
-// transposed in pairs (interleave_pairs of its columns, lda wide): a[r, k] at
-// a[(k - k % 2) * lda + 2 * r + k % 2], each pair of a row side by side as by rows.
-template <int R, int V, bool TA, typename C>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile(const BF16* a, int64_t lda, int64_t K,
-                                                                          const BF16* b, int64_t ldb,
-                                                                          const float* bias, C* c, int64_t ldc,
-                                                                          const int64_t* col, const __mmask16* mask,
-                                                                          bool add) {
-  __m512 acc[R][V];
-  tile_start<R, V>(acc, bias);
+// The same sums over bfloat16 a and panels: each vdpbf16ps adds the products of a pair of rows,
+// a[r, k] b[k, :] + a[r, k + 1] b[k + 1, :], into float32 accumulators. With TA, a is transposed in
+// pairs (interleave_pairs of its columns, lda wide): a[r, k] at a[(k - k % 2) * lda + 2 * r + k % 2],
+// each pair of a row side by side as by rows.
+template <int R, int V, bool TA>
+RNNFAST_BF16_INLINE void tile_sums(__m512 (&acc)[R][V], const BF16* a, int64_t lda, int64_t K, const BF16* b,
+                                   int64_t ldb, const __mmask16* mask) {
   const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
   const uint16_t* b16 = reinterpret_cast<const uint16_t*>(b);
   const int64_t rs = TA ? 2 : lda, ks = TA ? 2 * lda : 2;  // a's steps from row to row, pair to pair
@@ -286,6 +299,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void tile(const 
     for (int64_t kk = 0; kk < K / 2; ++kk) pair_step<R, V, true, true>(acc, a16 + kk * ks, rs, b16 + kk * ldb, mask);
   }
   if (K % 2 == 1) pair_step<R, V, false, true>(acc, a16 + (K / 2) * ks, rs, b16 + (K / 2) * ldb, mask);
+}
+
+template <int R, int V, bool TA, typename C>
+RNNFAST_BF16_TARGET void tile(const BF16* a, int64_t lda, int64_t K, const BF16* b, int64_t ldb, const float* bias,
+                              C* c, int64_t ldc, const int64_t* col, const __mmask16* mask, bool add) {
+  __m512 acc[R][V];
+  tile_start<R, V>(acc, bias);
+  tile_sums<R, V, TA>(acc, a, lda, K, b, ldb, mask);
   tile_store<R, V>(acc, c, ldc, col, mask, add);
 }
 
@@ -398,6 +419,24 @@ inline void prefetch_sums(const float* c, int64_t ldc, const int64_t* col, int64
   }
 }
 
+// Where the registers of panel nb land in a row of sums (column, live lanes), and how many hold live
+// columns: all V but in a one-gate layer's last panel (RNN H 8 has 1 of 4), whose dead registers would
+// cost as many multiply-adds as live ones.
+template <int V>
+struct PanelColumns {
+  int64_t col[V];
+  __mmask16 mask[V];
+  int live = V;
+  template <typename E>
+  PanelColumns(const Panels<E>& p, int64_t nb) {
+    for (int64_t v = 0; v < V; ++v) {
+      col[v] = p.column(nb, v);
+      mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
+    }
+    while (live > 1 && mask[live - 1] == 0) --live;
+  }
+};
+
 // Rows [0, n) of c (row stride ldc) for panels [nb0, nb1): c (+)= a @ B (+ bias); c float32, or
 // bfloat16 for bfloat16 operands (rounded sums: K one block, add false).
 template <int V, int R, bool TA, typename E, typename C = float>
@@ -405,18 +444,11 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
              int64_t ldc, bool add) {
   const int64_t rs = !TA ? lda : kPair<E>;  // from one row of a to the next (see tile)
   for_blocks(p, nb0, nb1, add, [&](int64_t nb, int64_t k0, int64_t kb, const E* b, const float* bias, bool add_k) {
-    int64_t col[V];
-    __mmask16 mask[V];
-    for (int64_t v = 0; v < V; ++v) {
-      col[v] = p.column(nb, v);
-      mask[v] = static_cast<__mmask16>((uint32_t(1) << p.lanes(nb, v)) - 1);
-    }
+    const PanelColumns<V> pc(p, nb);
+    const int64_t* col = pc.col;
+    const __mmask16* mask = pc.mask;
     const E* ak = a + (TA ? k0 * lda : k0);
-    // the registers up to the panel's last live column: all V but in a one-gate layer's last panel
-    // (RNN H 8 has 1 of 4), whose dead registers would cost as many multiply-adds as live ones
-    int live = V;
-    while (live > 1 && mask[live - 1] == 0) --live;
-    with_count<V>(live, [&](auto regs) {
+    with_count<V>(pc.live, [&](auto regs) {
       constexpr int L = decltype(regs)::value;
       int64_t r = 0;
       for (; r + R <= n; r += R) {
@@ -430,6 +462,110 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
       });
     });
   });
+}
+
+// ---- Fused steps: a step's products and cell update in one tile --------------------------------
+// Where a fused step writes the cells of its rows (row b of each at b times its width, H, or G H for the
+// gates): the LSTM cell state (read and written), what is saved for backward (or null), the new state
+// in float32, its rounded copy that the next product reads (E bfloat16; else null), and the output.
+template <typename E, typename O>
+struct StepRows {
+  float* c;
+  float* cs;
+  float* gates;
+  float* h;
+  E* h_lo;
+  O* out;
+  int64_t H, GH;
+};
+
+// The new state h of units [u, u + 16) of row b, at their live lanes.
+template <typename E, typename O>
+RNNFAST_BF16_INLINE void put_state(const StepRows<E, O>& s, int64_t b, int64_t u, __mmask16 live, __m512 h) {
+  store_lanes(s.h + b * s.H + u, live, h);
+  if (s.h_lo != nullptr) store_lanes(s.h_lo + b * s.H + u, live, h);
+  store_lanes(s.out + b * s.H + u, live, h);
+}
+
+// The cells of R rows (from row r of s) of a panel from their sums (acc, biases and both products in):
+// LSTM's registers are the gates i, f, g, o of 16 units, an Elman layer's 64 units; their update is
+// activations.h's, as the row kernels run it.
+template <int M, int R, int V, typename E, typename O>
+RNNFAST_BF16_INLINE void step_cells(__m512 (&acc)[R][V], const StepRows<E, O>& s, int64_t r, const int64_t* col,
+                                    const __mmask16* mask) {
+#pragma GCC unroll 8
+  for (int q = 0; q < R; ++q) {
+    const int64_t b = r + q;
+    if constexpr (M == LSTM) {
+      static_assert(V == 4, "an LSTM panel holds 4 gates");
+      const int64_t u = col[0];  // gate v of these units at col[v] = v H + u
+      const __mmask16 live = mask[0];
+      Lanes c, h;
+      lstm_cell(acc[q][0], acc[q][1], acc[q][2], acc[q][3], _mm512_maskz_loadu_ps(live, s.c + b * s.H + u), c, h);
+      store_lanes(s.c + b * s.H + u, live, c);
+      if (s.cs != nullptr) store_lanes(s.cs + b * s.H + u, live, c);
+      if (s.gates != nullptr) {
+        for (int v = 0; v < 4; ++v) store_lanes(s.gates + b * s.GH + col[v], live, acc[q][v]);
+      }
+      put_state(s, b, u, live, h);
+    } else {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        if (mask[v] != 0) put_state(s, b, col[v], mask[v], elman_cell(acc[q][v], M == RNN_RELU));
+      }
+    }
+  }
+}
+
+// R rows of a fused step for panel nb: the input projection of x's rows (I wide) and the recurrent product
+// of h's (H wide; null for a first step from a zero state), biases in, summed in registers and handed to
+// step_cells. Instantiated for float too, whose code converts nothing to bfloat16 and so takes no
+// AVX512-BF16 instruction.
+template <int M, int R, int V, typename E, typename O>
+RNNFAST_BF16_TARGET void step_tile(const Panels<E>& pi, const Panels<E>& ph, int64_t nb, const E* x, const E* h,
+                                   const StepRows<E, O>& s, int64_t r, const int64_t* col, const __mmask16* mask) {
+  __m512 acc[R][V];
+  tile_start<R, V>(acc, pi.bias_data != nullptr ? pi.bias_data + nb * pi.V * 16 : nullptr);
+  tile_sums<R, V, false>(acc, x + r * pi.K, pi.K, pi.K, pi.data + nb * pi.pstride, pi.ldb, mask);
+  if (h != nullptr) tile_sums<R, V, false>(acc, h + r * s.H, s.H, ph.K, ph.data + nb * ph.pstride, ph.ldb, mask);
+  step_cells<M>(acc, s, r, col, mask);
+}
+
+// Rows [0, n) of a fused step over panels [nb0, nb1) of the input (pi) and recurrent (ph) weights, packed
+// alike (4 registers a panel): x and h as in step_tile, s where the cells go. For LSTM and Elman layers on
+// AVX-512 (bfloat16: AVX512-BF16 without AMX), from kFusedRows rows a thread (fuses_steps).
+template <typename E, typename O>
+void step_product(int64_t mode, const Panels<E>& pi, const Panels<E>& ph, int64_t nb0, int64_t nb1, const E* x,
+                  const E* h, int64_t n, const StepRows<E, O>& s) {
+  constexpr int R = 6;
+  const auto run = [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const PanelColumns<4> pc(pi, nb);
+      const auto rows_of = [&](auto regs) {
+        constexpr int L = decltype(regs)::value;
+        int64_t r = 0;
+        for (; r + R <= n; r += R) step_tile<M, R, L>(pi, ph, nb, x, h, s, r, pc.col, pc.mask);
+        with_count<R - 1>(n - r, [&](auto rows) {
+          step_tile<M, decltype(rows)::value, L>(pi, ph, nb, x, h, s, r, pc.col, pc.mask);
+        });
+      };
+      if constexpr (M == LSTM) {
+        rows_of(std::integral_constant<int, 4>{});
+      } else {
+        with_count<4>(pc.live, rows_of);
+      }
+    }
+  };
+  switch (mode) {
+    case LSTM:
+      return run(std::integral_constant<int, LSTM>{});
+    case RNN_TANH:
+      return run(std::integral_constant<int, RNN_TANH>{});
+    default:
+      TORCH_CHECK(mode == RNN_RELU, "rnnfast: fused steps run LSTM and Elman layers");
+      return run(std::integral_constant<int, RNN_RELU>{});
+  }
 }
 
 // The same in float32 on AVX2: a block's panel registers one at a time (its 64 bytes of each
@@ -794,20 +930,44 @@ int64_t block_rows(const Panels<E>& p, int64_t B) {
 }
 
 // One step's recurrent product over a thread's panels [nb0, nb1) and rows [r0, r1), in slabs of
-// panels that fill half of L2, each slab in blocks of RB rows: f(s0, s1, u0, cnt, r, rows) for
+// panels that fill half of L2 (each `also` elements more where a fused step reads the input weights'
+// panel beside it), each slab in blocks of RB rows: f(s0, s1, u0, cnt, r, rows) for
 // panels [s0, s1), their units [u0, u0 + cnt), and rows [r, r + rows). Each panel is then read from
 // L3 (or memory) once a step, not once per block of rows; a thread's whole share is one slab where
 // it fits. Forward: LSTM H512 on a 512 KB L2 AVX2 EPYC 0.75x -> 0.87x torch.nn. Backward (dh): LSTM
 // T100 B64 H512 float32 training on a 2 MB L2 Xeon, the dh products 62 -> 52 ms of a 373 ms step
 // (bench/results/2026-12-06-cpu-f32-backward-ab.md).
 template <typename E, typename F>
-void for_slabs(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t r0, int64_t r1, int64_t RB, F&& f) {
-  const int64_t slab = std::max<int64_t>(1, l2_bytes() / 2 / (p.pstride * int64_t(sizeof(E))));
+void for_slabs(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t r0, int64_t r1, int64_t RB, int64_t also, F&& f) {
+  const int64_t slab = std::max<int64_t>(1, l2_bytes() / 2 / ((p.pstride + also) * int64_t(sizeof(E))));
   for (int64_t s0 = nb0; s0 < nb1; s0 += slab) {
     const int64_t s1 = std::min(nb1, s0 + slab);
     const int64_t u0 = std::min(p.N, s0 * p.U), cnt = std::min(p.N, s1 * p.U) - u0;
     for (int64_t r = r0; r < r1; r += RB) f(s0, s1, u0, cnt, r, std::min(RB, r1 - r));
   }
+}
+
+// Whether a forward runs fused steps (step_product) for LSTM or Elman panels p at `rows` rows a thread:
+// each step projects its own inputs in the tiles of its recurrent product, and the cells take the sums
+// from registers, so no pre-activations go through memory (the input's at B256 H768: 3 MB a step,
+// beyond L2). In one process, switched call by call, 1.07x as fast in the median of 40 shapes
+// (0.91-1.35x; the one under 0.97 ran 1.02x on rerun), LSTM H384-768 inference at B32-256 1.06-1.16x,
+// which took it past torch.nn (bench/results/2026-12-08-cpu-amd-fused-steps-ab.md). At 1 row a thread
+// the chunk's projection over 50 steps' rows at once ran faster (fused 0.80-0.83x), at 2 0.91-1.02x.
+// GRU's n gate keeps its two products apart (r * (W_hn h + b_hn)).
+constexpr int64_t kFusedRows = 4;
+template <typename E>
+bool fuses_steps(const Panels<E>& p, int64_t mode, int64_t rows) {
+  const bool isa = std::is_same_v<E, float> ? kHasAvx512 && p.rows_data == nullptr : kHasAvx512Bf16 && !kHasAmxBf16;
+  return isa && mode != GRU && p.V == 4 && rows >= kFusedRows;
+}
+
+// Rows a fused step goes through at a time: as many as keep their inputs and states in a quarter of L2
+// beside the slab's panels, in whole tiles of 6 (12-192 rows ran the same, within 2%).
+template <typename E>
+int64_t fused_block_rows(const Panels<E>& ph, const Panels<E>& pi, int64_t B) {
+  const int64_t row_bytes = (ph.K + pi.K) * int64_t(sizeof(E));
+  return std::clamp<int64_t>(l2_bytes() / 4 / row_bytes / 6 * 6, 6, std::max<int64_t>(B, 6));
 }
 
 // The units [u0, u0 + cnt) that thread tid of nt owns: whole panels, split evenly.
@@ -1143,7 +1303,8 @@ struct Walk {
 // The forward loop over inputs and weights E (float or bfloat16) and outputs and returned
 // states O, h0's type: E, or float beside bfloat16 (autocast's float32 states). The state,
 // the cell state, the gates and all sums stay float32; for bfloat16 a rounded copy of the
-// state (hlo) feeds the recurrent product. x is (T, B, I), or in inference PackedSequence data
+// state (hlo) feeds the recurrent product. Steps fused (fuses_steps) or over a chunk's
+// input pre-activations (gi). x is (T, B, I), or in inference PackedSequence data
 // (rows, I) whose steps bs gives: then the output is in its rows too, and no padded copy is made.
 template <typename E, typename O>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, const Tensor& x,
@@ -1179,10 +1340,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   });
   const Panels<E> p_in = panels<E>().get({w_ih, b_ih, b_hh}, kInput * 4 + mode,
                                          [&] { return pack<E>(w_ih, split_biases(mode, b_ih, b_hh).first, G, U); });
-  const int64_t RB = block_rows(p, B), TC = chunk_steps(T, B, kForwardChunkRows);
   const Split split(p, B, T);
   const bool by_rows = split.by_rows;
   const int64_t nt = split.threads;
+  const bool fused = fuses_steps(p, mode, by_rows ? B / nt : B);
+  const int64_t RB = fused ? fused_block_rows(p, p_in, B) : block_rows(p, B);
+  const int64_t TC = chunk_steps(T, B, kForwardChunkRows);
   const Walk walk{T, reverse};
   // ping-pong: walked step k reads hbuf[k % 2] and writes every row and unit of the other
   Tensor hbuf = workspace(kStates, {2, B, H});
@@ -1191,8 +1354,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   Tensor hlo = low ? workspace(kStatesLow, {2, B, H}, x.scalar_type()) : hbuf;  // what the product reads
   if (low) hlo[0].copy_(h0);
   const int64_t ldg = padded_row(GH, sizeof(float));  // rows of pre-activations
-  Tensor gi = workspace(kGates, {TC, B, ldg});    // one chunk's input pre-activations
-  Tensor scratch = workspace(kScratch, {nt, RB * ldg + 4 * H});  // per thread: recurrent pre-activations, a row's gates
+  Tensor gi = workspace(kGates, {fused ? 0 : TC, B, ldg});  // one chunk's input pre-activations
+  // per thread: recurrent pre-activations and a row's gates (fused steps keep both in registers)
+  const int64_t scratch_row = fused ? 0 : RB * ldg + 4 * H;
+  Tensor scratch = workspace(kScratch, {nt, scratch_row});
 
   const Rows<float> cs_rows(cs), ws1_rows(ws1);
   const Rows<E> x_rows(x, starts.data());
@@ -1213,7 +1378,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
     const Share own = part.own;
     const int64_t rb0 = part.r0, rb1 = part.r1;
     int64_t phase = 0;  // of the dealt work (every thread counts the same)
-    float* gh = scratch.data_ptr<float>() + tid * (RB * ldg + 4 * H);
+    float* gh = scratch.data_ptr<float>() + tid * scratch_row;
     float* row_ws = gh + RB * ldg;  // a row's gates when nothing is saved: stays in L1
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
       const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1), t1 = t0 + (k1 - k0);
@@ -1222,13 +1387,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
       const auto gi_row = [&](int64_t t, int64_t b) {
         return gi_p + ((by_rows ? (t - t0) * B : x_rows.start(t) - x_rows.start(t0)) + b) * ldg;
       };
-      // this thread's share of the chunk's input projection, only the rows the steps run: only this thread reads it
-      if (by_rows) {
+      // this thread's share of the chunk's input projection (fused steps project their own rows), only the rows
+      // the steps run: only this thread reads it
+      if (!fused && by_rows) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t r1 = std::min(rb1, bs[t]);
           if (r1 > rb0) gemm(p_in, 0, p_in.NB, x_rows(t, rb0), I, r1 - rb0, gi_row(t, rb0), ldg, false);
         }
-      } else {
+      } else if (!fused) {
         const auto project = [&](int64_t nb0, int64_t nb1) {
           if (packed && !rows_in) {  // padded PackedSequence: each step's active rows
             for (int64_t t = t0; t < t1; ++t) {
@@ -1256,8 +1422,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
             std::memcpy(nxt + b * H + j0, cur + b * H + j0, m * sizeof(float));
             if (low) std::memcpy(nxt_lo + b * H + j0, cur_lo + b * H + j0, m * sizeof(E));
           }
-          for_slabs(p, nb0, nb1, rb0, n, RB,
+          for_slabs(p, nb0, nb1, rb0, n, RB, fused ? p_in.pstride : 0,
                     [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rows) {
+                      if (fused) {
+                        const StepRows<E, O> cells{lstm ? c_p + r0 * H : nullptr,
+                                                   lstm && save ? cs_rows(t, r0) : nullptr,
+                                                   lstm && save ? ws1_rows(t, r0) : nullptr,
+                                                   nxt + r0 * H,
+                                                   low ? nxt_lo + r0 * H : nullptr,
+                                                   out_rows(t, r0),
+                                                   H,
+                                                   GH};
+                        return step_product(mode, p_in, p, s0, s1, x_rows(t, r0),
+                                            k == 0 && h0_zero ? nullptr : cur_lo + r0 * H, rows, cells);
+                      }
                       if (k == 0 && h0_zero) {
                         bias_rows(p, s0, s1, rows, gh, ldg);
                       } else {
@@ -1603,7 +1781,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
         if (k == T - 1 && !needs.dh0) continue;  // dh0: not asked for
         // dh of the rows active at t, block by block, each block's rows (and the slab's units)
         // going straight on to the gate gradients of the next walked step of this chunk
-        for_slabs(p, own.nb0, own.nb1, rb0, n, RB,
+        for_slabs(p, own.nb0, own.nb1, rb0, n, RB, 0,
                   [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rb) {
                     fetch(k + 1, r0, std::min(r0 + rb, n_next), u0, cnt);
                     gemm(p, s0, s1, dgh_p + crow(t, r0) * ldg, ldg, rb, dh_p + r0 * H, H, gru);

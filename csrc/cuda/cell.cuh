@@ -119,7 +119,7 @@ RNNFAST_HD void step_fwd_elem(const StepFwdArgs& a, int64_t idx) {
     }
   } else {
     const A pre = load(gi) + load(gh);
-    h = MODE == RNN_TANH ? tanh_(pre) : (pre > A(0) ? pre : A(0));
+    h = MODE == RNN_TANH ? tanh_(pre) : (pre < A(0) ? A(0) : pre);
   }
   store(static_cast<T*>(a.h_out) + hj, h);
   if (a.h_state != nullptr) store(static_cast<T*>(a.h_state) + hj, h);
@@ -164,7 +164,7 @@ RNNFAST_HD void step_bwd_elem(const StepBwdArgs& a, int64_t idx) {
     *dh_p = dh * z;
   } else {
     const A h = load(static_cast<const T*>(a.h_t) + hj);
-    store(dgi, MODE == RNN_TANH ? dh * (A(1) - h * h) : (h > A(0) ? dh : A(0)));
+    store(dgi, MODE == RNN_TANH ? dh * (A(1) - h * h) : (h <= A(0) ? A(0) : dh));
     *dh_p = A(0);
   }
 }
@@ -187,7 +187,7 @@ RNNFAST_HD void decode_elem(const DecodeArgs& a, const A* gi, const A* gh, int64
     h = (A(1) - z) * n + z * load(static_cast<const T*>(a.h_in) + hj);
   } else {
     const A pre = gi[0] + gh[0];
-    h = MODE == RNN_TANH ? tanh_(pre) : (pre > A(0) ? pre : A(0));
+    h = MODE == RNN_TANH ? tanh_(pre) : (pre < A(0) ? A(0) : pre);
   }
   store(static_cast<T*>(a.h_out) + hj, h);
   if (a.h_out2 != nullptr) store(static_cast<T*>(a.h_out2) + hj, h);
