@@ -116,6 +116,16 @@ RNNFAST_MATH void lstm_cell(F& i, F& f, F& g, F& o, F c_prev, F& c, F& h) {
   h = o * Act<F>::tanh(c);
 }
 
+// GRU's cell: r and z come in as pre-activations and leave activated; n = tanh(xn + r hn) from the input's
+// and the state's n pre-activations (hn: W_hn h + b_hn); returns the new state (1 - z) n + z h_prev.
+template <typename F>
+RNNFAST_MATH F gru_cell(F& r, F& z, F xn, F hn, F h_prev, F& n) {
+  r = Act<F>::sigmoid(r);
+  z = Act<F>::sigmoid(z);
+  n = Act<F>::tanh(xn + r * hn);
+  return (1.f - z) * n + z * h_prev;
+}
+
 // The Elman cell: tanh or ReLU of the pre-activation (NaN passes ReLU, as torch's relu lets it).
 template <typename F>
 RNNFAST_MATH F elman_cell(F x, bool relu) {

@@ -29,15 +29,13 @@ template <typename T>
 RNNFAST_INLINE void gru_fwd_impl(const T* gi, const T* gh, const T* h_prev, T* ws, T* h_out, int64_t n, int64_t H) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const T r = Act<T>::sigmoid(gi[j] + gh[j]);
-    const T z = Act<T>::sigmoid(gi[H + j] + gh[H + j]);
+    T r = gi[j] + gh[j], z = gi[H + j] + gh[H + j], n;
     const T ghn = gh[2 * H + j];
-    const T n = Act<T>::tanh(gi[2 * H + j] + r * ghn);
+    h_out[j] = gru_cell(r, z, gi[2 * H + j], ghn, h_prev[j], n);
     ws[j] = r;
     ws[H + j] = z;
     ws[2 * H + j] = n;
     ws[3 * H + j] = ghn;
-    h_out[j] = (T(1) - z) * n + z * h_prev[j];
   }
 }
 

@@ -8,9 +8,9 @@
 // Each thread owns a slice of the hidden units (whole panels): per step it computes
 // the recurrent pre-activations of its units a block of rows at a time and applies
 // the gate update (the row kernels of kernels.h) while they are in cache, then waits
-// at one barrier for the others (or each thread owns rows; see Split). LSTM and Elman
-// forwards on AVX-512 fuse each step (step_product): one tile sums a block of rows' input
-// projection and recurrent product in registers and applies the cell update there. Else steps
+// at one barrier for the others (or each thread owns rows; see Split). Forwards on AVX-512
+// fuse each step (step_product, fuses_steps): one tile sums a block of rows' input projection
+// and recurrent product in registers and applies the cell update there. Else steps
 // go in chunks of rows (chunk_steps): the forward projects a chunk's inputs for its own units
 // before running its steps; the backward
 // forms a chunk's dx, dW_ih and dW_hh right after its steps, while the gate gradients
@@ -465,18 +465,20 @@ void product(const Panels<E>& p, int64_t nb0, int64_t nb1, const E* a, int64_t l
 }
 
 // ---- Fused steps: a step's products and cell update in one tile --------------------------------
-// Where a fused step writes the cells of its rows (row b of each at b times its width, H, or G H for the
-// gates): the LSTM cell state (read and written), what is saved for backward (or null), the new state
-// in float32, its rounded copy that the next product reads (E bfloat16; else null), and the output.
+// Where a fused step reads and writes the cells of its rows (row b of each at b times its width: H, or
+// ws_width for the saved gates): the state the step starts from in float32 (GRU), the LSTM cell state
+// (read and written), what is saved for backward (or null), the new state in float32, its rounded copy
+// that the next product reads (E bfloat16; else null), and the output.
 template <typename E, typename O>
 struct StepRows {
+  const float* h_prev;
   float* c;
   float* cs;
   float* gates;
   float* h;
   E* h_lo;
   O* out;
-  int64_t H, GH;
+  int64_t H, ws_width;
 };
 
 // The new state h of units [u, u + 16) of row b, at their live lanes.
@@ -487,16 +489,31 @@ RNNFAST_BF16_INLINE void put_state(const StepRows<E, O>& s, int64_t b, int64_t u
   store_lanes(s.out + b * s.H + u, live, h);
 }
 
-// The cells of R rows (from row r of s) of a panel from their sums (acc, biases and both products in):
-// LSTM's registers are the gates i, f, g, o of 16 units, an Elman layer's 64 units; their update is
-// activations.h's, as the row kernels run it.
+// The cells of R rows (from row r of s) of a panel from their sums (biases and both products in): LSTM's
+// registers are the gates i, f, g, o of 16 units, an Elman layer's 64 units, GRU's the gates r, z, n of 16
+// units, n's the state's sums alone (the input's in n_x). Their update is activations.h's, as the row
+// kernels run it.
 template <int M, int R, int V, typename E, typename O>
-RNNFAST_BF16_INLINE void step_cells(__m512 (&acc)[R][V], const StepRows<E, O>& s, int64_t r, const int64_t* col,
-                                    const __mmask16* mask) {
+RNNFAST_BF16_INLINE void step_cells(__m512 (&acc)[R][V], __m512 (&n_x)[R], const StepRows<E, O>& s, int64_t r,
+                                    const int64_t* col, const __mmask16* mask) {
 #pragma GCC unroll 8
   for (int q = 0; q < R; ++q) {
     const int64_t b = r + q;
-    if constexpr (M == LSTM) {
+    if constexpr (M == GRU) {
+      static_assert(V == 3, "a GRU panel holds 3 gates");
+      const int64_t u = col[0];  // gate v of these units at col[v] = v H + u
+      const __mmask16 live = mask[0];
+      Lanes rg = acc[q][0], z = acc[q][1], n;
+      const Lanes h = gru_cell(rg, z, n_x[q], acc[q][2], _mm512_maskz_loadu_ps(live, s.h_prev + b * s.H + u), n);
+      if (s.gates != nullptr) {  // r, z, n and W_hn h + b_hn, as gru_fwd saves them
+        float* ws = s.gates + b * s.ws_width + u;
+        store_lanes(ws, live, rg);
+        store_lanes(ws + s.H, live, z);
+        store_lanes(ws + 2 * s.H, live, n);
+        store_lanes(ws + 3 * s.H, live, acc[q][2]);
+      }
+      put_state(s, b, u, live, h);
+    } else if constexpr (M == LSTM) {
       static_assert(V == 4, "an LSTM panel holds 4 gates");
       const int64_t u = col[0];  // gate v of these units at col[v] = v H + u
       const __mmask16 live = mask[0];
@@ -505,7 +522,7 @@ RNNFAST_BF16_INLINE void step_cells(__m512 (&acc)[R][V], const StepRows<E, O>& s
       store_lanes(s.c + b * s.H + u, live, c);
       if (s.cs != nullptr) store_lanes(s.cs + b * s.H + u, live, c);
       if (s.gates != nullptr) {
-        for (int v = 0; v < 4; ++v) store_lanes(s.gates + b * s.GH + col[v], live, acc[q][v]);
+        for (int v = 0; v < 4; ++v) store_lanes(s.gates + b * s.ws_width + col[v], live, acc[q][v]);
       }
       put_state(s, b, u, live, h);
     } else {
@@ -519,29 +536,41 @@ RNNFAST_BF16_INLINE void step_cells(__m512 (&acc)[R][V], const StepRows<E, O>& s
 
 // R rows of a fused step for panel nb: the input projection of x's rows (I wide) and the recurrent product
 // of h's (H wide; null for a first step from a zero state), biases in, summed in registers and handed to
-// step_cells. Instantiated for float too, whose code converts nothing to bfloat16 and so takes no
-// AVX512-BF16 instruction.
+// step_cells; GRU's n gate keeps the input's sums (n_x) apart from the state's, for r (W_hn h + b_hn).
+// Instantiated for float too, whose code converts nothing to bfloat16 and so takes no AVX512-BF16
+// instruction.
 template <int M, int R, int V, typename E, typename O>
 RNNFAST_BF16_TARGET void step_tile(const Panels<E>& pi, const Panels<E>& ph, int64_t nb, const E* x, const E* h,
                                    const StepRows<E, O>& s, int64_t r, const int64_t* col, const __mmask16* mask) {
-  __m512 acc[R][V];
-  tile_start<R, V>(acc, pi.bias_data != nullptr ? pi.bias_data + nb * pi.V * 16 : nullptr);
+  const auto bias = [&](const Panels<E>& p) { return p.bias_data != nullptr ? p.bias_data + nb * p.V * 16 : nullptr; };
+  __m512 acc[R][V], n_x[R];
+  tile_start<R, V>(acc, bias(pi));
   tile_sums<R, V, false>(acc, x + r * pi.K, pi.K, pi.K, pi.data + nb * pi.pstride, pi.ldb, mask);
+  if constexpr (M == GRU) {  // r and z add on the state's bias and sums; n starts them afresh
+    const float* b_h = bias(ph);
+    for (int v = 0; v < V; ++v) {
+      const __m512 bv = b_h != nullptr ? _mm512_loadu_ps(b_h + 16 * v) : _mm512_setzero_ps();
+      for (int q = 0; q < R; ++q) {
+        if (v == 2) n_x[q] = acc[q][2];
+        acc[q][v] = v == 2 ? bv : acc[q][v] + bv;
+      }
+    }
+  }
   if (h != nullptr) tile_sums<R, V, false>(acc, h + r * s.H, s.H, ph.K, ph.data + nb * ph.pstride, ph.ldb, mask);
-  step_cells<M>(acc, s, r, col, mask);
+  step_cells<M>(acc, n_x, s, r, col, mask);
 }
 
 // Rows [0, n) of a fused step over panels [nb0, nb1) of the input (pi) and recurrent (ph) weights, packed
-// alike (4 registers a panel): x and h as in step_tile, s where the cells go. For LSTM and Elman layers on
-// AVX-512 (bfloat16: AVX512-BF16 without AMX), from kFusedRows rows a thread (fuses_steps).
+// alike: x and h as in step_tile, s where the cells go. On AVX-512 (bfloat16: AVX512-BF16 without AMX), from
+// kFusedRows rows a thread (fuses_steps).
 template <typename E, typename O>
 void step_product(int64_t mode, const Panels<E>& pi, const Panels<E>& ph, int64_t nb0, int64_t nb1, const E* x,
                   const E* h, int64_t n, const StepRows<E, O>& s) {
-  constexpr int R = 6;
   const auto run = [&](auto m) {
     constexpr int M = decltype(m)::value;
+    constexpr int V = M == GRU ? 3 : 4, R = 6;  // 24 accumulators (GRU: 18 and 6 of n_x)
     for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const PanelColumns<4> pc(pi, nb);
+      const PanelColumns<V> pc(pi, nb);
       const auto rows_of = [&](auto regs) {
         constexpr int L = decltype(regs)::value;
         int64_t r = 0;
@@ -550,20 +579,22 @@ void step_product(int64_t mode, const Panels<E>& pi, const Panels<E>& ph, int64_
           step_tile<M, decltype(rows)::value, L>(pi, ph, nb, x, h, s, r, pc.col, pc.mask);
         });
       };
-      if constexpr (M == LSTM) {
-        rows_of(std::integral_constant<int, 4>{});
+      if constexpr (M == LSTM || M == GRU) {
+        rows_of(std::integral_constant<int, V>{});
       } else {
-        with_count<4>(pc.live, rows_of);
+        with_count<V>(pc.live, rows_of);
       }
     }
   };
   switch (mode) {
     case LSTM:
       return run(std::integral_constant<int, LSTM>{});
+    case GRU:
+      return run(std::integral_constant<int, GRU>{});
     case RNN_TANH:
       return run(std::integral_constant<int, RNN_TANH>{});
     default:
-      TORCH_CHECK(mode == RNN_RELU, "rnnfast: fused steps run LSTM and Elman layers");
+      TORCH_CHECK(mode == RNN_RELU, "rnnfast: unknown mode ", mode);
       return run(std::integral_constant<int, RNN_RELU>{});
   }
 }
@@ -947,19 +978,22 @@ void for_slabs(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t r0, int64_t
   }
 }
 
-// Whether a forward runs fused steps (step_product) for LSTM or Elman panels p at `rows` rows a thread:
-// each step projects its own inputs in the tiles of its recurrent product, and the cells take the sums
-// from registers, so no pre-activations go through memory (the input's at B256 H768: 3 MB a step,
-// beyond L2). In one process, switched call by call, 1.07x as fast in the median of 40 shapes
-// (0.91-1.35x; the one under 0.97 ran 1.02x on rerun), LSTM H384-768 inference at B32-256 1.06-1.16x,
-// which took it past torch.nn (bench/results/2026-12-08-cpu-amd-fused-steps-ab.md). At 1 row a thread
-// the chunk's projection over 50 steps' rows at once ran faster (fused 0.80-0.83x), at 2 0.91-1.02x.
-// GRU's n gate keeps its two products apart (r * (W_hn h + b_hn)).
-constexpr int64_t kFusedRows = 4;
+// Whether a forward runs fused steps (step_product) at `rows` rows a thread (split by_rows or not): each step
+// projects its own inputs in the tiles of its recurrent product, and the cells take the sums from registers,
+// so no pre-activations go through memory (the input's at LSTM B256 H768: 3 MB a step, beyond L2). In one
+// process, switched call by call: LSTM and Elman 1.07x as fast in the median of 40 shapes (0.91-1.35x),
+// LSTM H384-768 inference at B32-256 1.06-1.16x, which took it past torch.nn
+// (bench/results/2026-12-08-cpu-amd-fused-steps-ab.md); GRU 1.00-1.43x in inference, 0.995-1.035x in
+// training, its n gate's two sums kept apart (bench/results/2026-12-08-cpu-amd-fused-gru-ab.md). At 1 row a
+// thread the chunk's projection over 50 steps' rows at once ran faster (fused 0.80-0.83x), at 2 0.91-1.02x;
+// so did an Elman layer's, whose cell is one tanh, split by rows at 32 rows a thread and more (fused
+// 0.89-1.02x, median 0.97x: each step reads all of W_ih for its rows, the chunk once for 4 steps' rows).
+constexpr int64_t kFusedRows = 4, kElmanChunkedRows = 32;
 template <typename E>
-bool fuses_steps(const Panels<E>& p, int64_t mode, int64_t rows) {
+bool fuses_steps(const Panels<E>& p, int64_t mode, int64_t rows, bool by_rows) {
   const bool isa = std::is_same_v<E, float> ? kHasAvx512 && p.rows_data == nullptr : kHasAvx512Bf16 && !kHasAmxBf16;
-  return isa && mode != GRU && p.V == 4 && rows >= kFusedRows;
+  const bool elman_chunked = (mode == RNN_TANH || mode == RNN_RELU) && by_rows && rows >= kElmanChunkedRows;
+  return isa && rows >= kFusedRows && !elman_chunked;
 }
 
 // Rows a fused step goes through at a time: as many as keep their inputs and states in a quarter of L2
@@ -1343,7 +1377,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
   const Split split(p, B, T);
   const bool by_rows = split.by_rows;
   const int64_t nt = split.threads;
-  const bool fused = fuses_steps(p, mode, by_rows ? B / nt : B);
+  const bool fused = fuses_steps(p, mode, by_rows ? B / nt : B, by_rows);
   const int64_t RB = fused ? fused_block_rows(p, p_in, B) : block_rows(p, B);
   const int64_t TC = chunk_steps(T, B, kForwardChunkRows);
   const Walk walk{T, reverse};
@@ -1425,14 +1459,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
           for_slabs(p, nb0, nb1, rb0, n, RB, fused ? p_in.pstride : 0,
                     [&](int64_t s0, int64_t s1, int64_t u0, int64_t cnt, int64_t r0, int64_t rows) {
                       if (fused) {
-                        const StepRows<E, O> cells{lstm ? c_p + r0 * H : nullptr,
+                        const StepRows<E, O> cells{cur + r0 * H,
+                                                   lstm ? c_p + r0 * H : nullptr,
                                                    lstm && save ? cs_rows(t, r0) : nullptr,
-                                                   lstm && save ? ws1_rows(t, r0) : nullptr,
+                                                   (lstm || gru) && save ? ws1_rows(t, r0) : nullptr,
                                                    nxt + r0 * H,
                                                    low ? nxt_lo + r0 * H : nullptr,
                                                    out_rows(t, r0),
                                                    H,
-                                                   GH};
+                                                   lstm ? GH : 4 * H};
                         return step_product(mode, p_in, p, s0, s1, x_rows(t, r0),
                                             k == 0 && h0_zero ? nullptr : cur_lo + r0 * H, rows, cells);
                       }
