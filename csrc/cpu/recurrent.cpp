@@ -548,8 +548,10 @@ RNNFAST_BF16_TARGET void step_tile(const Panels<E>& pi, const Panels<E>& ph, int
   tile_sums<R, V, false>(acc, x + r * pi.K, pi.K, pi.K, pi.data + nb * pi.pstride, pi.ldb, mask);
   if constexpr (M == GRU) {  // r and z add on the state's bias and sums; n starts them afresh
     const float* b_h = bias(ph);
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       const __m512 bv = b_h != nullptr ? _mm512_loadu_ps(b_h + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 8
       for (int q = 0; q < R; ++q) {
         if (v == 2) n_x[q] = acc[q][2];
         acc[q][v] = v == 2 ? bv : acc[q][v] + bv;
