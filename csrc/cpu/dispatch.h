@@ -1,11 +1,13 @@
 // The one switch over LSTM / GRU / RNN of the CPU loops: a row's gate update, forward
-// and backward, and where each mode adds its biases. Every loop (stepwise, fused,
-// decode) calls these, so a new mode or element type is added here once.
+// and backward, the mode as a constant for code built per mode (with_mode), and where
+// each mode adds its biases. Every loop (stepwise, fused, decode) calls these, so a new
+// mode or element type is added here once.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -29,6 +31,23 @@ inline void gate_forward(int64_t mode, const T* gi, const T* gh, const T* h_prev
       return gru_fwd(gi, gh, h_prev, ws, h_out, n, H);
     default:
       return rnn_fwd(gi, gh, h_out, mode == RNN_RELU, n);
+  }
+}
+
+// f(std::integral_constant<int64_t, mode>{}): the mode as a constant, for code instantiated per mode (the
+// fused loop's step tiles).
+template <typename F>
+inline decltype(auto) with_mode(int64_t mode, F&& f) {
+  switch (mode) {
+    case LSTM:
+      return f(std::integral_constant<int64_t, LSTM>{});
+    case GRU:
+      return f(std::integral_constant<int64_t, GRU>{});
+    case RNN_TANH:
+      return f(std::integral_constant<int64_t, RNN_TANH>{});
+    default:
+      TORCH_CHECK(mode == RNN_RELU, "rnnfast: unknown mode ", mode);
+      return f(std::integral_constant<int64_t, RNN_RELU>{});
   }
 }
 

@@ -568,7 +568,7 @@ RNNFAST_BF16_TARGET void step_tile(const Panels<E>& pi, const Panels<E>& ph, int
 template <typename E, typename O>
 void step_product(int64_t mode, const Panels<E>& pi, const Panels<E>& ph, int64_t nb0, int64_t nb1, const E* x,
                   const E* h, int64_t n, const StepRows<E, O>& s) {
-  const auto run = [&](auto m) {
+  with_mode(mode, [&](auto m) {
     constexpr int M = decltype(m)::value;
     constexpr int V = M == GRU ? 3 : 4, R = 6;  // 24 accumulators (GRU: 18 and 6 of n_x)
     for (int64_t nb = nb0; nb < nb1; ++nb) {
@@ -587,18 +587,7 @@ void step_product(int64_t mode, const Panels<E>& pi, const Panels<E>& ph, int64_
         with_count<V>(pc.live, rows_of);
       }
     }
-  };
-  switch (mode) {
-    case LSTM:
-      return run(std::integral_constant<int, LSTM>{});
-    case GRU:
-      return run(std::integral_constant<int, GRU>{});
-    case RNN_TANH:
-      return run(std::integral_constant<int, RNN_TANH>{});
-    default:
-      TORCH_CHECK(mode == RNN_RELU, "rnnfast: unknown mode ", mode);
-      return run(std::integral_constant<int, RNN_RELU>{});
-  }
+  });
 }
 
 // The same in float32 on AVX2: a block's panel registers one at a time (its 64 bytes of each
