@@ -87,6 +87,9 @@ struct Panels {
 
   int64_t bytes() const { return NB * pstride * int64_t(sizeof(E)); }  // all NB panels
 
+  // The packed bias of panel nb (16 V floats), or null without one.
+  const float* bias_of(int64_t nb) const { return bias_data != nullptr ? bias_data + nb * V * 16 : nullptr; }
+
   // Column offset in an output row (gate stride N) and live lanes of register v of panel nb.
   int64_t column(int64_t nb, int64_t v) const { return (v * 16) / U * N + nb * U + (v * 16) % U; }
   int64_t lanes(int64_t nb, int64_t v) const {
@@ -399,7 +402,7 @@ template <typename E, typename F>
 void for_blocks(const Panels<E>& p, int64_t nb0, int64_t nb1, bool add, F&& f) {
   const int64_t KB = k_block<E>();
   for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const float* bias = p.bias_data != nullptr ? p.bias_data + nb * p.V * 16 : nullptr;
+    const float* bias = p.bias_of(nb);
     for (int64_t k0 = 0; k0 < p.K; k0 += KB) {
       f(nb, k0, std::min(KB, p.K - k0), p.data + nb * p.pstride + k0 / kPair<E> * p.ldb,
         k0 == 0 ? bias : nullptr, add || k0 > 0);
@@ -542,12 +545,11 @@ RNNFAST_BF16_INLINE void step_cells(__m512 (&acc)[R][V], __m512 (&n_x)[R], const
 template <int M, int R, int V, typename E, typename O>
 RNNFAST_BF16_TARGET void step_tile(const Panels<E>& pi, const Panels<E>& ph, int64_t nb, const E* x, const E* h,
                                    const StepRows<E, O>& s, int64_t r, const int64_t* col, const __mmask16* mask) {
-  const auto bias = [&](const Panels<E>& p) { return p.bias_data != nullptr ? p.bias_data + nb * p.V * 16 : nullptr; };
   __m512 acc[R][V], n_x[R];
-  tile_start<R, V>(acc, bias(pi));
+  tile_start<R, V>(acc, pi.bias_of(nb));
   tile_sums<R, V, false>(acc, x + r * pi.K, pi.K, pi.K, pi.data + nb * pi.pstride, pi.ldb, mask);
   if constexpr (M == GRU) {  // r and z add on the state's bias and sums; n starts them afresh
-    const float* b_h = bias(ph);
+    const float* b_h = ph.bias_of(nb);
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       const __m512 bv = b_h != nullptr ? _mm512_loadu_ps(b_h + 16 * v) : _mm512_setzero_ps();
@@ -811,7 +813,7 @@ RNNFAST_AMX void gemm_amx(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const
     float* const c_rows = c + r0 * ldc;
     for (int64_t nb = nb0; nb < nb1; ++nb) {
       const PanelTiles b(p, nb);
-      const float* bias = p.bias_data != nullptr ? p.bias_data + nb * V * 16 : nullptr;
+      const float* bias = p.bias_of(nb);
       int64_t col[4];
       int64_t lanes[4];
       for (int64_t v = 0; v < V; ++v) {
@@ -927,9 +929,10 @@ void gemm_rounded(const Panels<BF16>& p, int64_t nb0, int64_t nb1, const BF16* a
 template <typename E>
 void bias_rows(const Panels<E>& p, int64_t nb0, int64_t nb1, int64_t rows, float* c, int64_t ldc) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const float* panel_bias = p.bias_of(nb);
     for (int64_t v = 0; v < p.V; ++v) {
       const int64_t col = p.column(nb, v), lanes = p.lanes(nb, v);
-      const float* bias = p.bias_data != nullptr ? p.bias_data + (nb * p.V + v) * 16 : nullptr;
+      const float* bias = panel_bias != nullptr ? panel_bias + v * 16 : nullptr;
       for (int64_t r = 0; r < rows && lanes > 0; ++r) {
         float* dst = c + r * ldc + col;
         for (int64_t l = 0; l < lanes; ++l) dst[l] = bias != nullptr ? bias[l] : 0.f;
@@ -1458,7 +1461,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
                                                    low ? nxt_lo + r0 * H : nullptr,
                                                    out_rows(t, r0),
                                                    H,
-                                                   lstm ? GH : 4 * H};
+                                                   ws1_rows.W};
                         return step_product(mode, p_in, p, s0, s1, x_rows(t, r0),
                                             k == 0 && h0_zero ? nullptr : cur_lo + r0 * H, rows, cells);
                       }
