@@ -141,6 +141,10 @@ RNNFAST_DEFINE(float)
 RNNFAST_DEFINE(double)
 #undef RNNFAST_DEFINE
 
+void add_row(float* dst, const float* src, int64_t n) { RNNFAST_DISPATCH(add_row, dst, src, n); }
+void add_row(float* dst, const at::BFloat16* src, int64_t n) { RNNFAST_DISPATCH(add_row, dst, src, n); }
+void widen_row(float* dst, const at::BFloat16* src, int64_t n) { RNNFAST_DISPATCH(widen_row, dst, src, n); }
+
 namespace {
 
 template <typename T>

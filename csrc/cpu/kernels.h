@@ -153,6 +153,12 @@ bool all_finite(const E* v, int64_t n, int64_t m, int64_t ld) {
   return true;
 }
 
+// dst[j] += src[j] for j < n, src float32 or bfloat16 (widened exactly).
+void add_row(float* dst, const float* src, int64_t n);
+void add_row(float* dst, const at::BFloat16* src, int64_t n);
+// dst[j] = src[j] for j < n, widened exactly.
+void widen_row(float* dst, const at::BFloat16* src, int64_t n);
+
 // dst[j] = src[j] for j < n: a copy, or rounded to nearest even for bfloat16.
 inline void round_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void round_row(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }

@@ -100,6 +100,32 @@ RNNFAST_INLINE void rnn_bwd_impl(const T* h, const T* dh, T* dg, bool relu, int6
   }
 }
 
+// ---- rows of sums ----------------------------------------------------------
+
+// A bfloat16's bits as float32, exactly (they are a float32's top half); a float as it is.
+RNNFAST_INLINE float widen(float v) { return v; }
+RNNFAST_INLINE float widen(uint16_t bits) { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
+
+// dst[j] += src[j] for j < n (the backward's running sums: dh, the bias gradients).
+template <typename S>
+RNNFAST_INLINE void add_row_impl(float* dst, const S* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] += widen(src[j]);
+}
+
+template <typename S>
+RNNFAST_INLINE void widen_row_impl(float* dst, const S* src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = widen(src[j]);
+}
+
+void add_row(float* dst, const float* src, int64_t n) { add_row_impl(dst, src, n); }
+void add_row(float* dst, const at::BFloat16* src, int64_t n) {
+  add_row_impl(dst, reinterpret_cast<const uint16_t*>(src), n);
+}
+void widen_row(float* dst, const at::BFloat16* src, int64_t n) {
+  widen_row_impl(dst, reinterpret_cast<const uint16_t*>(src), n);
+}
 
 // Out-of-line entry points of this target's build, for float and double.
 #define RNNFAST_ENTRIES(T)                                                                                        \

@@ -1496,7 +1496,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
 // A row of E as float32: read in place, or widened into tmp.
 const float* widened(const float* src, float*, int64_t) { return src; }
 const float* widened(const BF16* src, float* tmp, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) tmp[j] = static_cast<float>(src[j]);
+  widen_row(tmp, src, n);
   return tmp;
 }
 
@@ -1767,7 +1767,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
       for (int64_t b = r0; b < r1 && m > 0; ++b) {
         float* d = dh_p + b * H + j0;
         const E* g_out = go_rows(t, b) + j0;
-        for (int64_t j = 0; j < m; ++j) d[j] += static_cast<float>(g_out[j]);
+        add_row(d, g_out, m);
         const E* hp = (b < np ? out_rows(tp, b) : h0_p + b * H) + j0;
         std::memcpy(hp_p + crow(t, b) * H + j0, hp, m * sizeof(E));
         const float* cp = lstm ? (b < np ? cs_rows(tp, b) : c0_p + b * H) + j0 : nullptr;
@@ -1785,10 +1785,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_loop
           const float* gh_row = gh + q * H + j0;
           float* sum_i = db_i_own + q * H + j0;
           float* sum_h = db_h_own + q * H + j0;
-          for (int64_t j = 0; j < m; ++j) sum_i[j] += gi_row[j];
-          if (gru) {
-            for (int64_t j = 0; j < m; ++j) sum_h[j] += gh_row[j];
-          }
+          add_row(sum_i, gi_row, m);
+          if (gru) add_row(sum_h, gh_row, m);
           if constexpr (low) {
             round_row(gi_e + q * H + j0, gi_row, m);
             if (gru) round_row(gh_e + q * H + j0, gh_row, m);
