@@ -134,6 +134,12 @@ def cell_cases(family: str) -> list[Case]:
     return CELL_CASES + extra
 
 
+needs_fused_loop = pytest.mark.skipif(
+    "cpu" not in rnnfast.available_backends() or not rnnfast.cpu._FUSED_LOOP,
+    reason="needs the cpu backend's fused loop (AVX2+FMA; this CPU, or RNNFAST_CPU_ISA, has neither)",
+)
+
+
 @contextlib.contextmanager
 def num_threads(n: int):
     """torch's intra-op thread count set to n inside the block, and put back after it."""

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import rnnfast
 from rnnfast.backend import BackendFallbackWarning, get_backend
 
-from parity import TORCH_CLASSES, Case, check_layer, flat, make_inputs, num_threads, run_layer, twins
+from parity import (TORCH_CLASSES, Case, check_layer, flat, make_inputs, needs_fused_loop, num_threads, run_layer,
+                    twins)
 
 pytestmark = pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 
@@ -116,6 +117,7 @@ def test_cells_decode_one_or_two_rows(family, kwargs, B, dtype, decode_calls):
     assert len(decode_calls) == (3 if takes else 0)
 
 
+@needs_fused_loop
 @pytest.mark.parametrize("family", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_wide_float32_cells_take_the_loop(family, decode_calls):
     """A float32 cell's step on two rows whose weights are wide (CELL_DECODE_MAX_MACS multiply-adds a
@@ -134,6 +136,7 @@ def test_wide_float32_cells_take_the_loop(family, decode_calls):
     assert decode_calls == []
 
 
+@needs_fused_loop
 def test_two_steps_of_wide_float32_layers_take_the_loop(decode_calls):
     """Two steps of one row through layers of DECODE_T2_MAX_MACS multiply-adds a row or more run layer by
     layer (each layer's weights read once, not once a step), with torch.nn's outputs and states; one
@@ -648,6 +651,7 @@ def test_two_threads_no_slower_than_one_on_a_small_training_step():
     assert two < 2.5 * one, f"2 threads {two * 1e3:.2f} ms, 1 thread {one * 1e3:.2f} ms"
 
 
+@needs_fused_loop
 @pytest.mark.parametrize("T, B", [(9, 24), (1, 132)], ids=["T9B24", "T1B132"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["LSTM", "GRU", "RNN"])

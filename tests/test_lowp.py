@@ -22,7 +22,7 @@ import rnnfast
 from rnnfast.backend import BackendFallbackWarning
 
 from conftest import ONEDNN_NO_BF16_LSTM, RecordOps, backend_device, torch_autocast_lstm_fails
-from parity import TORCH_CLASSES, Case, make_inputs, run_layer
+from parity import TORCH_CLASSES, Case, make_inputs, needs_fused_loop, run_layer
 
 BF16 = torch.bfloat16
 CELLS = {"LSTMCell": torch.nn.LSTMCell, "GRUCell": torch.nn.GRUCell, "RNNCell": torch.nn.RNNCell}
@@ -398,7 +398,7 @@ def _compare_cells(family: str, backend: str, I: int, H: int, B: int, low: tuple
         assert ours_err <= 1.5 * torch_err + SLACK, f"tensor {k}: error {ours_err:.2e}, torch.nn's {torch_err:.2e}"
 
 
-@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+@needs_fused_loop
 @pytest.mark.parametrize("autocast", [False, True], ids=["module", "autocast"])
 @pytest.mark.parametrize("T, B", [(1, 1), (1, 2), (2, 1)])
 def test_bf16_decode_with_projections(T, B, autocast, monkeypatch):
@@ -444,6 +444,40 @@ def test_bf16_without_bf16_instructions():
     env = dict(os.environ, RNNFAST_CPU_ISA="avx512")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+_BACKWARD_UNDER_AUTOCAST = """
+import torch, rnnfast
+torch.manual_seed(0)
+for kind, kwargs in (("LSTM", dict(proj_size=4)), ("GRU", {}), ("RNN", {})):
+    m = getattr(rnnfast, kind)(6, 10, backend="cpu", **kwargs)
+    x = torch.randn(5, 3, 6, requires_grad=True)
+
+    def grads(inside):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x)[0].float().square().sum()
+            if inside:
+                return torch.autograd.grad(loss, [x, *m.parameters()])
+        return torch.autograd.grad(loss, [x, *m.parameters()])
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(True), grads(False))), kind
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
+@pytest.mark.parametrize("isa", ["native", "avx2", "base"])
+def test_backward_under_autocast_keeps_the_forward_dtypes(isa):
+    """A backward called inside the autocast block gives the gradients of one called after it: the products
+    run in the dtypes the forward chose, also where ATen's GEMMs run them (the stepwise loop: proj_size, or
+    CPUs without AVX2+FMA, where a float32 forward's backward had taken autocast's bfloat16)."""
+    env = dict(os.environ)
+    env.pop("RNNFAST_CPU_ISA", None)
+    if isa != "native":
+        env["RNNFAST_CPU_ISA"] = isa
+    result = subprocess.run([sys.executable, "-c", _BACKWARD_UNDER_AUTOCAST], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.skipif("cpu" not in rnnfast.available_backends() or not rnnfast._C.has_bf16_loop(),
