@@ -461,6 +461,13 @@ for kind, kwargs in (("LSTM", dict(proj_size=4)), ("GRU", {}), ("RNN", {})):
         return torch.autograd.grad(loss, [x, *m.parameters()])
 
     assert all(torch.equal(a, b) for a, b in zip(grads(True), grads(False))), kind
+    # the operators' path (torch.func; torch.compile's too): the same inside and after the block
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, pull = torch.func.vjp(lambda p: torch.func.functional_call(m, p, (x.detach(),))[0], params)
+        inside = pull(torch.ones_like(y))[0]
+    after = pull(torch.ones_like(y))[0]
+    assert all(torch.equal(inside[k], after[k]) for k in params), kind
 print("ok")
 """
 
@@ -468,9 +475,10 @@ print("ok")
 @pytest.mark.skipif("cpu" not in rnnfast.available_backends(), reason="rnnfast._C is not built")
 @pytest.mark.parametrize("isa", ["native", "avx2", "base"])
 def test_backward_under_autocast_keeps_the_forward_dtypes(isa):
-    """A backward called inside the autocast block gives the gradients of one called after it: the products
-    run in the dtypes the forward chose, also where ATen's GEMMs run them (the stepwise loop: proj_size, or
-    CPUs without AVX2+FMA, where a float32 forward's backward had taken autocast's bfloat16)."""
+    """A backward called inside the autocast block gives the gradients of one called after it, through the
+    modules' autograd node and through the operators (torch.func): the products run in the dtypes the forward
+    chose, also where ATen's GEMMs run them (the stepwise loop: proj_size, or CPUs without AVX2+FMA, where a
+    float32 forward's backward had taken autocast's bfloat16)."""
     env = dict(os.environ)
     env.pop("RNNFAST_CPU_ISA", None)
     if isa != "native":

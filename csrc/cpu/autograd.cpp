@@ -84,9 +84,6 @@ struct Layer : public torch::autograd::Function<Layer> {
     if (at::GradMode::is_enabled()) return with_graph(mode, reverse, saved, grads);
     auto given = [](const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); };
     at::AutoDispatchBelowADInplaceOrView below;
-    // in the dtypes the forward ran, whatever autocast the backward is called under: the stepwise loop's
-    // products (ATen's, where the fused loop does not run) would otherwise take autocast's dtype
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
     const Tensor g_cn = lstm ? given(grads[2], c0) : at::empty({0}, x.options());
     auto [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr] =

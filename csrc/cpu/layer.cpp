@@ -267,12 +267,20 @@ bool bf16_products(const Tensor& x) { return x.scalar_type() == at::kBFloat16 &&
 template <typename W>
 W for_products(const W& w, bool bf16) { return bf16 ? w : widen(w); }
 
+// The operators run in the dtypes they are given, whatever autocast is on around them (a backward called
+// inside the autocast block, a direct call): the stepwise loop's products go through ATen, whose GEMMs autocast
+// would otherwise take to bfloat16 after a float32 forward.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_fwd(int64_t mode, const Tensor& x_,
                                                              const OptTensor& batch_sizes, const Tensor& h0_,
                                                              const OptTensor& c0_, const Tensor& w_ih_,
                                                              const Tensor& w_hh_, const OptTensor& b_ih,
                                                              const OptTensor& b_hh, const OptTensor& w_hr_,
                                                              bool reverse, bool save) {
+  const NoAutocast no_autocast;
   check_layer_fwd(mode, x_, batch_sizes, h0_, c0_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
   const bool proj = present(w_hr_), packed = present(batch_sizes), lstm = mode == LSTM;
   const std::vector<int64_t> bs = step_sizes(batch_sizes, x_.size(0), x_.size(1));
@@ -305,6 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias, bool reverse, const Tensor& out,
     const Tensor& ws1, const Tensor& ws2, const Tensor& grad_out, const Tensor& grad_hn, const Tensor& grad_cn,
     bool need_dx, bool need_dh0, bool need_dw) {
+  const NoAutocast no_autocast;
   const Needs needs{need_dx, need_dh0, need_dw};
   check_layer_bwd(mode, x_, batch_sizes, h0, c0, w_ih_, w_hh_, w_hr_, has_bias, out, ws1, ws2, grad_out, grad_hn,
                   grad_cn);
