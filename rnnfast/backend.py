@@ -23,6 +23,7 @@ to ``x``, the states and every weight.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -326,15 +327,18 @@ def layer_grads_with_graph(
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.to(dtype)
 
-    with torch.enable_grad():
+    # in the states' dtype whatever autocast the backward is called under, as the fused backward runs
+    device = x.device.type
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    with torch.enable_grad(), off:
         outs = get_backend("reference").layer(mode, cast(x), batch_sizes, h0, cast(c0),
                                               LayerWeights(*map(cast, w)), reverse)
-    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    if not pairs or not wanted:
-        return tuple(None for _ in inputs)
-    got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                   allow_unused=True))
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        if not pairs or not wanted:
+            return tuple(None for _ in inputs)
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                       allow_unused=True))
     return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs)
 
 

@@ -453,14 +453,16 @@ for kind, kwargs in (("LSTM", dict(proj_size=4)), ("GRU", {}), ("RNN", {})):
     m = getattr(rnnfast, kind)(6, 10, backend="cpu", **kwargs)
     x = torch.randn(5, 3, 6, requires_grad=True)
 
-    def grads(inside):
+    def grads(inside, create_graph):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(x)[0].float().square().sum()
+            y = m(x)[0]
             if inside:
-                return torch.autograd.grad(loss, [x, *m.parameters()])
-        return torch.autograd.grad(loss, [x, *m.parameters()])
+                return torch.autograd.grad(y, [x, *m.parameters()], torch.ones_like(y), create_graph=create_graph)
+        return torch.autograd.grad(y, [x, *m.parameters()], torch.ones_like(y), create_graph=create_graph)
 
-    assert all(torch.equal(a, b) for a, b in zip(grads(True), grads(False))), kind
+    for create_graph in (False, True):  # True: the double-backward path (the reference loop, differentiable)
+        inside, after = grads(True, create_graph), grads(False, create_graph)
+        assert all(torch.equal(a, b) for a, b in zip(inside, after)), (kind, create_graph)
     # the operators' path (torch.func; torch.compile's too): the same inside and after the block
     params = {k: v.detach() for k, v in m.named_parameters()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -476,9 +478,9 @@ print("ok")
 @pytest.mark.parametrize("isa", ["native", "avx2", "base"])
 def test_backward_under_autocast_keeps_the_forward_dtypes(isa):
     """A backward called inside the autocast block gives the gradients of one called after it, through the
-    modules' autograd node and through the operators (torch.func): the products run in the dtypes the forward
-    chose, also where ATen's GEMMs run them (the stepwise loop: proj_size, or CPUs without AVX2+FMA, where a
-    float32 forward's backward had taken autocast's bfloat16)."""
+    modules' autograd node, through the operators (torch.func) and with create_graph: the products run in the
+    dtypes the forward chose, also where ATen's GEMMs run them (the stepwise loop: proj_size, or CPUs without
+    AVX2+FMA; the reference loop of a double backward), where they had taken autocast's bfloat16."""
     env = dict(os.environ)
     env.pop("RNNFAST_CPU_ISA", None)
     if isa != "native":
