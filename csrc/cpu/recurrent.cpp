@@ -1407,7 +1407,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_loop(int64_t mode, co
     const int64_t rb0 = part.r0, rb1 = part.r1;
     int64_t phase = 0;  // of the dealt work (every thread counts the same)
     float* gh = scratch.data_ptr<float>() + tid * scratch_row;
-    float* row_ws = gh + RB * ldg;  // a row's gates when nothing is saved: stays in L1
+    // a row's gates when nothing is saved: stays in L1 (fused steps have no scratch: their gates stay in registers)
+    float* row_ws = fused ? nullptr : gh + RB * ldg;
     for (int64_t k0 = 0; k0 < T; k0 += TC) {
       const int64_t k1 = std::min(T, k0 + TC), t0 = walk.first(k0, k1), t1 = t0 + (k1 - k0);
       // the chunk's input pre-activations, as x lays out its rows; split by rows, at (step, row) whatever x's
